@@ -1,0 +1,218 @@
+"""Load and save Hugging Face causal LMs; architecture facts in one place; tiny models for tests.
+
+Only safetensors weights are read or written (no pickle), and ``trust_remote_code`` stays off unless
+the caller asks for it. Supported families: Llama, Qwen2, Qwen3, Mistral (anything whose config uses
+the standard attribute names also loads).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimlm import SlimlmError
+from slimlm.io import atomic_dir
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    """The shape facts every stage needs (pruning, quantization, serving, reports)."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tied_embeddings: bool
+
+    @property
+    def queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def arch_facts(config: Any) -> ArchFacts:
+    """Read :class:`ArchFacts` from a transformers config (``head_dim`` defaults to hidden / heads)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return ArchFacts(
+        family=config.model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=head_dim,
+        intermediate_size=config.intermediate_size,
+        vocab_size=config.vocab_size,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+def param_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Total, embedding (input embeddings + an untied LM head) and non-embedding parameter counts."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # parameters() already skips tied duplicates; be explicit anyway
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    emb_params = {id(model.get_input_embeddings().weight)}
+    out = model.get_output_embeddings()
+    if out is not None:
+        emb_params.add(id(out.weight))
+    embedding = sum(p.numel() for p in model.parameters() if id(p) in emb_params)
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """fp32 on CPU (the fastest float on our CPUs), bf16 on CUDA."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise SlimlmError(f"{path}: not a directory (expected a Hugging Face model directory)")
+    if not (path / "config.json").is_file():
+        raise SlimlmError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    if not any(path.glob("*.safetensors")):
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        if pickled:
+            raise SlimlmError(f"{path}: only pickle weights ({pickled[0]}); slimlm loads safetensors only "
+                              "(convert with transformers: model.save_pretrained(dir) in a trusted environment)")
+        raise SlimlmError(f"{path}: no *.safetensors weights")
+
+
+def resolve_model(name_or_path: str | Path) -> Path:
+    """``teacher`` names the built-in SmolLM2-135M-Instruct teacher (fetched on first use)."""
+    if str(name_or_path) == "teacher":
+        from slimlm.assets import teacher_dir
+
+        return teacher_dir()
+    return Path(name_or_path).expanduser()
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """Load a causal LM from a local directory (safetensors only), in eval mode, on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model(path)
+    _check_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, OSError, json.JSONDecodeError) as e:
+        raise SlimlmError(f"{path / 'config.json'}: {str(e).splitlines()[0]}") from e
+    dtype = dtype or default_dtype(device)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, config=config, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path,
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write config + safetensors weights + tokenizer (+ extra JSON files) to ``out_dir`` atomically."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
+    return out_dir
+
+
+# --------------------------------------------------------------------------- tiny models for tests
+
+_TINY_TEXT = (
+    "User: 24-year-old male technician. Average rating 3.61 over 272 movies. Recently rated movies:\n"
+    "- Toy Story (1995; Animation, Children's, Comedy): 4\n- GoldenEye (1995; Action, Adventure, Thriller): 3\n"
+    "Candidate movie: Four Rooms (1995; Thriller). Will the user rate it 4 or higher? Answer: Yes No Yes No\n"
+    "The quick brown fox jumps over the lazy dog. Hello world, this is a small test of the tokenizer.\n"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 384):
+    """A byte-level BPE tokenizer trained in memory (GPT-2 style, like SmolLM2/Qwen), with a ChatML template.
+
+    " Yes" and " No" come out as single tokens, as the ranking task requires.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_TINY_TEXT] * 20, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    return fast
+
+
+def tiny_config(family: str, vocab_size: int = 384, **overrides: Any):
+    """A 2-layer config of ``family`` with GQA (4 query heads, 2 KV heads); for tests only."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if family == "llama":
+        cfg = LlamaConfig(**common, tie_word_embeddings=True)
+    elif family == "qwen2":
+        cfg = Qwen2Config(**common, tie_word_embeddings=False)
+    elif family == "qwen3":  # head_dim deliberately != hidden_size / heads, as in real Qwen3
+        cfg = Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+    elif family == "mistral":
+        cfg = MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
+    else:
+        raise SlimlmError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+    return model.eval()
+
+
+def save_tiny_model(family: str, out_dir: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Build a tiny random model of ``family`` with the tiny tokenizer and save it as an HF directory."""
+    tok = tiny_tokenizer()
+    return save_model(tiny_model(family, seed=seed, vocab_size=len(tok), **overrides), tok, out_dir)
