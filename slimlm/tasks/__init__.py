@@ -1,0 +1,1 @@
+"""Tasks: each turns data into tokenizable examples (ranking, text, completion)."""
