@@ -111,7 +111,9 @@ def load_model(
 ) -> torch.nn.Module:
     """Load a causal LM from a local directory (safetensors only), in eval mode, on ``device``."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own bars report progress; a loading bar per model is noise
     path = resolve_model(path)
     _check_model_dir(path)
     try:

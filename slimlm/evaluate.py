@@ -1,0 +1,110 @@
+"""Quality metrics: ranking AUC / log-loss / accuracy (with a bootstrap interval) and perplexity.
+
+Ranking scores come from :func:`slimlm.serve.engine.score`, so evaluation and serving share one path.
+Perplexity never materialises [tokens x vocab] logits for a whole batch: the LM head and the
+cross-entropy run over slices of positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from slimlm import SlimlmError
+from slimlm.serve import engine
+from slimlm.tasks.ranking import DEFAULT_LABELS, RankingExample, label_token_ids, tokenize_ranking
+
+
+def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """Area under the ROC curve (scikit-learn); ties count half. Needs both classes present."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels)
+    if y.min() == y.max():
+        raise SlimlmError("AUC needs both positive and negative labels; this set has only one class")
+    return float(roc_auc_score(y, np.asarray(scores)))
+
+
+def bootstrap_auc(labels: Sequence[int], scores: Sequence[float], *, n: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUC over resampled rows (resamples with one class are redrawn)."""
+    from sklearn.metrics import roc_auc_score
+
+    y, s = np.asarray(labels), np.asarray(scores)
+    rng = np.random.default_rng(seed)
+    aucs = []
+    while len(aucs) < n:
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() != y[idx].max():
+            aucs.append(roc_auc_score(y[idx], s[idx]))
+    lo, hi = np.quantile(aucs, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def log_loss(labels: Sequence[int], p: Sequence[float], eps: float = 1e-7) -> float:
+    """Mean binary cross-entropy, with probabilities clipped to [eps, 1 - eps]."""
+    y = np.asarray(labels, dtype=np.float64)
+    q = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    return float(-np.mean(y * np.log(q) + (1 - y) * np.log1p(-q)))
+
+
+def ranking_metrics(labels: Sequence[int], p: Sequence[float]) -> dict[str, float]:
+    y, q = np.asarray(labels), np.asarray(p)
+    lo, hi = bootstrap_auc(y, q)
+    return {
+        "n": int(len(y)),
+        "positive_rate": float(y.mean()),
+        "auc": roc_auc(y, q),
+        "auc_ci95": [lo, hi],
+        "log_loss": log_loss(y, q),
+        "accuracy": float(((q >= 0.5).astype(int) == y).mean()),
+    }
+
+
+def evaluate_ranking(model, tokenizer, examples: list[RankingExample], *, batch_size: int = 16,
+                     labels: tuple[str, str] = DEFAULT_LABELS, progress=None) -> tuple[dict, np.ndarray]:
+    """Score every example (P(pos) over the label pair) and compute ranking metrics."""
+    label_ids = label_token_ids(tokenizer, labels)
+    tokenized = tokenize_ranking(examples, tokenizer)
+    p = engine.score(model, tokenized, label_ids, batch_size=batch_size, pad_id=tokenizer.pad_token_id,
+                     progress=progress)
+    return ranking_metrics([ex.label for ex in examples], p), p
+
+
+@torch.inference_mode()
+def perplexity(model, blocks: Sequence[Sequence[int]], *, batch_size: int = 4, chunk: int = 128,
+               progress=None) -> dict[str, float]:
+    """exp(mean next-token NLL) over ``blocks`` (each scored independently, first token unscored).
+
+    Hidden states are computed per batch; the LM head and the log-softmax run over ``chunk`` positions
+    at a time, so peak memory is O(batch x chunk x vocab), not O(batch x length x vocab).
+    """
+    device = next(model.parameters()).device
+    base, head = model.get_decoder(), model.get_output_embeddings()
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start:start + batch_size]
+        n = max(len(b) for b in batch)
+        ids = torch.zeros((len(batch), n), dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            ids[i, : len(b)] = torch.tensor(b)
+            mask[i, : len(b)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        for c in range(0, n - 1, chunk):
+            logits = head(hidden[:, c:min(c + chunk, n - 1)]).float()
+            tgt = targets[:, c:c + chunk]
+            total_nll += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100, reduction="sum").item()
+        total_tokens += int((targets != -100).sum())
+        if progress:
+            progress(len(batch))
+    if total_tokens == 0:
+        raise SlimlmError("perplexity needs at least one block of two or more tokens")
+    nll = total_nll / total_tokens
+    return {"tokens": total_tokens, "nll": nll, "perplexity": math.exp(nll)}

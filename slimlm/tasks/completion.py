@@ -1,0 +1,81 @@
+"""Prompt/response data for generative SFT and distillation, with loss on the response only.
+
+User files (JSONL or Parquet), one conversation per row, either::
+
+    {"prompt": "What is 17 + 25?", "response": "42"}
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+
+With ``messages`` the last message must be the assistant's: it is the response; everything before it is
+the prompt. Text is rendered with the tokenizer's chat template (plain ``prompt + response + EOS`` when
+the tokenizer has none). Prompt and response are tokenized separately, so the prompt tokens are exactly
+those the model sees at generation time; ``labels`` is -100 on prompt tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from slimlm.tasks.files import RowError, field, iter_records
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class CompletionExample:
+    messages: tuple[dict[str, str], ...]  # the last one is the assistant's response
+
+    @property
+    def prompt_messages(self) -> list[dict[str, str]]:
+        return list(self.messages[:-1])
+
+    @property
+    def response(self) -> str:
+        return self.messages[-1]["content"]
+
+
+def load_completion_file(path: str | Path) -> list[CompletionExample]:
+    out = []
+    for line, row in iter_records(path):
+        if "messages" in row:
+            msgs = field(path, line, row, "messages", list, check=bool, expect="a non-empty list")
+            clean = []
+            for k, m in enumerate(msgs):
+                if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+                    raise RowError(f"{path}:{line}: field 'messages[{k}]' must be "
+                                   f"{{\"role\": one of {'/'.join(ROLES)}, \"content\": string}}")
+                clean.append({"role": m["role"], "content": m["content"]})
+            if clean[-1]["role"] != "assistant":
+                raise RowError(f"{path}:{line}: field 'messages' must end with an assistant message")
+            out.append(CompletionExample(tuple(clean)))
+        else:
+            prompt = field(path, line, row, "prompt", str)
+            response = field(path, line, row, "response", str)
+            out.append(CompletionExample(({"role": "user", "content": prompt},
+                                          {"role": "assistant", "content": response})))
+    if not out:
+        raise RowError(f"{path}: no rows")
+    return out
+
+
+def render(example: CompletionExample, tokenizer) -> tuple[str, str]:
+    """(prompt text, response text) such that prompt + response is the whole rendered conversation."""
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(example.prompt_messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(list(example.messages), tokenize=False)
+        if full.startswith(prompt):
+            return prompt, full[len(prompt):]
+    prompt = "\n".join(m["content"] for m in example.prompt_messages) + "\n"
+    return prompt, example.response + (tokenizer.eos_token or "")
+
+
+def tokenize_completion(example: CompletionExample, tokenizer, max_length: int | None = None) -> dict[str, list[int]]:
+    """``input_ids`` and ``labels`` (prompt masked with -100), truncated to ``max_length`` tokens."""
+    prompt, response = render(example, tokenizer)
+    p = tokenizer(prompt, add_special_tokens=not getattr(tokenizer, "chat_template", None)).input_ids
+    r = tokenizer(response, add_special_tokens=False).input_ids
+    ids, labels = p + r, [IGNORE_INDEX] * len(p) + r
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}
