@@ -1,0 +1,86 @@
+"""Metrics against hand-computed values; perplexity against a naive full-logits reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from slimlm import SlimlmError
+from slimlm.evaluate import bootstrap_auc, evaluate_ranking, log_loss, perplexity, ranking_metrics, roc_auc
+from slimlm.models import tiny_model
+from slimlm.serve import engine
+from slimlm.tasks.ranking import RankingExample, label_token_ids, tokenize_ranking
+
+
+@pytest.mark.parametrize("labels, scores, want", [
+    # positives {0.35, 0.8} vs negatives {0.1, 0.4}: pairs won 1 + 2 of 4
+    ([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], 0.75),
+    # positives {0.9, 0.7, 0.2} vs negatives {0.8, 0.3}: won 2 + 1 + 0 of 6
+    ([1, 0, 1, 0, 1], [0.9, 0.8, 0.7, 0.3, 0.2], 0.5),
+    # a tie counts half: (1 + 0.5) / 2
+    ([1, 1, 0], [0.6, 0.5, 0.5], 0.75),
+    ([1, 0], [0.2, 0.9], 0.0),
+])
+def test_auc_hand_computed(labels, scores, want):
+    assert roc_auc(labels, scores) == pytest.approx(want)
+
+
+def test_auc_needs_both_classes():
+    with pytest.raises(SlimlmError, match="one class"):
+        roc_auc([1, 1, 1], [0.1, 0.2, 0.3])
+
+
+def test_log_loss_hand_computed():
+    assert log_loss([1, 0], [0.8, 0.4]) == pytest.approx(-(math.log(0.8) + math.log(0.6)) / 2)
+    assert log_loss([1], [0.0]) == pytest.approx(-math.log(1e-7))  # clipped, not infinite
+
+
+def test_bootstrap_interval_brackets_auc_and_is_seeded():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    s = y * 0.5 + rng.random(300)
+    auc = roc_auc(y, s)
+    lo, hi = bootstrap_auc(y, s, n=300, seed=3)
+    assert 0 <= lo < auc < hi <= 1
+    assert (lo, hi) == bootstrap_auc(y, s, n=300, seed=3)
+    m = ranking_metrics(y, s / s.max())
+    assert m["n"] == 300 and m["auc"] == pytest.approx(auc)
+    assert m["accuracy"] == pytest.approx(float(((s / s.max() >= 0.5) == y).mean()))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_perplexity_matches_full_logits(family, chunk):
+    model = tiny_model(family, seed=1)
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (17, 9, 2, 13)]
+    got = perplexity(model, blocks, batch_size=3, chunk=chunk)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in blocks:
+            logits = model(torch.tensor([b])).logits[0, :-1].double()
+            nll += torch.nn.functional.cross_entropy(logits, torch.tensor(b[1:]), reduction="sum").item()
+            count += len(b) - 1
+    assert got["tokens"] == count
+    assert got["nll"] == pytest.approx(nll / count, abs=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_perplexity_rejects_empty():
+    with pytest.raises(SlimlmError):
+        perplexity(tiny_model("llama"), [[5]])
+
+
+def test_evaluate_ranking_uses_engine_scores(tiny_tok):
+    model = tiny_model("llama", seed=2, vocab_size=len(tiny_tok))
+    prefix = "User: 24-year-old male technician.\n"
+    examples = [RankingExample(f"e{i}", "g", prefix, f"Candidate movie: Toy Story {i}. Answer:", i % 2)
+                for i in range(6)]
+    metrics, p = evaluate_ranking(model, tiny_tok, examples, batch_size=4)
+    ref = engine.score_full(model, [t.input_ids for t in tokenize_ranking(examples, tiny_tok)],
+                            label_token_ids(tiny_tok), pad_id=tiny_tok.pad_token_id)
+    np.testing.assert_allclose(p, ref, atol=1e-5)
+    assert metrics["auc"] == pytest.approx(roc_auc([e.label for e in examples], p))
