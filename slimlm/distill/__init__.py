@@ -1,0 +1,1 @@
+"""Distillation: losses (plain and chunked fused-linear), teacher signal, trainer."""

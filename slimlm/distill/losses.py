@@ -1,0 +1,145 @@
+"""Distillation losses on logits: the divergences, temperature, hard-label mixing, token normalisation.
+
+Notation, per token: ``t = log p_T`` (teacher) and ``s = log p_S`` (student) are log-softmax of the
+logits divided by the temperature τ, over the vocabulary ``V``.
+
+    forward_kl        KL(p_T ‖ p_S) = Σ p_T (t − s)                       (mode-covering; "word-level KD")
+    reverse_kl        KL(p_S ‖ p_T) = Σ p_S (s − t)                       (mode-seeking)
+    jsd (β)           β KL(p_T ‖ m) + (1 − β) KL(p_S ‖ m),  m = β p_T + (1 − β) p_S
+                      β = 0 is exactly forward_kl and β = 1 exactly reverse_kl (the endpoints, where
+                      the formula itself degenerates to 0, are defined that way, as in GKD / Liger-Kernel)
+    skew_kl (α)       KL(p_T ‖ α p_T + (1 − α) p_S)                       (DistiLLM's skew KL)
+    skew_reverse_kl   KL(p_S ‖ α p_S + (1 − α) p_T)
+    tvd               ½ Σ |p_T − p_S|
+
+Mixtures are formed in log space (``log m = logsumexp(log β + t, log(1 − β) + s)``), never by
+exponentiating and adding. KD terms are multiplied by τ² so gradient scale does not shrink with τ.
+
+The training loss over a batch is a *sum* over target tokens (``labels != ignore_index``):
+
+    L = kd_weight · Σ_i D(t_i, s_i) · τ²  +  ce_weight · Σ_i CE(z_S,i, y_i)
+
+and every loop divides by :func:`count_targets` taken over the whole gradient-accumulation window,
+so one batch of 8 and 4 micro-batches of 2 give the same update whatever the padding.
+
+Vocabulary: ``vocab_size`` is the number of real tokens. Logit columns at or above it (a padded
+embedding matrix, as in Qwen) are dropped, i.e. treated as −inf (zero probability), never as logit 0.
+:func:`check_vocab` rejects any other mismatch before training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from slimlm import SlimlmError
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    divergence: str = "forward_kl"
+    beta: float = 0.5  # jsd
+    alpha: float = 0.1  # skew_kl / skew_reverse_kl
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0
+    ignore_index: int = -100
+
+    def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise SlimlmError(f"unknown divergence {self.divergence!r}; expected one of {', '.join(DIVERGENCES)}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise SlimlmError(f"beta must be in [0, 1], got {self.beta}")
+        if not 0.0 <= self.alpha < 1.0:
+            raise SlimlmError(f"alpha must be in [0, 1), got {self.alpha}")
+        if self.temperature <= 0:
+            raise SlimlmError(f"temperature must be positive, got {self.temperature}")
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ q) per row from log-probabilities (rows of finite values)."""
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def _log_mix(w: float, logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """log(w p + (1 − w) q), computed stably in log space; 0 < w < 1."""
+    return torch.logaddexp(logp + math.log(w), logq + math.log1p(-w))
+
+
+def token_divergence(s: torch.Tensor, t: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Per-row divergence [N] between student log-probs ``s`` and teacher log-probs ``t`` ([N, V])."""
+    kind = cfg.divergence
+    if kind == "jsd":
+        if cfg.beta == 0.0:
+            kind = "forward_kl"
+        elif cfg.beta == 1.0:
+            kind = "reverse_kl"
+        else:
+            m = _log_mix(cfg.beta, t, s)
+            return cfg.beta * _kl(t, m) + (1 - cfg.beta) * _kl(s, m)
+    if kind == "forward_kl":
+        return _kl(t, s)
+    if kind == "reverse_kl":
+        return _kl(s, t)
+    if kind == "skew_kl":
+        return _kl(t, _log_mix(cfg.alpha, t, s)) if cfg.alpha > 0 else _kl(t, s)
+    if kind == "skew_reverse_kl":
+        return _kl(s, _log_mix(cfg.alpha, s, t)) if cfg.alpha > 0 else _kl(s, t)
+    if kind == "tvd":
+        return 0.5 * (s.exp() - t.exp()).abs().sum(-1)
+    raise SlimlmError(f"unknown divergence {kind!r}")
+
+
+def check_vocab(student_vocab: int, teacher_vocab: int, tokenizer_vocab: int) -> int:
+    """The real vocabulary size both models share, or a clear error.
+
+    Either model's logit width may exceed the tokenizer's vocabulary (padding for efficient matmuls);
+    any other difference means the two models do not share a tokenizer and logit KD is meaningless.
+    """
+    if student_vocab < tokenizer_vocab or teacher_vocab < tokenizer_vocab:
+        raise SlimlmError(f"vocabulary mismatch: student has {student_vocab} logits, teacher {teacher_vocab}, "
+                          f"tokenizer {tokenizer_vocab} tokens; logit distillation needs a shared tokenizer")
+    return tokenizer_vocab
+
+
+def kd_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                    cfg: LossConfig, vocab_size: int | None = None) -> torch.Tensor:
+    """Weighted per-token loss [N] (zero on ignored tokens) from full logits; see the module docstring."""
+    v = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # math in fp32 (fp64 stays fp64)
+    zs = student_logits[..., :v].to(dtype)
+    zt = teacher_logits[..., :v].to(dtype).detach()
+    keep = labels != cfg.ignore_index
+    out = torch.zeros(labels.shape, dtype=dtype, device=zs.device)
+    if cfg.kd_weight:
+        s = F.log_softmax(zs / cfg.temperature, dim=-1)
+        t = F.log_softmax(zt / cfg.temperature, dim=-1)
+        d = token_divergence(s, t, cfg) * (cfg.kd_weight * cfg.temperature**2)
+        out = out + torch.where(keep, d, 0.0)
+    if cfg.ce_weight:
+        ce = F.cross_entropy(zs, labels.masked_fill(~keep, 0), reduction="none")
+        out = out + torch.where(keep, ce * cfg.ce_weight, 0.0)
+    return out
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            cfg: LossConfig, vocab_size: int | None = None) -> torch.Tensor:
+    """Summed loss over target tokens, from full logits [N, V] (the plain, non-chunked form)."""
+    return kd_token_losses(student_logits, teacher_logits, labels, cfg, vocab_size).sum()
+
+
+def count_targets(labels: list[torch.Tensor] | torch.Tensor, ignore_index: int = -100) -> int:
+    """Number of target tokens over a gradient-accumulation window (every loop divides by this)."""
+    if isinstance(labels, torch.Tensor):
+        labels = [labels]
+    return int(sum(int((lab != ignore_index).sum()) for lab in labels))
+
+
+def normalize(loss_sum: torch.Tensor, window_targets: int) -> torch.Tensor:
+    """Scale a micro-batch's summed loss by the window's target count (0 targets -> a zero loss)."""
+    return loss_sum / max(window_targets, 1)
