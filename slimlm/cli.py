@@ -15,7 +15,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from slimlm import SlimlmError, __version__
@@ -227,6 +234,50 @@ def demo(
     out.print(table)
     atomic_write_json(out_file, {"rows": [{"name": n, **m} for n, m in rows], "teacher": teacher})
     console.print(f"results: {out_file}")
+
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="key=value overrides, e.g. optim.lr=1e-4 loss.divergence=jsd")]
+
+
+def _run_distill(config: Path | None, overrides: list[str]) -> None:
+    from slimlm.config import DistillConfig, load_config
+    from slimlm.distill.trainer import train
+
+    cfg = load_config(DistillConfig, config, overrides)
+    with progress_bar() as bar:
+        tid = bar.add_task(f"{cfg.mode}", total=cfg.max_steps)
+
+        def on_step(step: int, row: dict) -> None:
+            extra = "".join(f" {k}={row[k]:.4f}" for k in ("eval_kl", "eval_auc") if k in row)
+            bar.update(tid, completed=step, description=f"{row['mode']} loss={row['loss']:.4f}{extra}")
+
+        out_dir = train(cfg, progress=on_step)
+    metrics = out_dir / "metrics.json"
+    if metrics.exists():
+        out.print_json(metrics.read_text())
+    console.print(f"model: {out_dir / 'model'}")
+
+
+@app.command(context_settings={"allow_extra_args": False})
+@user_errors
+def distill(
+    overrides: Overrides = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Stage config YAML.")] = None,
+) -> None:
+    """Distil a student from a teacher: sft | kd | on_policy | two_stage (see `mode` in the config).
+
+    Re-running with the same `out` resumes from its checkpoint; a finished stage is skipped."""
+    _run_distill(config, list(overrides or []))
+
+
+@app.command()
+@user_errors
+def sft(
+    overrides: Overrides = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Stage config YAML.")] = None,
+) -> None:
+    """Supervised fine-tuning (response-only cross-entropy): `distill` with mode=sft."""
+    _run_distill(config, [*(overrides or []), "mode=sft"])
 
 
 @app.command()

@@ -128,10 +128,18 @@ def load_model(
 
 
 def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
+    """The directory's tokenizer exactly as saved.
+
+    With a ``tokenizer.json`` we load it as a plain fast tokenizer: transformers 5 otherwise picks a
+    class by ``model_type`` (e.g. Qwen2Tokenizer), which replaces the saved pre-tokenizer with its own.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = resolve_model(path)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if (path / "tokenizer.json").is_file() and not trust_remote_code:
+        tok = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -22,8 +22,8 @@ from slimlm.distill.losses import LossConfig, kd_token_losses
 
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, cfg, vocab, chunk):
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, cfg, vocab, chunk, grad_mode):
+        need_h, need_w, need_b = (grad_mode and ctx.needs_input_grad[i] for i in range(3))
         rows = (labels != cfg.ignore_index).nonzero().squeeze(1)
         grad_h = torch.zeros(s_hidden.shape, dtype=torch.float32, device=s_hidden.device) if need_h else None
         grad_w = torch.zeros((vocab, s_weight.shape[1]), dtype=torch.float32, device=s_weight.device) if need_w else None
@@ -71,7 +71,7 @@ class _FusedLinearKD(torch.autograd.Function):
         if grad_b is not None:
             gb = torch.zeros(w_shape[0], dtype=w_dtype, device=grad_b.device)
             gb[: grad_b.shape[0]] = (grad_b * grad_out).to(w_dtype)
-        return gh, gw, gb, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None
 
 
 def fused_linear_kd_loss(
@@ -107,5 +107,6 @@ def fused_linear_kd_loss(
         raise SlimlmError(f"vocab_size {vocab} exceeds a logit width {min(widths)}")
     if chunk_size < 1:
         raise SlimlmError("chunk_size must be at least 1")
+    # under no_grad (evaluation) the chunks compute the loss only, no gradients
     return _FusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                teacher_bias, labels, cfg, vocab, chunk_size)
+                                teacher_bias, labels, cfg, vocab, chunk_size, torch.is_grad_enabled())

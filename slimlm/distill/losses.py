@@ -95,13 +95,13 @@ def token_divergence(s: torch.Tensor, t: torch.Tensor, cfg: LossConfig) -> torch
     raise SlimlmError(f"unknown divergence {kind!r}")
 
 
-def check_vocab(student_vocab: int, teacher_vocab: int, tokenizer_vocab: int) -> int:
+def check_vocab(student_vocab: int, teacher_vocab: int | None, tokenizer_vocab: int) -> int:
     """The real vocabulary size both models share, or a clear error.
 
     Either model's logit width may exceed the tokenizer's vocabulary (padding for efficient matmuls);
     any other difference means the two models do not share a tokenizer and logit KD is meaningless.
     """
-    if student_vocab < tokenizer_vocab or teacher_vocab < tokenizer_vocab:
+    if student_vocab < tokenizer_vocab or (teacher_vocab is not None and teacher_vocab < tokenizer_vocab):
         raise SlimlmError(f"vocabulary mismatch: student has {student_vocab} logits, teacher {teacher_vocab}, "
                           f"tokenizer {tokenizer_vocab} tokens; logit distillation needs a shared tokenizer")
     return tokenizer_vocab

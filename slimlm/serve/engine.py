@@ -126,3 +126,62 @@ def score(model, examples: Sequence[TokenizedRanking], label_ids: tuple[int, int
         out[singles] = score_full(model, [examples[i].input_ids for i in singles], label_ids,
                                   batch_size=batch_size, pad_id=pad_id, progress=progress)
     return out
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row of ``logits`` [B, V]: greedy when ``temperature == 0``, else nucleus sampling."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """Continue every prompt by up to ``max_new_tokens`` tokens (batched, left-padded, KV cache).
+
+    Returns the new tokens per prompt, each ending at (and including) ``eos_id`` if it was produced.
+    The model's LM head runs only at the last position of each step.
+    """
+    from transformers.cache_utils import DynamicCache
+
+    device = next(model.parameters()).device
+    n, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]
+    next_pos = positions[:, -1:] + 1
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    new: list[list[int]] = [[] for _ in range(n)]
+    for step in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_p, generator).masked_fill(done, pad_id)
+        for i, t in enumerate(tok.tolist()):
+            if not done[i]:
+                new[i].append(t)
+        if eos_id is not None:
+            done |= tok == eos_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+        logits = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        next_pos = next_pos + 1
+    return new

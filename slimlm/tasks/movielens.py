@@ -120,8 +120,8 @@ class Row:
 # --------------------------------------------------------------------------- reading RecBole atomic files
 
 
-def _read_atomic(path: Path, want: dict[str, type]) -> list[dict]:
-    """Read a RecBole atomic file (tab-separated, header ``name:type``) into dicts of ``want`` fields."""
+def _read_atomic(path: Path, want: dict[str, type]) -> list[tuple[int, dict]]:
+    """Read a RecBole atomic file (tab-separated, header ``name:type``): (line number, dict of ``want``)."""
     if not path.is_file():
         raise SlimlmError(f"{path}: no such file (run `slimlm fetch` or pass --data-dir)")
     rows = []
@@ -137,14 +137,16 @@ def _read_atomic(path: Path, want: dict[str, type]) -> list[dict]:
             if not line:
                 continue
             cols = line.split("\t")
+            if len(cols) < len(names):
+                raise SlimlmError(f"{path}:{n}: expected {len(names)} tab-separated fields, got {len(cols)}")
             row = {}
             for k, conv in want.items():
-                raw = cols[idx[k]] if idx[k] < len(cols) else ""
+                raw = cols[idx[k]]
                 try:
                     row[k] = conv(raw) if conv is not str else raw
                 except ValueError:
                     raise SlimlmError(f"{path}:{n}: field '{k}' is not a valid {conv.__name__}: {raw!r}") from None
-            rows.append(row)
+            rows.append((n, row))
     return rows
 
 
@@ -157,18 +159,17 @@ def load_movielens(data_dir: str | Path | None = None) -> MovieLens:
     d = Path(data_dir)
     users = {
         r["user_id"]: User(r["user_id"], r["age"], r["gender"], r["occupation"])
-        for r in _read_atomic(d / "ml-100k.user", {"user_id": int, "age": int, "gender": str, "occupation": str})
+        for _, r in _read_atomic(d / "ml-100k.user", {"user_id": int, "age": int, "gender": str, "occupation": str})
     }
     items = {}
-    for r in _read_atomic(d / "ml-100k.item", {"item_id": int, "movie_title": str, "release_year": str,
-                                                "class": str}):
+    for _, r in _read_atomic(d / "ml-100k.item", {"item_id": int, "movie_title": str, "release_year": str,
+                                                   "class": str}):
         year = int(r["release_year"]) if r["release_year"].strip().isdigit() else None
         items[r["item_id"]] = Item(r["item_id"], r["movie_title"].strip(), year,
                                    tuple(r["class"].split()) or ("unknown",))
     inter_path = d / "ml-100k.inter"
     ratings = []
-    for n, r in enumerate(_read_atomic(inter_path, {"user_id": int, "item_id": int, "rating": float,
-                                                     "timestamp": float}), 2):
+    for n, r in _read_atomic(inter_path, {"user_id": int, "item_id": int, "rating": float, "timestamp": float}):
         if r["user_id"] not in users or r["item_id"] not in items:
             what = "user_id" if r["user_id"] not in users else "item_id"
             raise SlimlmError(f"{inter_path}:{n}: field '{what}' refers to an unknown id")
@@ -272,7 +273,9 @@ def render_prefix(row: Row, items: dict[int, Item]) -> str:
 
 
 def subsample(examples: list[RankingExample], limit: int | None, seed: int = 0) -> list[RankingExample]:
-    """At most ``limit`` examples, taking whole groups in a seeded random order (keeps prefixes shared)."""
+    """At most ``limit`` examples made of whole groups, in a seeded random order (keeps prefixes shared).
+
+    Groups that would overflow ``limit`` are skipped, so the result can be a little under ``limit``."""
     if limit is None or limit >= len(examples):
         return examples
     groups: dict[str, list[RankingExample]] = defaultdict(list)
@@ -282,9 +285,8 @@ def subsample(examples: list[RankingExample], limit: int | None, seed: int = 0) 
     random.Random(seed).shuffle(order)
     out: list[RankingExample] = []
     for g in order:
-        if len(out) >= limit:
-            break
-        out.extend(groups[g][: limit - len(out)])
+        if len(out) + len(groups[g]) <= limit:
+            out.extend(groups[g])
     return out
 
 

@@ -1,0 +1,170 @@
+"""Validated configs for every stage: pydantic models (unknown keys rejected), YAML + ``key=value`` overrides.
+
+    cfg = load_config(DistillConfig, "recipe.yaml", ["optim.lr=1e-4", "loss.divergence=jsd"])
+
+Overrides use dotted paths into the YAML tree; values are parsed as YAML scalars (``1e-4``, ``true``,
+``[1, 2]``). Any error names the file and the offending key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from slimlm import SlimlmError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskConfig(Strict):
+    """What to train on: a built-in task or a user file (schemas in the README)."""
+
+    name: Literal["movielens-ranking", "ranking", "completion", "text"] = "movielens-ranking"
+    data: str | None = None  # file / directory; None = the built-in data of the task
+    split: str = "train"
+    eval_split: str = "val"
+    limit: int | None = Field(None, ge=1)  # training examples (whole groups for ranking, seeded)
+    eval_limit: int | None = Field(256, ge=1)
+    max_length: int = Field(512, ge=8)  # longer sequences are truncated from the left of the prompt
+
+
+class LossSection(Strict):
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    alpha: float = Field(0.1, ge=0.0, lt=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+    kd_weight: float = Field(1.0, ge=0.0)
+    ce_weight: float = Field(0.0, ge=0.0)
+    chunk_size: int = Field(256, ge=1)
+
+
+class OptimConfig(Strict):
+    lr: float = Field(5e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0.0)
+
+
+class OnPolicyConfig(Strict):
+    """GKD-style on-policy distillation: a fraction ``lam`` of batches use the student's own samples."""
+
+    lam: float = Field(1.0, ge=0.0, le=1.0)
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class DistillConfig(Strict):
+    """One distillation stage. ``mode``:
+
+    * ``sft``: cross-entropy on response tokens only (no teacher);
+    * ``kd``: the loss section's divergence to the teacher on the dataset's sequences (+ optional CE);
+    * ``on_policy``: like ``kd`` but a fraction ``on_policy.lam`` of batches are the student's samples;
+    * ``two_stage``: ``first_stage`` (sft or kd) for ``first_stage_steps``, then on-policy, one command.
+    """
+
+    mode: Literal["sft", "kd", "on_policy", "two_stage"] = "kd"
+    student: str
+    teacher: str | None = None
+    out: str
+    task: TaskConfig = TaskConfig()
+    loss: LossSection = LossSection()
+    optim: OptimConfig = OptimConfig()
+    on_policy: OnPolicyConfig = OnPolicyConfig()
+    first_stage: Literal["sft", "kd"] = "kd"
+    first_stage_steps: int | None = Field(None, ge=0)  # two_stage: default half of max_steps
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(100, ge=1)  # optimizer steps
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # student weights; bf16 autocast is used on CUDA
+    teacher_dtype: Literal["float32", "bfloat16"] | None = None  # default: bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    offload_optimizer: bool = False  # keep AdamW state on the CPU (CUDA only)
+    eval_every: int = Field(50, ge=0)  # 0 = only at the end
+    save_every: int = Field(50, ge=0)  # 0 = only at the end
+    log_every: int = Field(1, ge=1)
+    tensorboard: bool = True
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> DistillConfig:
+        if self.mode != "sft" and self.teacher is None:
+            raise ValueError(f"mode '{self.mode}' needs a teacher")
+        return self
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise SlimlmError(f"override {dotted!r}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise SlimlmError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise SlimlmError(f"override {item!r}: value is not valid YAML ({e})") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(model: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Read YAML (optional), apply ``key=value`` overrides, validate; errors name the file and key."""
+    tree: dict = {}
+    where = "command line"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise SlimlmError(f"{path}: no such config file")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise SlimlmError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(tree, dict):
+            raise SlimlmError(f"{path}: expected a mapping at the top level")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        return model.model_validate(tree)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise SlimlmError(f"{where}: {loc}: {msg}{more}") from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,280 @@
+"""The distillation trainer: SFT, KD, on-policy KD and the two-stage recipe in one loop.
+
+Read :func:`train` top to bottom: set-up, resume, then each optimizer step is
+
+    1. the step's mode (two-stage: first stage, then on-policy);
+    2. ``grad_accum`` micro-batches in a fixed seeded order (on-policy: a fraction λ of them replaced
+       by the student's own samples, scored by the teacher);
+    3. the window's target-token count, so the update is a per-token mean over the whole window;
+    4. loss (chunked fused-linear: no [tokens x vocab] logits) and backward per micro-batch;
+    5. non-finite loss -> stop, keeping the last good checkpoint; else clip, step, schedule;
+    6. log (JSONL + TensorBoard), evaluate and checkpoint on their periods.
+
+The output directory holds ``model/`` (a standard HF directory), ``metrics.jsonl``, ``metrics.json``
+(final evaluation), ``config.yaml`` and, while running, ``checkpoint/`` (exact resume).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from slimlm import SlimlmError
+from slimlm.config import DistillConfig, dump_config
+from slimlm.distill.checkpoint import load_checkpoint, save_checkpoint
+from slimlm.distill.chunked import fused_linear_kd_loss
+from slimlm.distill.data import BatchOrder, Seq, build_sequences, collate, ranking_examples, window_targets
+from slimlm.distill.losses import LossConfig, check_vocab, normalize
+from slimlm.io import atomic_write_json, atomic_write_text
+from slimlm.models import load_model, load_tokenizer, save_model
+from slimlm.tasks.completion import IGNORE_INDEX
+
+SFT_LOSS = LossConfig(kd_weight=0.0, ce_weight=1.0)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class TrainingDiverged(SlimlmError):
+    pass
+
+
+def tokens_per_second(tokens: int, seconds: float) -> float:
+    """Throughput as every loop and benchmark reports it: input tokens processed per wall second."""
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate at ``step`` (0-based): linear warm-up, then the schedule."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+class DistillModule(torch.nn.Module):
+    """Student (+ frozen teacher) with the loss inside ``forward``, so DDP / FSDP2 wrap one module."""
+
+    def __init__(self, student, teacher, loss: LossConfig, vocab: int, chunk_size: int):
+        super().__init__()
+        self.student, self.teacher = student, teacher
+        self.loss, self.vocab, self.chunk_size = loss, vocab, chunk_size
+
+    def forward(self, input_ids, attention_mask, labels, mode: str = "kd", loss: LossConfig | None = None) -> torch.Tensor:
+        """Summed loss over the batch's target tokens (divide by the window's count outside).
+
+        ``mode`` "sft" is cross-entropy only (no teacher); "kd" uses ``loss`` (default: the stage's)."""
+        hidden = self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        y = labels[:, 1:].reshape(-1)
+        head = self.student.get_output_embeddings()
+        if mode == "sft":
+            return fused_linear_kd_loss(h, head.weight, y, SFT_LOSS, student_bias=head.bias,
+                                        vocab_size=self.vocab, chunk_size=self.chunk_size)
+        with torch.no_grad():
+            t_hidden = self.teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        t_head = self.teacher.get_output_embeddings()
+        return fused_linear_kd_loss(h, head.weight, y, loss or self.loss, student_bias=head.bias,
+                                    teacher_hidden=t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1]),
+                                    teacher_weight=t_head.weight, teacher_bias=t_head.bias,
+                                    vocab_size=self.vocab, chunk_size=self.chunk_size)
+
+
+def step_mode(cfg: DistillConfig, step: int) -> str:
+    if cfg.mode != "two_stage":
+        return cfg.mode
+    first = cfg.first_stage_steps if cfg.first_stage_steps is not None else cfg.max_steps // 2
+    return cfg.first_stage if step < first else "on_policy"
+
+
+def on_policy_batch(student, seqs: list[Seq], cfg: DistillConfig, tokenizer, generator: torch.Generator) -> list[Seq]:
+    """Replace each sequence's response by the student's sample; only sampled tokens are targets."""
+    from slimlm.serve.engine import generate
+
+    prompts = [s.input_ids[: s.prompt_len] for s in seqs]
+    was_training = student.training
+    student.eval()
+    samples = generate(student, prompts, max_new_tokens=cfg.on_policy.max_new_tokens,
+                       temperature=cfg.on_policy.temperature, top_p=cfg.on_policy.top_p,
+                       eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, generator=generator)
+    student.train(was_training)
+    return [Seq(tuple(p) + tuple(s), (IGNORE_INDEX,) * len(p) + tuple(s), len(p)) for p, s in zip(prompts, samples, strict=True)]
+
+
+@torch.no_grad()
+def evaluate_student(module: DistillModule, tokenizer, cfg: DistillConfig, eval_seqs: list[Seq],
+                     ranking_eval, device) -> dict[str, float]:
+    """Held-out teacher->student forward KL per target token (if a teacher is loaded) and the task metric."""
+    student = module.student
+    student.eval()
+    out: dict[str, float] = {}
+    kl_cfg = LossConfig(divergence="forward_kl")
+    if module.teacher is not None and eval_seqs:
+        total, count = 0.0, 0
+        for i in range(0, len(eval_seqs), cfg.batch_size):
+            b = collate(eval_seqs[i:i + cfg.batch_size], tokenizer.pad_token_id, device)
+            total += float(module(b["input_ids"], b["attention_mask"], b["labels"], mode="kd", loss=kl_cfg))
+            count += window_targets([b])
+        out["eval_kl"] = total / max(count, 1)
+    if ranking_eval is not None:
+        from slimlm.evaluate import evaluate_ranking
+
+        metrics, _ = evaluate_ranking(student, tokenizer, ranking_eval, batch_size=cfg.batch_size)
+        out.update({"eval_auc": metrics["auc"], "eval_log_loss": metrics["log_loss"]})
+    student.train()
+    return out
+
+
+def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = None,
+          stop_after: int | None = None) -> Path:
+    """Run (or resume) one distillation stage; return ``cfg.out``. ``stop_after`` ends the process's
+    work after that many optimizer steps as if interrupted (for resume tests)."""
+    out = Path(cfg.out)
+    if (out / "model" / "config.json").exists() and (out / "metrics.json").exists():
+        return out  # finished earlier: nothing to do
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+
+    # -- data first (bad data fails before any model is loaded), then models --------------------
+    tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    train_seqs = build_sequences(cfg.task, tokenizer, cfg.task.split, cfg.task.limit, cfg.seed)
+    eval_seqs = build_sequences(cfg.task, tokenizer, cfg.task.eval_split, cfg.task.eval_limit, cfg.seed)
+    ranking_eval = (ranking_examples(cfg.task, cfg.task.eval_split, cfg.task.eval_limit, cfg.seed)
+                    if cfg.task.name in ("movielens-ranking", "ranking") else None)
+
+    student = load_model(cfg.student, device=device, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    student.train()
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    teacher = None
+    if cfg.teacher is not None:  # sft uses it only for the held-out KL
+        t_dtype = DTYPES[cfg.teacher_dtype] if cfg.teacher_dtype else None
+        teacher = load_model(cfg.teacher, device=device, dtype=t_dtype, trust_remote_code=cfg.trust_remote_code)
+        teacher.requires_grad_(False)
+    vocab = check_vocab(student.get_output_embeddings().weight.shape[0],
+                        teacher.get_output_embeddings().weight.shape[0] if teacher is not None else None,
+                        len(tokenizer))
+    loss_cfg = LossConfig(**cfg.loss.model_dump(exclude={"chunk_size"}))
+    module = DistillModule(student, teacher, loss_cfg, vocab, cfg.loss.chunk_size)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, cfg.max_steps, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio))
+    sampler = torch.Generator().manual_seed(cfg.seed + 1)  # on-policy coins and samples
+
+    # -- resume ----------------------------------------------------------------------------------
+    step, ckpt = 0, out / "checkpoint"
+    order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed)
+    if (ckpt / "state.json").exists():
+        state = load_checkpoint(ckpt, student, optimizer, scheduler, sampler)
+        step = state["step"]
+        order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed, state["epoch"], state["cursor"])
+        _truncate_log(out / "metrics.jsonl", step)
+    log = open(out / "metrics.jsonl", "a")
+    writer = _tensorboard(out / "tb") if cfg.tensorboard else None
+
+    # -- the loop --------------------------------------------------------------------------------
+    steps_done = 0
+    while step < cfg.max_steps:
+        t0 = time.perf_counter()
+        mode = step_mode(cfg, step)
+        window = []
+        for _ in range(cfg.grad_accum):
+            seqs = [train_seqs[i] for i in order.next()]
+            micro_mode = mode
+            if mode == "on_policy":
+                coin = float(torch.rand((), generator=sampler))
+                if coin < cfg.on_policy.lam:
+                    seqs = on_policy_batch(student, seqs, cfg, tokenizer, sampler)
+                micro_mode = "kd"
+            window.append((collate(seqs, tokenizer.pad_token_id, device), micro_mode))
+        n_targets = window_targets([b for b, _ in window])
+        loss_total, tokens = 0.0, 0
+        for batch, micro_mode in window:
+            loss_sum = module(batch["input_ids"], batch["attention_mask"], batch["labels"], mode=micro_mode)
+            normalize(loss_sum, n_targets).backward()
+            loss_total += loss_sum.detach().item()
+            tokens += int(batch["attention_mask"].sum())
+        loss = loss_total / max(n_targets, 1)
+        if not math.isfinite(loss):
+            log.close()
+            kept = f"the last good checkpoint is {ckpt} (step {_ckpt_step(ckpt)})" if ckpt.exists() else "no checkpoint was written yet"
+            raise TrainingDiverged(f"step {step + 1}: loss is {loss}; training stopped, {kept}")
+        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                     if cfg.optim.max_grad_norm else torch.tensor(0.0))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        steps_done += 1
+        row = {"step": step, "mode": mode, "loss": loss, "lr": scheduler.get_last_lr()[0],
+               "grad_norm": float(grad_norm), "targets": n_targets, "tokens": tokens,
+               "tokens_per_s": tokens_per_second(tokens, time.perf_counter() - t0)}
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            row.update(evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device))
+        if step % cfg.log_every == 0 or "eval_kl" in row or "eval_auc" in row:
+            _log(log, writer, row)
+        if progress:
+            progress(step, row)
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            _save(ckpt, student, optimizer, scheduler, sampler, step, order)
+        if stop_after is not None and steps_done >= stop_after and step < cfg.max_steps:
+            _save(ckpt, student, optimizer, scheduler, sampler, step, order)
+            log.close()
+            return out
+
+    # -- finish ----------------------------------------------------------------------------------
+    final = {"step": step, **evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device)}
+    _log(log, writer, final)
+    log.close()
+    if writer is not None:
+        writer.close()
+    save_model(student, tokenizer, out / "model")
+    atomic_write_json(out / "metrics.json", final)
+    return out
+
+
+def _save(ckpt: Path, student, optimizer, scheduler, sampler, step: int, order: BatchOrder) -> None:
+    save_checkpoint(ckpt, student, optimizer, scheduler, {"step": step, **order.state()}, sampler)
+
+
+def _ckpt_step(ckpt: Path) -> int | str:
+    try:
+        return json.loads((ckpt / "state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log rows past the checkpoint we resume from (they will be produced again)."""
+    if not path.exists():
+        return
+    rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    atomic_write_text(path, "".join(r + "\n" for r in rows))
+
+
+def _log(log, writer, row: dict) -> None:
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    if writer is not None:
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "step":
+                writer.add_scalar(k, v, row["step"])
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a dependency, but a user may run without it
+        return None
+    return SummaryWriter(str(path))

@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random model directories and a tiny synthetic MovieLens in RecBole format."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from slimlm.models import FAMILIES, save_tiny_model, tiny_tokenizer
+
+# --------------------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    """The in-memory tiny BPE tokenizer (training it takes ~0.5 s, so build it once)."""
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """family -> a saved tiny model directory (seed 0), one per family in FAMILIES."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {f: save_tiny_model(f, root / f, seed=0) for f in FAMILIES}
+
+
+# --------------------------------------------------------------------------- tiny synthetic MovieLens
+
+USER_HEADER = "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token"
+ITEM_HEADER = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq"
+INTER_HEADER = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
+
+OCCUPATIONS = ("technician", "writer", "student", "educator", "engineer", "artist")
+GENRE_SETS = ("Animation Children's Comedy", "Action Adventure Thriller", "Drama", "Comedy Romance",
+              "Sci-Fi War", "Horror", "Film-Noir Mystery", "Documentary")
+
+
+@dataclass(frozen=True)
+class SynthRating:
+    user: int
+    item: int
+    stars: int
+    timestamp: int
+
+
+@dataclass
+class SynthMovieLens:
+    """What was written, so tests can compute expectations by hand."""
+
+    dir: Path
+    users: dict[int, tuple[int, str, str]]  # id -> (age, gender, occupation)
+    items: dict[int, tuple[str, str, str]]  # id -> (title, year, genres)
+    ratings: list[SynthRating]
+
+
+def synth_movielens(n_users: int = 6, per_user: int = 12, n_items: int = 20, seed: int = 0,
+                    short_user: bool = True) -> tuple[dict, dict, list[SynthRating]]:
+    """Random users/items/ratings: each full user rates ``per_user`` distinct items.
+
+    Timestamps are drawn from a small range so that some of a user's ratings tie (the split must break
+    ties by item id); with ``short_user`` one extra user has only 3 ratings (too few to hold any out).
+    """
+    rng = random.Random(seed)
+    users = {u: (18 + 7 * u, "MF"[u % 2], OCCUPATIONS[u % len(OCCUPATIONS)]) for u in range(1, n_users + 1)}
+    items = {}
+    for i in range(1, n_items + 1):
+        year = "" if i == 7 else str(1970 + i)  # one movie with an unknown year, as in the real data
+        items[i] = (f"Movie {chr(64 + i)} {i}", year, GENRE_SETS[i % len(GENRE_SETS)])
+    ratings = []
+    for u in users:
+        for item in rng.sample(sorted(items), per_user):
+            ratings.append(SynthRating(u, item, rng.randint(1, 5), 880_000_000 + rng.randrange(0, 40) * 1000))
+    if short_user:
+        u = n_users + 1
+        users[u] = (40, "F", "other")
+        for item in (1, 2, 3):
+            ratings.append(SynthRating(u, item, rng.randint(1, 5), 880_000_000 + item))
+    rng.shuffle(ratings)  # file order must not matter
+    return users, items, ratings
+
+
+def write_movielens(d: Path, users: dict, items: dict, ratings: list[SynthRating]) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "ml-100k.user").write_text(
+        USER_HEADER + "\n" + "".join(f"{u}\t{a}\t{g}\t{o}\t0{u}000\n" for u, (a, g, o) in users.items()))
+    (d / "ml-100k.item").write_text(
+        ITEM_HEADER + "\n" + "".join(f"{i}\t{t}\t{y}\t{c}\n" for i, (t, y, c) in items.items()))
+    (d / "ml-100k.inter").write_text(
+        INTER_HEADER + "\n" + "".join(f"{r.user}\t{r.item}\t{r.stars}\t{r.timestamp}\n" for r in ratings))
+    return d
+
+
+@pytest.fixture
+def ml_synth(tmp_path) -> SynthMovieLens:
+    """A fresh tiny MovieLens dir: 6 users x 12 ratings over 20 items, plus one user with 3 ratings."""
+    users, items, ratings = synth_movielens()
+    d = write_movielens(tmp_path / "ml", users, items, ratings)
+    return SynthMovieLens(d, users, items, ratings)

@@ -1,0 +1,94 @@
+"""Scoring engine: prefix reuse and batched whole prompts against a naive full-logits reference."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from slimlm.models import FAMILIES, tiny_model
+from slimlm.serve.engine import score, score_full, score_shared_prefix
+from slimlm.tasks.ranking import TokenizedRanking
+
+VOCAB = 384
+LABELS = (305, 304)  # any two ids work; these are " Yes" / " No" in the tiny tokenizer
+ATOL = {torch.float32: 1e-5}
+
+
+def _examples(seed: int = 0) -> list[TokenizedRanking]:
+    """Shared-prefix groups with suffixes of different lengths, singletons, and one group name that
+    reappears with another prefix; shuffled so groups interleave."""
+    rng = random.Random(seed)
+
+    def ids(n):
+        return tuple(rng.randrange(VOCAB) for _ in range(n))
+
+    out = []
+    spec = [("g1", 17, [1, 3, 7, 2, 9]), ("g2", 9, [4, 4, 1, 6]), ("g3", 30, [2, 5, 1, 8, 3, 3, 11]),
+            ("s1", 12, [4]), ("s2", 3, [1]), ("s3", 25, [6]), ("g1", 6, [5])]  # last: same name, new prefix
+    for group, plen, suffix_lens in spec:
+        prefix = ids(plen)
+        for k, n in enumerate(suffix_lens):
+            out.append(TokenizedRanking(f"{group}-{plen}-{k}", group, prefix, ids(n), k % 2))
+    rng.shuffle(out)
+    return out
+
+
+def _reference(model, examples) -> np.ndarray:
+    """P(pos) from the full-vocabulary logits of each whole prompt, one at a time, no cache, no padding."""
+    out = []
+    with torch.no_grad():
+        for ex in examples:
+            logits = model(torch.tensor([ex.input_ids])).logits[0, -1]
+            out.append(torch.softmax(logits[list(LABELS)].double(), dim=0)[0].item())
+    return np.array(out)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    # A wider init than the default 0.02 so that scores spread well away from 0.5 and a wrong position
+    # or a wrong prefix would move them by much more than the tolerance.
+    return tiny_model(request.param, seed=3, initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    examples = _examples()
+    ref = _reference(model, examples)
+    assert ref.max() - ref.min() > 0.05, "scores too flat to tell a right answer from a wrong one"
+    return examples, ref
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_score_with_prefix_reuse_matches_reference(model, reference, batch_size):
+    examples, ref = reference
+    done = []
+    got = score(model, examples, LABELS, batch_size=batch_size, progress=done.append)
+    np.testing.assert_allclose(got, ref, atol=ATOL[torch.float32], rtol=0)
+    assert sum(done) == len(examples)
+
+
+def test_score_without_reuse_and_score_full_match_reference(model, reference):
+    examples, ref = reference
+    np.testing.assert_allclose(score(model, examples, LABELS, batch_size=3, reuse_prefix=False), ref,
+                               atol=ATOL[torch.float32], rtol=0)
+    full = score_full(model, [ex.input_ids for ex in examples], LABELS, batch_size=3, pad_id=7)
+    np.testing.assert_allclose(full, ref, atol=ATOL[torch.float32], rtol=0)
+
+
+def test_score_shared_prefix_matches_reference(model, reference):
+    examples, ref = reference
+    idx = [i for i, ex in enumerate(examples) if ex.group == "g3"]
+    got = score_shared_prefix(model, examples[idx[0]].prefix_ids, [examples[i].suffix_ids for i in idx], LABELS,
+                              batch_size=2, pad_id=11)
+    np.testing.assert_allclose(got, ref[idx], atol=ATOL[torch.float32], rtol=0)
+
+
+def test_output_follows_input_order(model, reference):
+    examples, ref = reference
+    perm = np.random.default_rng(0).permutation(len(examples))
+    got = score(model, [examples[i] for i in perm], LABELS, batch_size=3)
+    np.testing.assert_allclose(got, ref[perm], atol=ATOL[torch.float32], rtol=0)
+    assert len(score(model, [], LABELS)) == 0

@@ -1,0 +1,90 @@
+"""Atomic writes: an interrupted write leaves the previous file/directory whole and no temp files behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from slimlm.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+
+
+def _tree(d):
+    """relative path -> bytes, for every file under ``d``."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_atomic_dir_replaces_whole_directory(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with atomic_dir(final) as tmp:
+        assert tmp != final and tmp.parent == final.parent
+        assert not (tmp / "old.txt").exists()  # a fresh directory, not a copy of the old one
+        (tmp / "new.txt").write_text("new")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "x.bin").write_bytes(b"\x00\x01")
+    assert _tree(final) == {"new.txt": b"new", "sub/x.bin": b"\x00\x01"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp or .old directories left
+
+
+def test_atomic_dir_keeps_old_directory_when_body_raises(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "a.txt").write_text("a")
+    (final / "b.json").write_text("{}")
+    before = _tree(final)
+    with pytest.raises(RuntimeError, match="boom"), atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("half-written")
+        raise RuntimeError("boom")
+    assert _tree(final) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_dir_creates_nothing_when_body_raises(tmp_path):
+    final = tmp_path / "deep" / "out"
+    with pytest.raises(KeyboardInterrupt), atomic_dir(final) as tmp:
+        (tmp / "a.txt").write_text("a")
+        raise KeyboardInterrupt  # BaseException too: Ctrl-C must not leave a half directory
+    assert not final.exists()
+    assert list(final.parent.iterdir()) == []
+
+
+def test_atomic_write_variants_write_complete_files(tmp_path):
+    data = bytes(range(256)) * 4096  # 1 MiB, several write chunks
+    atomic_write_bytes(tmp_path / "new" / "a.bin", data)  # parent is created
+    atomic_write_text(tmp_path / "b.txt", "héllo\nwörld")
+    obj = {"x": [1, 2.5, None], "y": "z"}
+    atomic_write_json(tmp_path / "c.json", obj)
+    assert (tmp_path / "new" / "a.bin").read_bytes() == data
+    assert (tmp_path / "b.txt").read_bytes() == "héllo\nwörld".encode()
+    assert json.loads((tmp_path / "c.json").read_text()) == obj
+    assert (tmp_path / "c.json").read_text().endswith("\n")
+    names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert names == ["b.txt", "c.json", "new", "new/a.bin"]  # no .tmp files
+
+
+def test_atomic_write_overwrites_and_cleans_up_on_failure(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old contents that are longer than the new ones")
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"  # replaced, not overwritten in place (no stale tail)
+
+    # The rename onto a non-empty directory fails: the directory stays, the temp file goes.
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "keep").write_text("k")
+    with pytest.raises(OSError):
+        atomic_write_bytes(blocker, b"data")
+    assert (blocker / "keep").read_text() == "k"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "blocker"]
+
+
+def test_sha256_file_matches_hashlib_across_chunks(tmp_path):
+    data = b"slimlm" * 1000 + b"tail"
+    p = tmp_path / "f"
+    p.write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    assert sha256_file(p) == want
+    assert sha256_file(p, chunk=7) == want  # chunk boundaries must not matter

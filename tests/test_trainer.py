@@ -1,0 +1,179 @@
+"""The trainer: schedule, batch order, token normalisation, exact resume, NaN stop, on-policy masking."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import synth_movielens, write_movielens
+from safetensors.torch import load_file, save_file
+
+from slimlm import SlimlmError
+from slimlm.config import DistillConfig, load_config
+from slimlm.distill.data import BatchOrder, Seq, collate, window_targets
+from slimlm.distill.losses import LossConfig, normalize
+from slimlm.distill.trainer import (
+    DistillModule,
+    TrainingDiverged,
+    lr_factor,
+    on_policy_batch,
+    tokens_per_second,
+    train,
+)
+from slimlm.models import save_tiny_model, tiny_model
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    users, items, ratings = synth_movielens(n_users=10, per_user=14, seed=4)
+    data = write_movielens(root / "ml", users, items, ratings)
+    save_tiny_model("llama", root / "teacher", seed=1)
+    save_tiny_model("llama", root / "student", seed=2, num_hidden_layers=1)
+    return root, data
+
+
+def config(root, data, out, **kw) -> DistillConfig:
+    base = {"student": str(root / "student"), "teacher": str(root / "teacher"), "out": str(out),
+            "task": {"data": str(data), "eval_limit": 12}, "batch_size": 3, "grad_accum": 2, "max_steps": 6,
+            "eval_every": 0, "save_every": 0, "tensorboard": False, "on_policy": {"max_new_tokens": 3},
+            "optim": {"lr": 1e-3, "warmup_steps": 2}}
+    for k, v in kw.items():
+        base[k] = {**base[k], **v} if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return DistillConfig.model_validate(base)
+
+
+def test_lr_schedule():
+    assert [lr_factor(s, 10, 2, "cosine") for s in (0, 1)] == [0.5, 1.0]
+    assert lr_factor(2, 10, 2, "cosine") == pytest.approx(1.0)
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)  # halfway through the decay
+    assert lr_factor(10, 10, 2, "cosine") == pytest.approx(0.0)
+    assert lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert lr_factor(10, 10, 0, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(7, 10, 0, "constant") == 1.0
+
+
+def test_tokens_per_second():
+    assert tokens_per_second(1000, 0.5) == 2000.0 and tokens_per_second(10, 0.0) == 0.0
+
+
+def test_batch_order_resumes_and_shards():
+    a = BatchOrder(10, 3, seed=5)
+    first = [a.next() for _ in range(5)]  # crosses an epoch boundary
+    b = BatchOrder(10, 3, seed=5)
+    for _ in range(2):
+        b.next()
+    resumed = BatchOrder(10, 3, seed=5, **b.state())
+    assert [resumed.next() for _ in range(3)] == first[2:]
+    assert all(len(x) == 3 for x in first)
+    # epoch 0 is one permutation: its 10 items fill batches 0-2 and the first slot of batch 3
+    assert sorted(first[0] + first[1] + first[2] + first[3][:1]) == list(range(10))
+    single = BatchOrder(10, 4, seed=1)
+    r0, r1 = BatchOrder(10, 2, seed=1, rank=0, world=2), BatchOrder(10, 2, seed=1, rank=1, world=2)
+    for _ in range(4):
+        assert single.next() == r0.next() + r1.next()
+
+
+def _grads(module, batches, n_targets):
+    module.student.zero_grad()
+    for b in batches:
+        normalize(module(b["input_ids"], b["attention_mask"], b["labels"]), n_targets).backward()
+    return [p.grad.clone() for p in module.student.parameters()]
+
+
+def test_grad_accumulation_invariance():
+    student, teacher = tiny_model("qwen2", seed=3), tiny_model("qwen2", seed=4)
+    module = DistillModule(student, teacher, LossConfig(divergence="jsd", ce_weight=0.5), 384, chunk_size=5)
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for i in range(8):  # uneven lengths and uneven numbers of targets
+        n = 5 + 3 * i % 11
+        ids = torch.randint(3, 384, (n,), generator=g).tolist()
+        p = 1 + i % 4
+        seqs.append(Seq(tuple(ids), (-100,) * p + tuple(ids[p:]), p))
+    whole = [collate(seqs, 0)]
+    micro = [collate(seqs[i:i + 2], 0) for i in range(0, 8, 2)]
+    assert window_targets(whole) == window_targets(micro) == sum(len(s.input_ids) - s.prompt_len for s in seqs)
+    ga = _grads(module, whole, window_targets(whole))
+    gb = _grads(module, micro, window_targets(micro))
+    for x, y in zip(ga, gb, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_sft_loss_is_response_cross_entropy():
+    student = tiny_model("llama", seed=5)
+    module = DistillModule(student, None, LossConfig(), 384, chunk_size=4)
+    seqs = [Seq((5, 6, 7, 8, 9), (-100, -100, 7, 8, 9), 2), Seq((10, 11, 12), (-100, 11, 12), 1)]
+    b = collate(seqs, 0)
+    got = module(b["input_ids"], b["attention_mask"], b["labels"], mode="sft")
+    with torch.no_grad():
+        ref = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+    assert got.item() == pytest.approx(ref.item() * window_targets([b]), rel=1e-5)
+
+
+def test_on_policy_batch_masks_prompts(setup, tiny_tok):
+    root, data = setup
+    cfg = config(root, data, root / "unused", mode="on_policy")
+    student = tiny_model("llama", seed=2, vocab_size=len(tiny_tok))
+    seqs = [Seq((5, 6, 7, 8), (-100, -100, -100, 8), 3), Seq((9, 10), (-100, 10), 1)]
+    out = on_policy_batch(student, seqs, cfg, tiny_tok, torch.Generator().manual_seed(0))
+    for s, o in zip(seqs, out, strict=True):
+        assert o.input_ids[: s.prompt_len] == s.input_ids[: s.prompt_len] and o.prompt_len == s.prompt_len
+        assert o.labels[: s.prompt_len] == (-100,) * s.prompt_len
+        sampled = o.input_ids[s.prompt_len:]
+        assert 1 <= len(sampled) <= 3 and o.labels[s.prompt_len:] == sampled
+    student.train()
+    on_policy_batch(student, seqs, cfg, tiny_tok, torch.Generator().manual_seed(0))
+    assert student.training
+
+
+@pytest.mark.parametrize("mode", ["kd", "two_stage"])
+def test_resume_is_exact(setup, tmp_path, mode):
+    root, data = setup
+    full = train(config(root, data, tmp_path / "full", mode=mode))
+    cfg = config(root, data, tmp_path / "split", mode=mode)
+    train(cfg, stop_after=3)
+    assert json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())["step"] == 3
+    assert not (tmp_path / "split" / "model").exists()
+    train(cfg)
+    a = load_file(str(full / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))  # no duplicated steps after resume
+    # re-running a finished stage does nothing
+    before = (tmp_path / "split" / "metrics.jsonl").read_text()
+    train(cfg)
+    assert (tmp_path / "split" / "metrics.jsonl").read_text() == before
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(setup, tmp_path):
+    root, data = setup
+    bad_teacher = tmp_path / "bad-teacher"
+    save_tiny_model("llama", bad_teacher, seed=1)
+    cfg = config(root, data, tmp_path / "run", teacher=str(bad_teacher))
+    train(cfg, stop_after=2)
+    weights = load_file(str(bad_teacher / "model.safetensors"))
+    weights = {k: torch.full_like(v, math.nan) if "norm" in k else v for k, v in weights.items()}
+    save_file(weights, str(bad_teacher / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(TrainingDiverged, match=r"step 3: loss is nan.*last good checkpoint .*\(step 2\)"):
+        train(cfg)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(SlimlmError, match="needs a teacher"):
+        load_config(DistillConfig, None, ["mode=kd", "student=s", "out=o"])
+    with pytest.raises(SlimlmError, match="loss.temprature: unknown key"):
+        load_config(DistillConfig, None, ["mode=sft", "student=s", "out=o", "loss.temprature=2"])
+    f = tmp_path / "r.yaml"
+    f.write_text("mode: kd\nstudent: s\n  bad: indent\n")
+    with pytest.raises(SlimlmError, match=r"r\.yaml:3: invalid YAML"):
+        load_config(DistillConfig, f)
+    cfg = load_config(DistillConfig, None, ["mode=sft", "student=s", "out=o", "optim.lr=3e-4", "optim.betas=[0.8, 0.9]"])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.8, 0.9)
