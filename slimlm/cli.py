@@ -280,6 +280,23 @@ def sft(
     _run_distill(config, [*(overrides or []), "mode=sft"])
 
 
+@app.command("teacher-cache")
+@user_errors
+def teacher_cache(
+    overrides: Overrides = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Stage config YAML.")] = None,
+) -> None:
+    """Precompute the teacher's top-k log-probs for a distill config's training data (teacher_cache dir)."""
+    from slimlm.config import DistillConfig, load_config
+    from slimlm.distill.trainer import build_teacher_cache
+
+    cfg = load_config(DistillConfig, config, [*(overrides or []), "teacher_signal=cached"])
+    with progress_bar() as bar:
+        tid = bar.add_task("teacher top-k", total=None)
+        index = build_teacher_cache(cfg, progress=lambda n: bar.advance(tid, n))
+    out.print_json(json.dumps({k: v for k, v in index.items() if k != "shards"}))
+
+
 @app.command()
 def version() -> None:
     """Print the slimlm version."""

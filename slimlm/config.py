@@ -82,6 +82,9 @@ class DistillConfig(Strict):
     on_policy: OnPolicyConfig = OnPolicyConfig()
     first_stage: Literal["sft", "kd"] = "kd"
     first_stage_steps: int | None = Field(None, ge=0)  # two_stage: default half of max_steps
+    teacher_signal: Literal["online", "cached"] = "online"
+    teacher_cache: str | None = None  # cached signal: directory of top-k log-probs (built from `teacher` if absent)
+    cache_top_k: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(100, ge=1)  # optimizer steps
@@ -99,7 +102,12 @@ class DistillConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
-        if self.mode != "sft" and self.teacher is None:
+        cached = self.teacher_signal == "cached"
+        if cached and self.mode != "kd":
+            raise ValueError("teacher_signal 'cached' works with mode 'kd' only (on-policy samples need a live teacher)")
+        if cached and not self.teacher_cache:
+            raise ValueError("teacher_signal 'cached' needs teacher_cache (a directory)")
+        if self.mode != "sft" and self.teacher is None and not (cached and Path(self.teacher_cache, "index.json").exists()):
             raise ValueError(f"mode '{self.mode}' needs a teacher")
         return self
 

@@ -10,50 +10,53 @@ so the math is the same code as the plain form) and, right away, the gradients o
 with respect to ``h_S`` rows and ``W_S`` (accumulated in fp32). The chunk's logits are then freed. The
 backward pass only scales the stored gradients by the incoming gradient. Peak memory is therefore
 O(C x V) for the logits plus O(N x H_S + V x H_S) for the gradients, instead of O(N x V) several times.
+
+The teacher side is a per-chunk closure, so the same machinery serves a live teacher (its hidden states
+and LM head: :func:`fused_linear_kd_loss`) and a cached sparse teacher (top-k log-probs + tail mass:
+:func:`fused_linear_cached_kd_loss`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from slimlm import SlimlmError
-from slimlm.distill.losses import LossConfig, kd_token_losses
+from slimlm.distill.losses import LossConfig, cached_token_losses, kd_token_losses
+
+# chunk_loss(student_logits [C, V], rows [C] (indices into N), targets slice (positions among target rows))
+ChunkLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 
 
-class _FusedLinearKD(torch.autograd.Function):
+class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, cfg, vocab, chunk, grad_mode):
+    def forward(ctx, s_hidden, s_weight, s_bias, labels, chunk_loss: ChunkLoss, ignore_index, vocab, chunk, grad_mode):
         need_h, need_w, need_b = (grad_mode and ctx.needs_input_grad[i] for i in range(3))
-        rows = (labels != cfg.ignore_index).nonzero().squeeze(1)
-        grad_h = torch.zeros(s_hidden.shape, dtype=torch.float32, device=s_hidden.device) if need_h else None
-        grad_w = torch.zeros((vocab, s_weight.shape[1]), dtype=torch.float32, device=s_weight.device) if need_w else None
-        grad_b = torch.zeros(vocab, dtype=torch.float32, device=s_weight.device) if need_b else None
+        rows = (labels != ignore_index).nonzero().squeeze(1)
+        acc = torch.promote_types(s_hidden.dtype, torch.float32)  # gradient accumulators: >= fp32
+        grad_h = torch.zeros(s_hidden.shape, dtype=acc, device=s_hidden.device) if need_h else None
+        grad_w = torch.zeros((vocab, s_weight.shape[1]), dtype=acc, device=s_weight.device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=acc, device=s_weight.device) if need_b else None
         w = s_weight.detach()[:vocab].requires_grad_(need_w)
         b = s_bias.detach()[:vocab].requires_grad_(need_b) if s_bias is not None else None
-        total = torch.zeros((), dtype=torch.promote_types(s_hidden.dtype, torch.float32), device=s_hidden.device)
+        total = torch.zeros((), dtype=acc, device=s_hidden.device)
         for start in range(0, rows.numel(), chunk):
             idx = rows[start:start + chunk]
-            if t_hidden is not None:
-                with torch.no_grad():
-                    zt = t_hidden.index_select(0, idx) @ t_weight[:vocab].T
-                    if t_bias is not None:
-                        zt = zt + t_bias[:vocab]
-            else:  # pure hard-label loss (SFT): no teacher
-                zt = None
             with torch.enable_grad():
                 h = s_hidden.detach().index_select(0, idx).requires_grad_(need_h)
                 zs = h @ w.T
                 if b is not None:
                     zs = zs + b
-                loss = kd_token_losses(zs, zs if zt is None else zt, labels.index_select(0, idx), cfg, vocab).sum()
+                loss = chunk_loss(zs, idx, slice(start, start + idx.numel())).sum()
                 wanted = [x for x, need in ((h, need_h), (w, need_w), (b, need_b)) if need and x is not None]
                 grads = iter(torch.autograd.grad(loss, wanted)) if wanted else iter(())
             if need_h:
-                grad_h.index_add_(0, idx, next(grads).float())
+                grad_h.index_add_(0, idx, next(grads).to(acc))
             if need_w:
-                grad_w += next(grads).float()
+                grad_w += next(grads).to(acc)
             if need_b and b is not None:
-                grad_b += next(grads).float()
+                grad_b += next(grads).to(acc)
             total += loss.detach()
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.shapes = (s_hidden.dtype, s_weight.shape, s_weight.dtype)
@@ -71,7 +74,21 @@ class _FusedLinearKD(torch.autograd.Function):
         if grad_b is not None:
             gb = torch.zeros(w_shape[0], dtype=w_dtype, device=grad_b.device)
             gb[: grad_b.shape[0]] = (grad_b * grad_out).to(w_dtype)
-        return gh, gw, gb, None, None, None, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None
+
+
+def _check(student_hidden, labels, chunk_size) -> None:
+    if student_hidden.dim() != 2 or labels.dim() != 1 or labels.shape[0] != student_hidden.shape[0]:
+        raise SlimlmError(f"expected hidden [N, H] and labels [N], got {tuple(student_hidden.shape)} "
+                          f"and {tuple(labels.shape)}")
+    if chunk_size < 1:
+        raise SlimlmError("chunk_size must be at least 1")
+
+
+def _apply(student_hidden, student_weight, student_bias, labels, chunk_loss, cfg, vocab, chunk_size):
+    # under no_grad (evaluation) the chunks compute the loss only, no gradients
+    return _FusedLinearLoss.apply(student_hidden, student_weight, student_bias, labels, chunk_loss,
+                                  cfg.ignore_index, vocab, chunk_size, torch.is_grad_enabled())
 
 
 def fused_linear_kd_loss(
@@ -93,9 +110,7 @@ def fused_linear_kd_loss(
     labels [N]. ``teacher_*`` may be omitted only when ``cfg.kd_weight == 0`` (pure cross-entropy).
     Gradients flow to ``student_hidden``, ``student_weight`` and ``student_bias``; never to the teacher.
     """
-    if student_hidden.dim() != 2 or labels.dim() != 1 or labels.shape[0] != student_hidden.shape[0]:
-        raise SlimlmError(f"expected hidden [N, H] and labels [N], got {tuple(student_hidden.shape)} "
-                          f"and {tuple(labels.shape)}")
+    _check(student_hidden, labels, chunk_size)
     if teacher_hidden is None and cfg.kd_weight:
         raise SlimlmError("teacher hidden states are required when kd_weight > 0")
     if teacher_hidden is not None and teacher_hidden.shape[0] != student_hidden.shape[0]:
@@ -105,8 +120,47 @@ def fused_linear_kd_loss(
     vocab = vocab_size or min(widths)
     if vocab > min(widths):
         raise SlimlmError(f"vocab_size {vocab} exceeds a logit width {min(widths)}")
-    if chunk_size < 1:
-        raise SlimlmError("chunk_size must be at least 1")
-    # under no_grad (evaluation) the chunks compute the loss only, no gradients
-    return _FusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-                                teacher_bias, labels, cfg, vocab, chunk_size, torch.is_grad_enabled())
+
+    def chunk_loss(zs: torch.Tensor, idx: torch.Tensor, _: slice) -> torch.Tensor:
+        if teacher_hidden is None:  # pure hard-label loss (SFT): the divergence term is off
+            return kd_token_losses(zs, zs, labels.index_select(0, idx), cfg, vocab)
+        with torch.no_grad():
+            zt = teacher_hidden.detach().index_select(0, idx) @ teacher_weight.detach()[:vocab].T
+            if teacher_bias is not None:
+                zt = zt + teacher_bias.detach()[:vocab]
+        return kd_token_losses(zs, zt, labels.index_select(0, idx), cfg, vocab)
+
+    return _apply(student_hidden, student_weight, student_bias, labels, chunk_loss, cfg, vocab, chunk_size)
+
+
+def fused_linear_cached_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: LossConfig,
+    *,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    teacher_tail: torch.Tensor,
+    student_bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Summed loss against a cached sparse teacher, chunked like :func:`fused_linear_kd_loss`.
+
+    ``teacher_ids`` / ``teacher_logprobs`` [T, k] and ``teacher_tail`` [T] hold one row per *target*
+    token, in the order the targets appear in ``labels`` (T = number of labels != ignore_index).
+    """
+    _check(student_hidden, labels, chunk_size)
+    n_targets = int((labels != cfg.ignore_index).sum())
+    if teacher_ids.shape[0] != n_targets or teacher_logprobs.shape != teacher_ids.shape \
+            or teacher_tail.shape[0] != n_targets:
+        raise SlimlmError(f"cached teacher rows ({teacher_ids.shape[0]}) do not match the batch's "
+                          f"{n_targets} target tokens")
+    vocab = vocab_size or student_weight.shape[0]
+
+    def chunk_loss(zs: torch.Tensor, idx: torch.Tensor, pos: slice) -> torch.Tensor:
+        return cached_token_losses(zs, teacher_ids[pos], teacher_logprobs[pos], teacher_tail[pos],
+                                   labels.index_select(0, idx), cfg, vocab)
+
+    return _apply(student_hidden, student_weight, student_bias, labels, chunk_loss, cfg, vocab, chunk_size)

@@ -107,24 +107,66 @@ def check_vocab(student_vocab: int, teacher_vocab: int | None, tokenizer_vocab: 
     return tokenizer_vocab
 
 
-def kd_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                    cfg: LossConfig, vocab_size: int | None = None) -> torch.Tensor:
-    """Weighted per-token loss [N] (zero on ignored tokens) from full logits; see the module docstring."""
-    v = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # math in fp32 (fp64 stays fp64)
-    zs = student_logits[..., :v].to(dtype)
-    zt = teacher_logits[..., :v].to(dtype).detach()
+def _weighted(zs: torch.Tensor, labels: torch.Tensor, cfg: LossConfig, divergence) -> torch.Tensor:
+    """kd_weight · τ² · divergence(zs) + ce_weight · CE(zs, labels) per token, zero on ignored tokens."""
     keep = labels != cfg.ignore_index
-    out = torch.zeros(labels.shape, dtype=dtype, device=zs.device)
+    out = torch.zeros(labels.shape, dtype=zs.dtype, device=zs.device)
     if cfg.kd_weight:
-        s = F.log_softmax(zs / cfg.temperature, dim=-1)
-        t = F.log_softmax(zt / cfg.temperature, dim=-1)
-        d = token_divergence(s, t, cfg) * (cfg.kd_weight * cfg.temperature**2)
-        out = out + torch.where(keep, d, 0.0)
+        out = out + torch.where(keep, divergence(zs) * (cfg.kd_weight * cfg.temperature**2), 0.0)
     if cfg.ce_weight:
         ce = F.cross_entropy(zs, labels.masked_fill(~keep, 0), reduction="none")
         out = out + torch.where(keep, ce * cfg.ce_weight, 0.0)
     return out
+
+
+def _math_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)  # fp32 math for bf16/fp16; fp64 stays fp64
+
+
+def kd_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                    cfg: LossConfig, vocab_size: int | None = None) -> torch.Tensor:
+    """Weighted per-token loss [N] (zero on ignored tokens) from full logits; see the module docstring."""
+    v = vocab_size or min(student_logits.shape[-1], teacher_logits.shape[-1])
+    dtype = _math_dtype(student_logits)
+    zt = teacher_logits[..., :v].to(dtype).detach()
+
+    def divergence(zs: torch.Tensor) -> torch.Tensor:
+        s = F.log_softmax(zs / cfg.temperature, dim=-1)
+        return token_divergence(s, F.log_softmax(zt / cfg.temperature, dim=-1), cfg)
+
+    return _weighted(student_logits[..., :v].to(dtype), labels, cfg, divergence)
+
+
+# A finite stand-in for log 0 in the tail bucket: exp(-1e4) is exactly 0 in fp32, yet the gradients of
+# logsumexp / mixtures stay finite (a true -inf would give 0 * nan = nan when the tail is empty, k = V).
+LOG_ZERO = -1e4
+
+
+def topk_buckets(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Collapse log-probs [N, V] onto the buckets [N, k + 1]: the k listed tokens, then the tail (the rest)."""
+    top = logp.gather(-1, ids)
+    rest = torch.logsumexp(logp.scatter(-1, ids, LOG_ZERO), dim=-1, keepdim=True)
+    return torch.cat([top, rest], dim=-1)
+
+
+def cached_token_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                        teacher_tail: torch.Tensor, labels: torch.Tensor, cfg: LossConfig,
+                        vocab_size: int | None = None) -> torch.Tensor:
+    """Per-token loss [N] against a cached sparse teacher: top-k log-probs [N, k] + tail log-mass [N].
+
+    Both distributions are compared on k + 1 buckets (the teacher's top-k tokens and "everything else"),
+    so every divergence applies unchanged; with k = V the tail is empty and this equals the dense loss.
+    The cached log-probs must have been computed at ``cfg.temperature``.
+    """
+    v = vocab_size or student_logits.shape[-1]
+    dtype = _math_dtype(student_logits)
+    t = torch.cat([teacher_logprobs.to(dtype), teacher_tail.to(dtype)[..., None]], -1).clamp_min(LOG_ZERO)
+
+    def divergence(zs: torch.Tensor) -> torch.Tensor:
+        s = topk_buckets(F.log_softmax(zs / cfg.temperature, dim=-1), teacher_ids.long())
+        return token_divergence(s, t, cfg)
+
+    return _weighted(student_logits[..., :v].to(dtype), labels, cfg, divergence)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

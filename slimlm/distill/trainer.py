@@ -27,9 +27,10 @@ import torch
 from slimlm import SlimlmError
 from slimlm.config import DistillConfig, dump_config
 from slimlm.distill.checkpoint import load_checkpoint, save_checkpoint
-from slimlm.distill.chunked import fused_linear_kd_loss
+from slimlm.distill.chunked import fused_linear_cached_kd_loss, fused_linear_kd_loss
 from slimlm.distill.data import BatchOrder, Seq, build_sequences, collate, ranking_examples, window_targets
 from slimlm.distill.losses import LossConfig, check_vocab, normalize
+from slimlm.distill.teacher import TeacherCache, write_teacher_cache
 from slimlm.io import atomic_write_json, atomic_write_text
 from slimlm.models import load_model, load_tokenizer, save_model
 from slimlm.tasks.completion import IGNORE_INDEX
@@ -66,10 +67,12 @@ class DistillModule(torch.nn.Module):
         self.student, self.teacher = student, teacher
         self.loss, self.vocab, self.chunk_size = loss, vocab, chunk_size
 
-    def forward(self, input_ids, attention_mask, labels, mode: str = "kd", loss: LossConfig | None = None) -> torch.Tensor:
+    def forward(self, input_ids, attention_mask, labels, mode: str = "kd", loss: LossConfig | None = None,
+                cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Summed loss over the batch's target tokens (divide by the window's count outside).
 
-        ``mode`` "sft" is cross-entropy only (no teacher); "kd" uses ``loss`` (default: the stage's)."""
+        ``mode`` "sft" is cross-entropy only (no teacher); "kd" uses ``loss`` (default: the stage's)
+        against the live teacher, or against ``cached`` (ids, logprobs, tail) rows when given."""
         hidden = self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1)
@@ -77,6 +80,11 @@ class DistillModule(torch.nn.Module):
         if mode == "sft":
             return fused_linear_kd_loss(h, head.weight, y, SFT_LOSS, student_bias=head.bias,
                                         vocab_size=self.vocab, chunk_size=self.chunk_size)
+        if cached is not None:
+            ids, logprobs, tail = (t.to(h.device) for t in cached)
+            return fused_linear_cached_kd_loss(h, head.weight, y, loss or self.loss, teacher_ids=ids,
+                                               teacher_logprobs=logprobs, teacher_tail=tail, student_bias=head.bias,
+                                               vocab_size=self.vocab, chunk_size=self.chunk_size)
         with torch.no_grad():
             t_hidden = self.teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         t_head = self.teacher.get_output_embeddings()
@@ -154,11 +162,15 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     student.train()
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
+    cache = None
+    if cfg.teacher_signal == "cached":  # the teacher runs once, into the cache; training never loads it
+        if not (Path(cfg.teacher_cache) / "index.json").exists():
+            build_teacher_cache(cfg)
+        cache = TeacherCache(cfg.teacher_cache)
+        cache.check(train_seqs, cfg.loss.temperature)
     teacher = None
-    if cfg.teacher is not None:  # sft uses it only for the held-out KL
-        t_dtype = DTYPES[cfg.teacher_dtype] if cfg.teacher_dtype else None
-        teacher = load_model(cfg.teacher, device=device, dtype=t_dtype, trust_remote_code=cfg.trust_remote_code)
-        teacher.requires_grad_(False)
+    if cfg.teacher is not None and cache is None:  # sft uses it only for the held-out KL
+        teacher = load_teacher(cfg, device)
     vocab = check_vocab(student.get_output_embeddings().weight.shape[0],
                         teacher.get_output_embeddings().weight.shape[0] if teacher is not None else None,
                         len(tokenizer))
@@ -190,18 +202,21 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
         mode = step_mode(cfg, step)
         window = []
         for _ in range(cfg.grad_accum):
-            seqs = [train_seqs[i] for i in order.next()]
+            picked = order.next()
+            seqs = [train_seqs[i] for i in picked]
             micro_mode = mode
             if mode == "on_policy":
                 coin = float(torch.rand((), generator=sampler))
                 if coin < cfg.on_policy.lam:
                     seqs = on_policy_batch(student, seqs, cfg, tokenizer, sampler)
                 micro_mode = "kd"
-            window.append((collate(seqs, tokenizer.pad_token_id, device), micro_mode))
-        n_targets = window_targets([b for b, _ in window])
+            rows = cache.rows(picked) if cache is not None else None
+            window.append((collate(seqs, tokenizer.pad_token_id, device), micro_mode, rows))
+        n_targets = window_targets([b for b, _, _ in window])
         loss_total, tokens = 0.0, 0
-        for batch, micro_mode in window:
-            loss_sum = module(batch["input_ids"], batch["attention_mask"], batch["labels"], mode=micro_mode)
+        for batch, micro_mode, rows in window:
+            loss_sum = module(batch["input_ids"], batch["attention_mask"], batch["labels"], mode=micro_mode,
+                              cached=rows)
             normalize(loss_sum, n_targets).backward()
             loss_total += loss_sum.detach().item()
             tokens += int(batch["attention_mask"].sum())
@@ -242,6 +257,25 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     save_model(student, tokenizer, out / "model")
     atomic_write_json(out / "metrics.json", final)
     return out
+
+
+def load_teacher(cfg: DistillConfig, device) -> torch.nn.Module:
+    t_dtype = DTYPES[cfg.teacher_dtype] if cfg.teacher_dtype else None
+    teacher = load_model(cfg.teacher, device=device, dtype=t_dtype, trust_remote_code=cfg.trust_remote_code)
+    return teacher.requires_grad_(False)
+
+
+def build_teacher_cache(cfg: DistillConfig, progress: Callable[[int], None] | None = None) -> dict:
+    """Write the top-k teacher cache for ``cfg``'s training sequences into ``cfg.teacher_cache``."""
+    if cfg.teacher is None or cfg.teacher_cache is None:
+        raise SlimlmError("building a teacher cache needs `teacher` and `teacher_cache`")
+    tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
+    seqs = build_sequences(cfg.task, tokenizer, cfg.task.split, cfg.task.limit, cfg.seed)
+    teacher = load_teacher(cfg, torch.device(cfg.device))
+    vocab = check_vocab(teacher.get_output_embeddings().weight.shape[0], None, len(tokenizer))
+    return write_teacher_cache(teacher, seqs, cfg.teacher_cache, k=min(cfg.cache_top_k, vocab),
+                               temperature=cfg.loss.temperature, vocab_size=vocab, batch_size=cfg.batch_size,
+                               pad_id=tokenizer.pad_token_id, progress=progress)
 
 
 def _save(ckpt: Path, student, optimizer, scheduler, sampler, step: int, order: BatchOrder) -> None:
