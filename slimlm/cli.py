@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import resource
 import sys
 import time
@@ -252,6 +253,8 @@ def _run_distill(config: Path | None, overrides: list[str]) -> None:
             bar.update(tid, completed=step, description=f"{row['mode']} loss={row['loss']:.4f}{extra}")
 
         out_dir = train(cfg, progress=on_step)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     metrics = out_dir / "metrics.json"
     if metrics.exists():
         out.print_json(metrics.read_text())

@@ -92,8 +92,9 @@ class DistillConfig(Strict):
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"  # student weights; bf16 autocast is used on CUDA
     teacher_dtype: Literal["float32", "bfloat16"] | None = None  # default: bf16 on CUDA, fp32 on CPU
+    parallel: Literal["auto", "none", "ddp", "fsdp2"] = "auto"  # under torchrun; auto = ddp
     gradient_checkpointing: bool = False
-    offload_optimizer: bool = False  # keep AdamW state on the CPU (CUDA only)
+    mixed_precision: bool = True  # bf16 autocast for forward passes on CUDA (ignored on CPU, where fp32 is fastest)
     eval_every: int = Field(50, ge=0)  # 0 = only at the end
     save_every: int = Field(50, ge=0)  # 0 = only at the end
     log_every: int = Field(1, ge=1)

@@ -146,11 +146,13 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path,
-               extra: dict[str, Any] | None = None) -> Path:
-    """Write config + safetensors weights + tokenizer (+ extra JSON files) to ``out_dir`` atomically."""
+               extra: dict[str, Any] | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write config + safetensors weights + tokenizer (+ extra JSON files) to ``out_dir`` atomically.
+
+    ``state_dict`` replaces the model's own (a distributed run passes the gathered full state)."""
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, obj in (extra or {}).items():

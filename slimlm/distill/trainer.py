@@ -29,6 +29,16 @@ from slimlm.config import DistillConfig, dump_config
 from slimlm.distill.checkpoint import load_checkpoint, save_checkpoint
 from slimlm.distill.chunked import fused_linear_cached_kd_loss, fused_linear_kd_loss
 from slimlm.distill.data import BatchOrder, Seq, build_sequences, collate, ranking_examples, window_targets
+from slimlm.distill.dist import (
+    all_sum,
+    barrier,
+    full_state_dict,
+    gathered,
+    init_distributed,
+    no_sync,
+    sum_int,
+    wrap,
+)
 from slimlm.distill.losses import LossConfig, check_vocab, normalize
 from slimlm.distill.teacher import TeacherCache, write_teacher_cache
 from slimlm.io import atomic_write_json, atomic_write_text
@@ -146,10 +156,11 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     out = Path(cfg.out)
     if (out / "model" / "config.json").exists() and (out / "metrics.json").exists():
         return out  # finished earlier: nothing to do
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    dist, device = init_distributed(cfg.parallel, cfg.device)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
     torch.manual_seed(cfg.seed)
-    device = torch.device(cfg.device)
 
     # -- data first (bad data fails before any model is loaded), then models --------------------
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
@@ -165,7 +176,9 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     cache = None
     if cfg.teacher_signal == "cached":  # the teacher runs once, into the cache; training never loads it
         if not (Path(cfg.teacher_cache) / "index.json").exists():
-            build_teacher_cache(cfg)
+            if dist.main:
+                build_teacher_cache(cfg)
+            barrier(dist)
         cache = TeacherCache(cfg.teacher_cache)
         cache.check(train_seqs, cfg.loss.temperature)
     teacher = None
@@ -176,24 +189,38 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
                         len(tokenizer))
     loss_cfg = LossConfig(**cfg.loss.model_dump(exclude={"chunk_size"}))
     module = DistillModule(student, teacher, loss_cfg, vocab, cfg.loss.chunk_size)
+    wrapped = wrap(module, dist, device)  # DDP / FSDP2 / itself; the optimizer must see the wrapped params
 
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, cfg.max_steps, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio))
-    sampler = torch.Generator().manual_seed(cfg.seed + 1)  # on-policy coins and samples
+    sampler = torch.Generator().manual_seed(cfg.seed + 1 + dist.rank)  # on-policy coins and samples
 
     # -- resume ----------------------------------------------------------------------------------
     step, ckpt = 0, out / "checkpoint"
-    order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed)
+    order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed, rank=dist.rank, world=dist.world)
     if (ckpt / "state.json").exists():
+        if dist.strategy == "fsdp2":
+            raise SlimlmError(f"{ckpt}: resuming under fsdp2 is not supported yet; resume with parallel=ddp "
+                              "or a single process, or remove the checkpoint")
         state = load_checkpoint(ckpt, student, optimizer, scheduler, sampler)
         step = state["step"]
-        order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed, state["epoch"], state["cursor"])
-        _truncate_log(out / "metrics.jsonl", step)
-    log = open(out / "metrics.jsonl", "a")
-    writer = _tensorboard(out / "tb") if cfg.tensorboard else None
+        order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed, state["epoch"], state["cursor"],
+                           rank=dist.rank, world=dist.world)
+        if dist.main:
+            _truncate_log(out / "metrics.jsonl", step)
+    barrier(dist)
+    log = open(out / "metrics.jsonl", "a") if dist.main else None
+    writer = _tensorboard(out / "tb") if cfg.tensorboard and dist.main else None
+
+    def checkpoint() -> None:
+        if dist.strategy == "fsdp2":
+            return  # sharded optimizer state is not checkpointed yet (see the resume error above)
+        if dist.main:
+            save_checkpoint(ckpt, student, optimizer, scheduler, {"step": step, **order.state()}, sampler)
+        barrier(dist)
 
     # -- the loop --------------------------------------------------------------------------------
     steps_done = 0
@@ -208,21 +235,27 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
             if mode == "on_policy":
                 coin = float(torch.rand((), generator=sampler))
                 if coin < cfg.on_policy.lam:
-                    seqs = on_policy_batch(student, seqs, cfg, tokenizer, sampler)
+                    with gathered(wrapped, dist):
+                        seqs = on_policy_batch(student, seqs, cfg, tokenizer, sampler)
                 micro_mode = "kd"
             rows = cache.rows(picked) if cache is not None else None
             window.append((collate(seqs, tokenizer.pad_token_id, device), micro_mode, rows))
-        n_targets = window_targets([b for b, _, _ in window])
+        n_targets = sum_int(window_targets([b for b, _, _ in window]), dist)  # over the window, all ranks
         loss_total, tokens = 0.0, 0
-        for batch, micro_mode, rows in window:
-            loss_sum = module(batch["input_ids"], batch["attention_mask"], batch["labels"], mode=micro_mode,
-                              cached=rows)
-            normalize(loss_sum, n_targets).backward()
+        for i, (batch, micro_mode, rows) in enumerate(window):
+            autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                                      enabled=device.type == "cuda" and cfg.mixed_precision)
+            with no_sync(wrapped, dist, last=i == len(window) - 1), autocast:
+                loss_sum = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], mode=micro_mode,
+                                   cached=rows)
+                # both engines average gradients over ranks: scale back to a sum over the global window
+                (normalize(loss_sum, n_targets) * dist.world).backward()
             loss_total += loss_sum.detach().item()
             tokens += int(batch["attention_mask"].sum())
-        loss = loss_total / max(n_targets, 1)
+        loss = all_sum([loss_total], dist)[0] / max(n_targets, 1)
         if not math.isfinite(loss):
-            log.close()
+            if log:
+                log.close()
             kept = f"the last good checkpoint is {ckpt} (step {_ckpt_step(ckpt)})" if ckpt.exists() else "no checkpoint was written yet"
             raise TrainingDiverged(f"step {step + 1}: loss is {loss}; training stopped, {kept}")
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
@@ -232,30 +265,38 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
         optimizer.zero_grad(set_to_none=True)
         step += 1
         steps_done += 1
+        seconds = time.perf_counter() - t0
+        tokens = sum_int(tokens, dist)
         row = {"step": step, "mode": mode, "loss": loss, "lr": scheduler.get_last_lr()[0],
-               "grad_norm": float(grad_norm), "targets": n_targets, "tokens": tokens,
-               "tokens_per_s": tokens_per_second(tokens, time.perf_counter() - t0)}
+               "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+               "targets": n_targets, "tokens": tokens, "tokens_per_s": tokens_per_second(tokens, seconds)}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            row.update(evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device))
-        if step % cfg.log_every == 0 or "eval_kl" in row or "eval_auc" in row:
+            with gathered(wrapped, dist):
+                row.update(evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device))
+        if log and (step % cfg.log_every == 0 or "eval_kl" in row or "eval_auc" in row):
             _log(log, writer, row)
-        if progress:
+        if progress and dist.main:
             progress(step, row)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            _save(ckpt, student, optimizer, scheduler, sampler, step, order)
+            checkpoint()
         if stop_after is not None and steps_done >= stop_after and step < cfg.max_steps:
-            _save(ckpt, student, optimizer, scheduler, sampler, step, order)
-            log.close()
+            checkpoint()
+            if log:
+                log.close()
             return out
 
     # -- finish ----------------------------------------------------------------------------------
-    final = {"step": step, **evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device)}
-    _log(log, writer, final)
-    log.close()
-    if writer is not None:
-        writer.close()
-    save_model(student, tokenizer, out / "model")
-    atomic_write_json(out / "metrics.json", final)
+    with gathered(wrapped, dist):
+        final = {"step": step, **evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device)}
+    state_dict = full_state_dict(student, dist)  # every rank takes part in the gather
+    if dist.main:
+        _log(log, writer, final)
+        log.close()
+        if writer is not None:
+            writer.close()
+        save_model(student, tokenizer, out / "model", state_dict=state_dict)
+        atomic_write_json(out / "metrics.json", final)
+    barrier(dist)
     return out
 
 
@@ -276,10 +317,6 @@ def build_teacher_cache(cfg: DistillConfig, progress: Callable[[int], None] | No
     return write_teacher_cache(teacher, seqs, cfg.teacher_cache, k=min(cfg.cache_top_k, vocab),
                                temperature=cfg.loss.temperature, vocab_size=vocab, batch_size=cfg.batch_size,
                                pad_id=tokenizer.pad_token_id, progress=progress)
-
-
-def _save(ckpt: Path, student, optimizer, scheduler, sampler, step: int, order: BatchOrder) -> None:
-    save_checkpoint(ckpt, student, optimizer, scheduler, {"step": step, **order.state()}, sampler)
 
 
 def _ckpt_step(ckpt: Path) -> int | str:
