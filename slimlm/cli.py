@@ -283,6 +283,32 @@ def sft(
     _run_distill(config, [*(overrides or []), "mode=sft"])
 
 
+@app.command("init-student")
+@user_errors
+def init_student(
+    model: Annotated[str, typer.Argument(help="Source model directory, or 'teacher'.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")],
+    layers: Annotated[int | None, typer.Option(help="Keep this many decoder layers, evenly spaced.")] = None,
+    keep: Annotated[str | None, typer.Option(help="Comma-separated layer indices to keep, e.g. 0,5,10.")] = None,
+) -> None:
+    """A smaller student initialised from a model's own layers (a real, smaller checkpoint)."""
+    from slimlm.models import load_model, load_tokenizer, param_counts, save_model
+    from slimlm.prune.slice import evenly_spaced, keep_layers
+
+    if (layers is None) == (keep is None):
+        raise SlimlmError("give exactly one of --layers N or --keep I,J,...")
+    source = load_model(model)
+    try:
+        indices = evenly_spaced(source.config.num_hidden_layers, layers) if layers else [int(x) for x in keep.split(",")]
+    except ValueError:
+        raise SlimlmError(f"--keep must be comma-separated integers, got {keep!r}") from None
+    student = keep_layers(source, indices)
+    save_model(student, load_tokenizer(model), out_dir, extra={"slimlm_init.json": {"source": str(model),
+                                                                                  "kept_layers": indices}})
+    out.print_json(json.dumps({"kept_layers": indices, "params": param_counts(student),
+                               "source_params": param_counts(source), "out": str(out_dir)}))
+
+
 @app.command("teacher-cache")
 @user_errors
 def teacher_cache(

@@ -201,19 +201,16 @@ def tiny_config(family: str, vocab_size: int = 384, **overrides: Any):
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                   bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if family == "llama":
-        cfg = LlamaConfig(**common, tie_word_embeddings=True)
-    elif family == "qwen2":
-        cfg = Qwen2Config(**common, tie_word_embeddings=False)
-    elif family == "qwen3":  # head_dim deliberately != hidden_size / heads, as in real Qwen3
-        cfg = Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
-    elif family == "mistral":
-        cfg = MistralConfig(**common, sliding_window=None, tie_word_embeddings=False)
-    else:
+    # head_dim deliberately != hidden_size / heads in qwen3, as in real Qwen3
+    families = {"llama": (LlamaConfig, {"tie_word_embeddings": True}),
+                "qwen2": (Qwen2Config, {"tie_word_embeddings": False}),
+                "qwen3": (Qwen3Config, {"head_dim": 32, "tie_word_embeddings": True}),
+                "mistral": (MistralConfig, {"sliding_window": None, "tie_word_embeddings": False})}
+    if family not in families:
         raise SlimlmError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+    cls, extra = families[family]
+    # overrides go to the constructor, so derived fields (e.g. Qwen's layer_types) follow them
+    return cls(**{**common, **extra, **overrides})
 
 
 def tiny_model(family: str, seed: int = 0, **overrides: Any) -> torch.nn.Module:

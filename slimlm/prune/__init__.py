@@ -1,0 +1,1 @@
+"""Structured pruning: apply kept-sets to HF models (slice.py); OSSCAR and baselines come next."""
