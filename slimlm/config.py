@@ -94,6 +94,7 @@ class DistillConfig(Strict):
     teacher_dtype: Literal["float32", "bfloat16"] | None = None  # default: bf16 on CUDA, fp32 on CPU
     parallel: Literal["auto", "none", "ddp", "fsdp2"] = "auto"  # under torchrun; auto = ddp
     gradient_checkpointing: bool = False
+    offload_optimizer: bool = False  # AdamW state + fp32 master weights in host memory (for GPU training)
     mixed_precision: bool = True  # bf16 autocast for forward passes on CUDA (ignored on CPU, where fp32 is fastest)
     eval_every: int = Field(50, ge=0)  # 0 = only at the end
     save_every: int = Field(50, ge=0)  # 0 = only at the end

@@ -40,6 +40,7 @@ from slimlm.distill.dist import (
     wrap,
 )
 from slimlm.distill.losses import LossConfig, check_vocab, normalize
+from slimlm.distill.offload import OffloadAdamW
 from slimlm.distill.teacher import TeacherCache, write_teacher_cache
 from slimlm.io import atomic_write_json, atomic_write_text
 from slimlm.models import load_model, load_tokenizer, save_model
@@ -192,8 +193,9 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     wrapped = wrap(module, dist, device)  # DDP / FSDP2 / itself; the optimizer must see the wrapped params
 
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+    adamw = OffloadAdamW if cfg.offload_optimizer else torch.optim.AdamW
+    optimizer = adamw(params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
+                      weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, cfg.max_steps, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio))
     sampler = torch.Generator().manual_seed(cfg.seed + 1 + dist.rank)  # on-policy coins and samples
@@ -206,6 +208,8 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
             raise SlimlmError(f"{ckpt}: resuming under fsdp2 is not supported yet; resume with parallel=ddp "
                               "or a single process, or remove the checkpoint")
         state = load_checkpoint(ckpt, student, optimizer, scheduler, sampler)
+        if isinstance(optimizer, OffloadAdamW):
+            optimizer.resync()  # the masters must start from the restored weights
         step = state["step"]
         order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed, state["epoch"], state["cursor"],
                            rank=dist.rank, world=dist.world)
