@@ -6,9 +6,10 @@ may differ. Only rows whose label is not ``ignore_index`` are computed at all.
 
 The forward pass walks the target rows in chunks of ``chunk_size``. For each chunk it forms the
 student and teacher logits [C, V], the per-token loss (:func:`slimlm.distill.losses.kd_token_losses`,
-so the math is the same code as the plain form) and, right away, the gradients of that chunk's loss
-with respect to ``h_S`` rows and ``W_S`` (accumulated in fp32). The chunk's logits are then freed. The
-backward pass only scales the stored gradients by the incoming gradient. Peak memory is therefore
+so the math is the same code as the plain form) and, right away, its gradient g with respect to the
+chunk's logits; then ``grad_h[rows] += g W_S`` and ``grad_W += gᵀ h`` go straight into accumulators
+(fp32, or fp64 for fp64 inputs). The chunk's logits are then freed. The backward pass only scales the
+stored gradients, in place, by the incoming gradient. Peak memory is therefore
 O(C x V) for the logits plus O(N x H_S + V x H_S) for the gradients, instead of O(N x V) several times.
 
 The teacher side is a per-chunk closure, so the same machinery serves a live teacher (its hidden states
@@ -33,30 +34,35 @@ class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, labels, chunk_loss: ChunkLoss, ignore_index, vocab, chunk, grad_mode):
         need_h, need_w, need_b = (grad_mode and ctx.needs_input_grad[i] for i in range(3))
+        need_b = need_b and s_bias is not None
         rows = (labels != ignore_index).nonzero().squeeze(1)
         acc = torch.promote_types(s_hidden.dtype, torch.float32)  # gradient accumulators: >= fp32
+        w = s_weight.detach()[:vocab]
+        w_acc = w.to(acc)  # a copy only when the weight is lower precision than the accumulators
+        b = s_bias.detach()[:vocab] if s_bias is not None else None
         grad_h = torch.zeros(s_hidden.shape, dtype=acc, device=s_hidden.device) if need_h else None
         grad_w = torch.zeros((vocab, s_weight.shape[1]), dtype=acc, device=s_weight.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=acc, device=s_weight.device) if need_b else None
-        w = s_weight.detach()[:vocab].requires_grad_(need_w)
-        b = s_bias.detach()[:vocab].requires_grad_(need_b) if s_bias is not None else None
         total = torch.zeros((), dtype=acc, device=s_hidden.device)
         for start in range(0, rows.numel(), chunk):
             idx = rows[start:start + chunk]
+            h = s_hidden.detach().index_select(0, idx)
+            zs = h @ w.T
+            if b is not None:
+                zs = zs + b
+            # autograd runs only from the chunk's loss back to its logits [C, V]; the LM-head products
+            # are done by hand into the accumulators, so no [V, H] temporaries appear per chunk
+            z = zs.to(acc).requires_grad_(need_h or need_w or need_b)
             with torch.enable_grad():
-                h = s_hidden.detach().index_select(0, idx).requires_grad_(need_h)
-                zs = h @ w.T
-                if b is not None:
-                    zs = zs + b
-                loss = chunk_loss(zs, idx, slice(start, start + idx.numel())).sum()
-                wanted = [x for x, need in ((h, need_h), (w, need_w), (b, need_b)) if need and x is not None]
-                grads = iter(torch.autograd.grad(loss, wanted)) if wanted else iter(())
-            if need_h:
-                grad_h.index_add_(0, idx, next(grads).to(acc))
-            if need_w:
-                grad_w += next(grads).to(acc)
-            if need_b and b is not None:
-                grad_b += next(grads).to(acc)
+                loss = chunk_loss(z, idx, slice(start, start + idx.numel())).sum()
+            if z.requires_grad:
+                (g,) = torch.autograd.grad(loss, [z])
+                if need_h:
+                    grad_h.index_add_(0, idx, g @ w_acc)
+                if need_w:
+                    grad_w.addmm_(g.T, h.to(acc))
+                if need_b:
+                    grad_b += g.sum(0)
             total += loss.detach()
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.shapes = (s_hidden.dtype, s_weight.shape, s_weight.dtype)
@@ -66,15 +72,21 @@ class _FusedLinearLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         h_dtype, w_shape, w_dtype = ctx.shapes
-        gh = (grad_h * grad_out).to(h_dtype) if grad_h is not None else None
-        gw = gb = None
-        if grad_w is not None:
-            gw = torch.zeros(w_shape, dtype=w_dtype, device=grad_w.device)
-            gw[: grad_w.shape[0]] = (grad_w * grad_out).to(w_dtype)
-        if grad_b is not None:
-            gb = torch.zeros(w_shape[0], dtype=w_dtype, device=grad_b.device)
-            gb[: grad_b.shape[0]] = (grad_b * grad_out).to(w_dtype)
-        return gh, gw, gb, None, None, None, None, None, None
+        gh = grad_h.mul_(grad_out).to(h_dtype) if grad_h is not None else None
+        return gh, _fit(grad_w, grad_out, w_shape, w_dtype), _fit(grad_b, grad_out, w_shape[:1], w_dtype), \
+            None, None, None, None, None, None
+
+
+def _fit(grad: torch.Tensor | None, scale: torch.Tensor, shape: torch.Size, dtype: torch.dtype):
+    """Scale an accumulator in place; pad rows past ``vocab`` with zeros only if the weight is wider."""
+    if grad is None:
+        return None
+    grad.mul_(scale)
+    if grad.shape == shape:
+        return grad.to(dtype)
+    out = torch.zeros(shape, dtype=dtype, device=grad.device)
+    out[: grad.shape[0]] = grad
+    return out
 
 
 def _check(student_hidden, labels, chunk_size) -> None:

@@ -119,6 +119,10 @@ def _weighted(zs: torch.Tensor, labels: torch.Tensor, cfg: LossConfig, divergenc
     return out
 
 
+def _log_softmax(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.log_softmax(z if temperature == 1.0 else z / temperature, dim=-1)  # no [C, V] copy at τ = 1
+
+
 def _math_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)  # fp32 math for bf16/fp16; fp64 stays fp64
 
@@ -131,8 +135,7 @@ def kd_token_losses(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     zt = teacher_logits[..., :v].to(dtype).detach()
 
     def divergence(zs: torch.Tensor) -> torch.Tensor:
-        s = F.log_softmax(zs / cfg.temperature, dim=-1)
-        return token_divergence(s, F.log_softmax(zt / cfg.temperature, dim=-1), cfg)
+        return token_divergence(_log_softmax(zs, cfg.temperature), _log_softmax(zt, cfg.temperature), cfg)
 
     return _weighted(student_logits[..., :v].to(dtype), labels, cfg, divergence)
 
@@ -163,7 +166,7 @@ def cached_token_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
     t = torch.cat([teacher_logprobs.to(dtype), teacher_tail.to(dtype)[..., None]], -1).clamp_min(LOG_ZERO)
 
     def divergence(zs: torch.Tensor) -> torch.Tensor:
-        s = topk_buckets(F.log_softmax(zs / cfg.temperature, dim=-1), teacher_ids.long())
+        s = topk_buckets(_log_softmax(zs, cfg.temperature), teacher_ids.long())
         return token_divergence(s, t, cfg)
 
     return _weighted(student_logits[..., :v].to(dtype), labels, cfg, divergence)
