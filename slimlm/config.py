@@ -40,7 +40,7 @@ class LossSection(Strict):
     temperature: float = Field(1.0, gt=0.0)
     kd_weight: float = Field(1.0, ge=0.0)
     ce_weight: float = Field(0.0, ge=0.0)
-    chunk_size: int = Field(256, ge=1)
+    chunk_size: int = Field(64, ge=1)  # target tokens per chunk of the fused loss (memory ~ chunk x vocab)
 
 
 class OptimConfig(Strict):

@@ -24,10 +24,18 @@ from collections.abc import Callable
 import torch
 
 from slimlm import SlimlmError
-from slimlm.distill.losses import LossConfig, cached_token_losses, kd_token_losses
+from slimlm.distill.losses import (
+    LossConfig,
+    cached_token_losses,
+    closed_form_grad,
+    forward_kl_value_and_grad,
+    kd_token_losses,
+)
 
 # chunk_loss(student_logits [C, V], rows [C] (indices into N), targets slice (positions among target rows))
-ChunkLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+# returns per-token losses [C] (differentiated by autograd), or (loss sum, dloss/dlogits [C, V]) when the
+# gradient has a closed form
+ChunkLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -52,11 +60,16 @@ class _FusedLinearLoss(torch.autograd.Function):
                 zs = zs + b
             # autograd runs only from the chunk's loss back to its logits [C, V]; the LM-head products
             # are done by hand into the accumulators, so no [V, H] temporaries appear per chunk
-            z = zs.to(acc).requires_grad_(need_h or need_w or need_b)
+            wants_grad = need_h or need_w or need_b
+            z = zs.to(acc)
             with torch.enable_grad():
-                loss = chunk_loss(z, idx, slice(start, start + idx.numel())).sum()
-            if z.requires_grad:
-                (g,) = torch.autograd.grad(loss, [z])
+                out = chunk_loss(z.requires_grad_(wants_grad), idx, slice(start, start + idx.numel()))
+                closed = isinstance(out, tuple)  # closed form: (sum, grad), no autograd graph was built
+                loss, g = out if closed else (out.sum(), None)
+                if wants_grad and not closed:
+                    g = torch.autograd.grad(loss, [z])[0]
+            del zs, z
+            if wants_grad:
                 if need_h:
                     grad_h.index_add_(0, idx, g @ w_acc)
                 if need_w:
@@ -114,7 +127,7 @@ def fused_linear_kd_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     vocab_size: int | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = 64,
 ) -> torch.Tensor:
     """Summed KD (+ CE) loss over target tokens, equal to ``kd_loss(h_S W_S^T, h_T W_T^T, labels)``.
 
@@ -133,14 +146,20 @@ def fused_linear_kd_loss(
     if vocab > min(widths):
         raise SlimlmError(f"vocab_size {vocab} exceeds a logit width {min(widths)}")
 
-    def chunk_loss(zs: torch.Tensor, idx: torch.Tensor, _: slice) -> torch.Tensor:
-        if teacher_hidden is None:  # pure hard-label loss (SFT): the divergence term is off
-            return kd_token_losses(zs, zs, labels.index_select(0, idx), cfg, vocab)
-        with torch.no_grad():
-            zt = teacher_hidden.detach().index_select(0, idx) @ teacher_weight.detach()[:vocab].T
-            if teacher_bias is not None:
-                zt = zt + teacher_bias.detach()[:vocab]
-        return kd_token_losses(zs, zt, labels.index_select(0, idx), cfg, vocab)
+    closed = closed_form_grad(cfg)
+
+    def chunk_loss(zs: torch.Tensor, idx: torch.Tensor, _: slice):
+        y = labels.index_select(0, idx)
+        zt = None
+        if teacher_hidden is not None and cfg.kd_weight:
+            with torch.no_grad():
+                zt = teacher_hidden.detach().index_select(0, idx) @ teacher_weight.detach()[:vocab].T
+                if teacher_bias is not None:
+                    zt = zt + teacher_bias.detach()[:vocab]
+        if closed:  # forward KL / CE: value and gradient in closed form, fewer [C, V] buffers
+            with torch.no_grad():
+                return forward_kl_value_and_grad(zs.detach(), zt, y, cfg)
+        return kd_token_losses(zs, zs if zt is None else zt, y, cfg, vocab)
 
     return _apply(student_hidden, student_weight, student_bias, labels, chunk_loss, cfg, vocab, chunk_size)
 
@@ -156,7 +175,7 @@ def fused_linear_cached_kd_loss(
     teacher_tail: torch.Tensor,
     student_bias: torch.Tensor | None = None,
     vocab_size: int | None = None,
-    chunk_size: int = 256,
+    chunk_size: int = 64,
 ) -> torch.Tensor:
     """Summed loss against a cached sparse teacher, chunked like :func:`fused_linear_kd_loss`.
 

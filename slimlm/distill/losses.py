@@ -172,6 +172,47 @@ def cached_token_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
     return _weighted(student_logits[..., :v].to(dtype), labels, cfg, divergence)
 
 
+def closed_form_grad(cfg: LossConfig) -> bool:
+    """Whether :func:`forward_kl_value_and_grad` covers ``cfg`` (forward KL and/or cross-entropy)."""
+    return cfg.kd_weight == 0 or cfg.divergence == "forward_kl" or (cfg.divergence == "jsd" and cfg.beta == 0)
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a[n, v] · b[n, v] per row, without a [N, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+
+
+def forward_kl_value_and_grad(zs: torch.Tensor, zt: torch.Tensor | None, labels: torch.Tensor,
+                              cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed loss and its gradient w.r.t. the student logits ``zs`` [N, V], in closed form.
+
+    For L = w τ² Σ_v p_T (log p_T − log p_S) + c · CE(z_S, y):   dL/dz_S = w τ (p_S − p_T) + c (softmax(z_S) − e_y),
+    with p = softmax(z / τ). Same value as :func:`kd_token_losses` (tested), but with four [N, V] buffers
+    instead of the ~ten an autograd graph keeps, and no backward graph at all.
+    """
+    keep = (labels != cfg.ignore_index).to(zs.dtype)
+    tau, w, c = cfg.temperature, cfg.kd_weight, cfg.ce_weight
+    s = _log_softmax(zs, tau)  # log p_S
+    grad = torch.zeros_like(zs)
+    total = zs.new_zeros(())
+    if w:
+        t = _log_softmax(zt.to(zs.dtype), tau)  # log p_T
+        p_t = t.exp()
+        kl = _rowdot(p_t, t) - _rowdot(p_t, s)
+        total = total + (kl * keep).sum() * (w * tau**2)
+        grad.add_(s.exp().sub_(p_t).mul_(keep[:, None] * (w * tau)))
+        del t, p_t
+    if c:
+        s1 = s if tau == 1.0 else _log_softmax(zs, 1.0)
+        y = labels.masked_fill(keep == 0, 0)
+        ce = -s1.gather(-1, y[:, None]).squeeze(-1)
+        total = total + (ce * keep).sum() * c
+        g = s1.exp()
+        g.scatter_add_(-1, y[:, None], -torch.ones_like(ce)[:, None])
+        grad.add_(g.mul_(keep[:, None] * c))
+    return total, grad
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
             cfg: LossConfig, vocab_size: int | None = None) -> torch.Tensor:
     """Summed loss over target tokens, from full logits [N, V] (the plain, non-chunked form)."""
