@@ -1,7 +1,7 @@
 """Training-step benchmark: one distillation step of slimlm's trainer vs TRL's GKDTrainer, fp32 on CPU.
 
     python benchmarks/train_step.py [--steps 5] [--warmup 2] [--batch-size 4] [--seq-len 256] [--threads N]
-                                    [--chunk-size 256] [--variants ours,ours-gc,trl] [--out runs/bench/train_step.json]
+                                    [--chunk-size 64] [--variants ours,ours-gc,trl] [--out runs/bench/train_step.json]
 
 Setting (the issue's spec): the built-in SmolLM2-135M-Instruct teacher -> a ~30M-parameter student (a
 Llama like the teacher, narrower and shallower, randomly initialised, saved with the teacher's tokenizer
@@ -303,7 +303,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default); 1 is steadier when another job shares the CPU")
-    ap.add_argument("--chunk-size", type=int, default=256, help="ours: loss chunk (slimlm's default: 256)")
+    ap.add_argument("--chunk-size", type=int, default=64, help="ours: loss chunk (slimlm's default: 64)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--student-hidden", type=int, default=384)
     ap.add_argument("--student-layers", type=int, default=7)
