@@ -34,27 +34,12 @@ import sys
 import time
 from pathlib import Path
 
+from _memory import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
+
 DIVERGENCES = {"forward_kl": 0.0, "jsd": 0.5}  # name -> β for Liger's generalised JSD
 
 
 # --------------------------------------------------------------------------- one variant (child process)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
 
 
 def naive_loss(h_s, w_s, h_t, w_t, divergence: str):
@@ -120,14 +105,14 @@ def run_variant(name: str, args) -> dict:
         loss.backward()
         return time.perf_counter() - t0, float(loss) * to_sum
 
-    base_kib = _status_kib("VmRSS")  # torch + inputs, before any loss call
-    reset = _reset_peak()
+    base_kib = status_kib("VmRSS")  # torch + inputs, before any loss call
+    reset = reset_peak()
     warm_s, loss_sum = once()
-    first_kib = _status_kib("VmHWM")
-    reset = _reset_peak() and reset
+    first_kib = status_kib("VmHWM")
+    reset = reset_peak() and reset
     times = [once()[0] for _ in range(args.reps)]
     grad_norm = float(torch.cat([h_s.grad.flatten(), w_s.grad.flatten()]).norm())
-    timed_kib = _status_kib("VmHWM")
+    timed_kib = status_kib("VmHWM")
     life_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if not reset:  # no /proc/self/clear_refs: only the whole-life peak is known
         first_kib = timed_kib = life_kib

@@ -50,28 +50,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from _memory import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
+
 VARIANTS = ("ours", "ours-gc", "trl")
 LR, BETAS, EPS, MAX_GRAD_NORM = 5e-5, (0.9, 0.999), 1e-8, 1.0  # slimlm's OptimConfig defaults
 
 
 # --------------------------------------------------------------------------- memory probes
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
 
 
 def _mib(kib: float) -> float:
@@ -143,8 +128,8 @@ def run_ours(args, gc: bool) -> dict:
     optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
     batches = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()} for x in ids]
 
-    pre_kib = _status_kib("VmRSS")
-    reset = _reset_peak()
+    pre_kib = status_kib("VmRSS")
+    reset = reset_peak()
     times, losses = [], []
     for batch in batches:
         t0 = time.perf_counter()
@@ -180,8 +165,8 @@ def run_trl(args) -> dict:
         def on_train_begin(self, a, s, c, model=None, **kw):
             state["checks"] = {"student_dtype": str(next(model.parameters()).dtype),
                                "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False))}
-            state["pre_kib"] = _status_kib("VmRSS")
-            state["reset"] = _reset_peak()
+            state["pre_kib"] = status_kib("VmRSS")
+            state["reset"] = reset_peak()
 
         def on_step_begin(self, a, s, c, **kw):
             state["t0"] = time.perf_counter()
@@ -223,7 +208,7 @@ def run_trl(args) -> dict:
 
 
 def _result(args, times, losses, pre_kib, reset, extra) -> dict:
-    timed_kib = _status_kib("VmHWM")
+    timed_kib = status_kib("VmHWM")
     life_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     timed = times[args.warmup:]
     median = statistics.median(timed)

@@ -33,8 +33,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 out = Console()
 
-RANKING_TASKS = ("movielens-ranking", "ranking")
-TASKS = (*RANKING_TASKS, "text")
+TASKS = ("movielens-ranking", "ranking", "text")
 
 
 def user_errors(fn):
@@ -101,27 +100,19 @@ def info(model: Annotated[str, typer.Argument(help="Model directory, or 'teacher
     out.print_json(json.dumps(facts))
 
 
-def _ranking_examples(task: str, data: Path | None, split: str, limit: int | None, seed: int):
-    from slimlm.tasks.movielens import movielens_examples, subsample
-    from slimlm.tasks.ranking import load_ranking_file
-
-    if task == "movielens-ranking":
-        return movielens_examples(split, data_dir=data, limit=limit, seed=seed)
-    if data is None:
-        raise SlimlmError("--task ranking needs --data FILE (.jsonl or .parquet; schema in the README)")
-    return subsample(load_ranking_file(data, split), limit, seed)
-
-
 def evaluate_model(model_name: str, task: str, *, data: Path | None = None, split: str = "test",
                    limit: int | None = None, batch_size: int = 16, seed: int = 0, device: str = "cpu",
                    labels: tuple[str, str] = (" Yes", " No"), block_size: int = 512) -> dict:
     """Load a model, run one task's evaluation with a progress bar, and return the results dict."""
     from slimlm.evaluate import evaluate_ranking, perplexity
     from slimlm.models import load_model, load_tokenizer, param_counts, resolve_model
+    from slimlm.tasks import RANKING_TASKS, load_ranking_task
 
     if task not in TASKS:
         raise SlimlmError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    examples = _ranking_examples(task, data, split, limit, seed) if task in RANKING_TASKS else None
+    if task == "ranking" and data is None:
+        raise SlimlmError("--task ranking needs --data FILE (.jsonl or .parquet; schema in the README)")
+    examples = load_ranking_task(task, data, split, limit, seed) if task in RANKING_TASKS else None
     texts = None
     if task == "text":
         from slimlm.tasks.text import read_texts, text_blocks

@@ -87,13 +87,8 @@ def perplexity(model, blocks: Sequence[Sequence[int]], *, batch_size: int = 4, c
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start:start + batch_size]
-        n = max(len(b) for b in batch)
-        ids = torch.zeros((len(batch), n), dtype=torch.long)
-        mask = torch.zeros((len(batch), n), dtype=torch.long)
-        for i, b in enumerate(batch):
-            ids[i, : len(b)] = torch.tensor(b)
-            mask[i, : len(b)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = engine.right_pad(batch, 0, device)
+        n = ids.shape[1]
         hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         for c in range(0, n - 1, chunk):

@@ -19,8 +19,9 @@ import torch
 from slimlm import SlimlmError
 from slimlm.config import TaskConfig
 from slimlm.distill.losses import count_targets
+from slimlm.tasks import load_ranking_task
 from slimlm.tasks.completion import IGNORE_INDEX, load_completion_file, tokenize_completion
-from slimlm.tasks.ranking import RankingExample, label_token_ids, load_ranking_file, tokenize_ranking
+from slimlm.tasks.ranking import RankingExample, label_token_ids, tokenize_ranking
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,7 @@ def _prompt_len(labels: list[int]) -> int:
 
 
 def ranking_examples(task: TaskConfig, split: str, limit: int | None, seed: int) -> list[RankingExample]:
-    from slimlm.tasks.movielens import movielens_examples, subsample
-
-    if task.name == "movielens-ranking":
-        return movielens_examples(split, data_dir=task.data, limit=limit, seed=seed)
-    if task.data is None:
-        raise SlimlmError("task 'ranking' needs task.data (a .jsonl or .parquet file)")
-    return subsample(load_ranking_file(task.data, split), limit, seed)
+    return load_ranking_task(task.name, task.data, split, limit, seed)
 
 
 def build_sequences(task: TaskConfig, tokenizer, split: str, limit: int | None, seed: int = 0) -> list[Seq]:
@@ -90,15 +85,11 @@ def collate(seqs: list[Seq], pad_id: int, device: torch.device | str = "cpu") ->
     ``labels`` are aligned with ``input_ids`` (not shifted): the loss at position t predicts token t
     from positions < t, so callers pair hidden[:, :-1] with labels[:, 1:].
     """
-    n = max(len(s.input_ids) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), n), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s.input_ids)] = torch.tensor(s.input_ids)
-        labels[i, : len(s.labels)] = torch.tensor(s.labels)
-        mask[i, : len(s.input_ids)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+    from slimlm.serve.engine import right_pad
+
+    ids, mask = right_pad([s.input_ids for s in seqs], pad_id, device)
+    labels, _ = right_pad([s.labels for s in seqs], IGNORE_INDEX, device)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def window_targets(batches: list[dict[str, torch.Tensor]]) -> int:

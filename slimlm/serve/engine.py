@@ -44,7 +44,8 @@ def _p_pos(hidden: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> tor
     return torch.softmax(z, dim=-1)[:, 0]
 
 
-def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids padded on the right with ``pad_id``, and the matching 0/1 attention mask."""
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
@@ -65,7 +66,7 @@ def score_full(model, prompts: Sequence[Sequence[int]], label_ids: tuple[int, in
     out = np.empty(len(prompts), dtype=np.float64)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        ids, mask = _right_pad([prompts[i] for i in idx], pad_id, device)
+        ids, mask = right_pad([prompts[i] for i in idx], pad_id, device)
         hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         last = hidden[torch.arange(len(idx), device=device), mask.sum(1) - 1]
         out[idx] = _p_pos(last, w, b).double().cpu().numpy()
@@ -91,7 +92,7 @@ def score_shared_prefix(model, prefix: Sequence[int], suffixes: Sequence[Sequenc
     for start in range(0, len(suffixes), batch_size):
         chunk = suffixes[start:start + batch_size]
         n = len(chunk)
-        ids, mask = _right_pad(chunk, pad_id, device)
+        ids, mask = right_pad(chunk, pad_id, device)
         cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
         full_mask = torch.cat([torch.ones((n, p), dtype=mask.dtype, device=device), mask], dim=1)
         positions = torch.arange(p, p + ids.shape[1], device=device).unsqueeze(0).expand(n, -1)

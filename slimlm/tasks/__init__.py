@@ -1,1 +1,24 @@
 """Tasks: each turns data into tokenizable examples (ranking, text, completion)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimlm import SlimlmError
+
+RANKING_TASKS = ("movielens-ranking", "ranking")
+
+
+def load_ranking_task(name: str, data: str | Path | None, split: str, limit: int | None = None, seed: int = 0):
+    """Ranking examples of ``split``: the built-in MovieLens task (``data`` = its directory, optional) or a
+    user ranking file (``data`` required); at most ``limit``, as whole groups, seeded."""
+    from slimlm.tasks.movielens import movielens_examples, subsample
+    from slimlm.tasks.ranking import load_ranking_file
+
+    if name == "movielens-ranking":
+        return movielens_examples(split, data_dir=data, limit=limit, seed=seed)
+    if name != "ranking":
+        raise SlimlmError(f"unknown ranking task {name!r}; expected one of {', '.join(RANKING_TASKS)}")
+    if data is None:
+        raise SlimlmError("task 'ranking' needs data: a .jsonl or .parquet file (schema in the README)")
+    return subsample(load_ranking_file(data, split), limit, seed)
