@@ -60,7 +60,8 @@ def write_teacher_cache(teacher, seqs: list[Seq], out_dir: str | Path, *, k: int
             for b0 in range(0, len(part), batch_size):
                 batch = part[b0:b0 + batch_size]
                 enc = collate(batch, pad_id, device)
-                hidden = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+                hidden = base(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
+                              use_cache=False).last_hidden_state
                 labels = enc["labels"][:, 1:]
                 h = hidden[:, :-1][labels != -100]  # target rows, sequence by sequence, in order
                 logits = h @ head.weight[:vocab].T

@@ -84,7 +84,8 @@ class DistillModule(torch.nn.Module):
 
         ``mode`` "sft" is cross-entropy only (no teacher); "kd" uses ``loss`` (default: the stage's)
         against the live teacher, or against ``cached`` (ids, logprobs, tail) rows when given."""
-        hidden = self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                            use_cache=False).last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1)
         head = self.student.get_output_embeddings()
@@ -97,7 +98,8 @@ class DistillModule(torch.nn.Module):
                                                teacher_logprobs=logprobs, teacher_tail=tail, student_bias=head.bias,
                                                vocab_size=self.vocab, chunk_size=self.chunk_size)
         with torch.no_grad():
-            t_hidden = self.teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            t_hidden = self.teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                                  use_cache=False).last_hidden_state
         t_head = self.teacher.get_output_embeddings()
         return fused_linear_kd_loss(h, head.weight, y, loss or self.loss, student_bias=head.bias,
                                     teacher_hidden=t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1]),
