@@ -159,7 +159,7 @@ def fused_linear_kd_loss(
         if closed:  # forward KL / CE: value and gradient in closed form, fewer [C, V] buffers
             with torch.no_grad():
                 return forward_kl_value_and_grad(zs.detach(), zt, y, cfg)
-        return kd_token_losses(zs, zs if zt is None else zt, y, cfg, vocab)
+        return kd_token_losses(zs, zt, y, cfg, vocab)  # not closed form: kd_weight > 0, so zt exists
 
     return _apply(student_hidden, student_weight, student_bias, labels, chunk_loss, cfg, vocab, chunk_size)
 

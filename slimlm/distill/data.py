@@ -21,7 +21,7 @@ from slimlm.config import TaskConfig
 from slimlm.distill.losses import count_targets
 from slimlm.tasks import load_ranking_task
 from slimlm.tasks.completion import IGNORE_INDEX, load_completion_file, tokenize_completion
-from slimlm.tasks.ranking import RankingExample, label_token_ids, tokenize_ranking
+from slimlm.tasks.ranking import label_token_ids, tokenize_ranking
 
 
 @dataclass(frozen=True)
@@ -42,16 +42,12 @@ def _prompt_len(labels: list[int]) -> int:
     return next((i for i, v in enumerate(labels) if v != IGNORE_INDEX), len(labels))
 
 
-def ranking_examples(task: TaskConfig, split: str, limit: int | None, seed: int) -> list[RankingExample]:
-    return load_ranking_task(task.name, task.data, split, limit, seed)
-
-
 def build_sequences(task: TaskConfig, tokenizer, split: str, limit: int | None, seed: int = 0) -> list[Seq]:
     """Tokenized training sequences of ``split`` (at most ``limit``; deterministic given ``seed``)."""
     out: list[Seq] = []
     if task.name in ("movielens-ranking", "ranking"):
         pos, neg = label_token_ids(tokenizer)
-        for t in tokenize_ranking(ranking_examples(task, split, limit, seed), tokenizer):
+        for t in tokenize_ranking(load_ranking_task(task.name, task.data, split, limit, seed), tokenizer):
             prompt = list(t.input_ids)
             ids, labels = _truncate_left(prompt + [pos if t.label else neg],
                                          [IGNORE_INDEX] * len(prompt) + [pos if t.label else neg], task.max_length)

@@ -28,7 +28,7 @@ from slimlm import SlimlmError
 from slimlm.config import DistillConfig, dump_config
 from slimlm.distill.checkpoint import load_checkpoint, save_checkpoint
 from slimlm.distill.chunked import fused_linear_cached_kd_loss, fused_linear_kd_loss
-from slimlm.distill.data import BatchOrder, Seq, build_sequences, collate, ranking_examples, window_targets
+from slimlm.distill.data import BatchOrder, Seq, build_sequences, collate, window_targets
 from slimlm.distill.dist import (
     all_sum,
     barrier,
@@ -44,6 +44,7 @@ from slimlm.distill.offload import OffloadAdamW
 from slimlm.distill.teacher import TeacherCache, write_teacher_cache
 from slimlm.io import atomic_write_json, atomic_write_text
 from slimlm.models import load_model, load_tokenizer, save_model
+from slimlm.tasks import RANKING_TASKS, load_ranking_task
 from slimlm.tasks.completion import IGNORE_INDEX
 
 SFT_LOSS = LossConfig(kd_weight=0.0, ce_weight=1.0)
@@ -169,8 +170,8 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     train_seqs = build_sequences(cfg.task, tokenizer, cfg.task.split, cfg.task.limit, cfg.seed)
     eval_seqs = build_sequences(cfg.task, tokenizer, cfg.task.eval_split, cfg.task.eval_limit, cfg.seed)
-    ranking_eval = (ranking_examples(cfg.task, cfg.task.eval_split, cfg.task.eval_limit, cfg.seed)
-                    if cfg.task.name in ("movielens-ranking", "ranking") else None)
+    ranking_eval = (load_ranking_task(cfg.task.name, cfg.task.data, cfg.task.eval_split, cfg.task.eval_limit, cfg.seed)
+                    if cfg.task.name in RANKING_TASKS else None)
 
     student = load_model(cfg.student, device=device, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     student.train()
