@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ from conftest import synth_movielens, write_movielens
 from safetensors.torch import load_file
 
 from slimlm.models import save_tiny_model
+
+STOPPER = Path(__file__).with_name("dist_stop.py")
 
 
 def _free_port() -> int:
@@ -32,16 +35,17 @@ def run_dir(tmp_path_factory):
     return root
 
 
-def _distill(root, out, extra, nproc=1):
+def _distill(root, out, extra, nproc=1, stop_after=None):
     args = [f"student={root / 'student'}", f"teacher={root / 'teacher'}", f"task.data={root / 'ml'}",
             "max_steps=3", "eval_every=0", "task.eval_limit=6", "tensorboard=false", "optim.lr=1e-3",
             "grad_accum=2", "loss.divergence=jsd", f"out={out}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    entry = ["-m", "slimlm", "distill"] if stop_after is None else [str(STOPPER), str(stop_after)]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "slimlm", "distill", *args]
+        cmd = [sys.executable, *entry, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "slimlm", "distill", *args]
+               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *entry, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -67,3 +71,21 @@ def test_two_process_gloo_matches_single_process(run_dir, single, strategy):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5)
     # a different global batch would train differently: the comparison can fail
     assert not torch.allclose(load_file(str(single.parent / "student" / "model.safetensors"))[k], a[k])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_process_resume_matches_uninterrupted(run_dir, strategy):
+    """Interrupted after 2 of 4 steps and resumed (on-policy batches included, so every rank's sampler
+    state must be restored) == one uninterrupted 2-process run, bit for bit."""
+    extra = ["batch_size=2", f"parallel={strategy}", "max_steps=4", "mode=on_policy", "on_policy.lam=0.5",
+             "on_policy.max_new_tokens=4"]
+    whole = _distill(run_dir, run_dir / f"{strategy}-whole", extra, nproc=2)
+    parted = run_dir / f"{strategy}-parted"
+    _distill(run_dir, parted, extra, nproc=2, stop_after=2)
+    assert (parted / "checkpoint" / "state.json").exists() and not (parted / "model").exists()
+    _distill(run_dir, parted, extra, nproc=2)
+    assert _losses(parted) == _losses(whole)
+    a = load_file(str(whole / "model" / "model.safetensors"))
+    b = load_file(str(parted / "model" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -71,16 +71,29 @@ def wrap(module: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.
 
 @contextlib.contextmanager
 def gathered(wrapped: torch.nn.Module, dist: Dist):
-    """Within the block, FSDP2 root parameters are whole, so the student can be called outside the
-    wrapped forward (generation, evaluation). A no-op for DDP and single-process runs."""
-    if dist.strategy == "fsdp2":
-        wrapped.unshard()
-        try:
-            yield
-        finally:
-            wrapped.reshard()
-    else:
+    """Within the block every FSDP2 unit is unsharded and stays so across forward calls, so the
+    student can be called outside the wrapped forward (generation, evaluation) with no collectives:
+    ranks may then run different numbers of forwards (sampling stops early on different ranks).
+    Costs one whole model per rank for the duration. A no-op for DDP and single-process runs."""
+    if dist.strategy != "fsdp2":
         yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    # the root already keeps its parameters after forward; the layer units (fully_shard defaults)
+    # reshard after each forward unless told not to
+    layers = [m for m in wrapped.modules() if isinstance(m, FSDPModule) and m is not wrapped]
+    wrapped.unshard()
+    for m in layers:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+        wrapped.reshard()
 
 
 def sum_int(value: int, dist: Dist) -> int:
@@ -110,10 +123,58 @@ def full_state_dict(student: torch.nn.Module, dist: Dist) -> dict[str, torch.Ten
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if getattr(student.config, "tie_word_embeddings", False):  # stored once, as save_pretrained does
+    _drop_tied_head(student, sd)
+    return sd
+
+
+def gather_states(states: dict[str, torch.Tensor], dist: Dist) -> list[dict[str, torch.Tensor]]:
+    """Every rank's ``states`` (same keys and shapes on all ranks, e.g. RNG byte tensors), by rank."""
+    if dist.world == 1:
+        return [states]
+    out: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.world)]
+    for key, t in states.items():
+        parts = [torch.empty_like(t) for _ in range(dist.world)]
+        torch_dist.all_gather(parts, t.contiguous())
+        for r, part in enumerate(parts):
+            out[r][key] = part
+    return out
+
+
+def full_train_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: Dist):
+    """FSDP2: the student's and optimizer's full (unsharded) state dicts on CPU, keyed by parameter
+    name (every rank must call this). ``(None, None)`` for other strategies: their own state dicts
+    are already whole."""
+    if dist.strategy != "fsdp2":
+        return None, None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(student, optimizer,
+                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    _drop_tied_head(student, model_state)
+    return model_state, optim_state
+
+
+def _drop_tied_head(student: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
+    """Tied embeddings are stored once, under the input embedding's name (as save_pretrained does)."""
+    if getattr(student.config, "tie_word_embeddings", False):
         head = student.get_output_embeddings()
         sd.pop(next(n for n, m in student.named_modules() if m is head) + ".weight", None)
-    return sd
+
+
+def load_full_train_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                          optimizer_state: dict) -> None:
+    """FSDP2: re-shard full state dicts (as written by :func:`full_train_state`) into this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    if getattr(student.config, "tie_word_embeddings", False):  # the tied head is stored once
+        emb = student.get_input_embeddings()
+        emb_name = next(n for n, m in student.named_modules() if m is emb) + ".weight"
+        head = student.get_output_embeddings()
+        head_name = next(n for n, m in student.named_modules() if m is head) + ".weight"
+        model_state.setdefault(head_name, model_state.get(emb_name))
+        model_state.setdefault(emb_name, model_state.get(head_name))
+    set_state_dict(student, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def barrier(dist: Dist) -> None:

@@ -26,15 +26,18 @@ import torch
 
 from slimlm import SlimlmError
 from slimlm.config import DistillConfig, dump_config
-from slimlm.distill.checkpoint import load_checkpoint, save_checkpoint
+from slimlm.distill.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from slimlm.distill.chunked import fused_linear_cached_kd_loss, fused_linear_kd_loss
 from slimlm.distill.data import BatchOrder, Seq, build_sequences, collate, window_targets
 from slimlm.distill.dist import (
     all_sum,
     barrier,
     full_state_dict,
+    full_train_state,
+    gather_states,
     gathered,
     init_distributed,
+    load_full_train_state,
     no_sync,
     sum_int,
     wrap,
@@ -161,6 +164,9 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     if (out / "model" / "config.json").exists() and (out / "metrics.json").exists():
         return out  # finished earlier: nothing to do
     dist, device = init_distributed(cfg.parallel, cfg.device)
+    if cfg.offload_optimizer and dist.strategy == "fsdp2":
+        raise SlimlmError("offload_optimizer works with a single process or parallel=ddp; under fsdp2 the "
+                          "optimizer state is already sharded over the ranks")
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
@@ -194,6 +200,12 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     loss_cfg = LossConfig(**cfg.loss.model_dump(exclude={"chunk_size"}))
     module = DistillModule(student, teacher, loss_cfg, vocab, cfg.loss.chunk_size)
     wrapped = wrap(module, dist, device)  # DDP / FSDP2 / itself; the optimizer must see the wrapped params
+    if dist.strategy == "fsdp2":  # FSDP2 sets itself up at the root's first forward: run one tiny one
+        with torch.no_grad():  # now, before anything calls the student directly (on-policy sampling)
+            pad = tokenizer.pad_token_id
+            wrapped(torch.tensor([[pad, pad]], device=device), torch.ones(1, 2, dtype=torch.long, device=device),
+                    torch.tensor([[IGNORE_INDEX, pad]], device=device), mode="sft")
+        wrapped.reshard()  # parameters gathered under no_grad must not be reused by the training forward
 
     params = [p for p in student.parameters() if p.requires_grad]
     adamw = OffloadAdamW if cfg.offload_optimizer else torch.optim.AdamW
@@ -201,16 +213,19 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
                       weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, cfg.max_steps, cfg.optim.warmup_steps, cfg.optim.schedule, cfg.optim.min_lr_ratio))
-    sampler = torch.Generator().manual_seed(cfg.seed + 1 + dist.rank)  # on-policy coins and samples
+    # on-policy: the coin (is this batch sampled?) must agree on every rank; the samples differ per rank
+    coins = torch.Generator().manual_seed(cfg.seed + 1)
+    sampler = torch.Generator().manual_seed(cfg.seed + 2 + dist.rank)
+    generators = {"coins": coins, "sampler": sampler}
 
     # -- resume ----------------------------------------------------------------------------------
     step, ckpt = 0, out / "checkpoint"
     order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed, rank=dist.rank, world=dist.world)
     if (ckpt / "state.json").exists():
-        if dist.strategy == "fsdp2":
-            raise SlimlmError(f"{ckpt}: resuming under fsdp2 is not supported yet; resume with parallel=ddp "
-                              "or a single process, or remove the checkpoint")
-        state = load_checkpoint(ckpt, student, optimizer, scheduler, sampler)
+        fsdp2 = dist.strategy == "fsdp2"  # every rank reads the full state, then keeps its own shards
+        state = load_checkpoint(ckpt, student, None if fsdp2 else optimizer, scheduler, generators, rank=dist.rank)
+        if fsdp2:
+            load_full_train_state(student, optimizer, state.pop("model_state"), state.pop("optimizer_state"))
         if isinstance(optimizer, OffloadAdamW):
             optimizer.resync()  # the masters must start from the restored weights
         step = state["step"]
@@ -223,10 +238,11 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     writer = _tensorboard(out / "tb") if cfg.tensorboard and dist.main else None
 
     def checkpoint() -> None:
-        if dist.strategy == "fsdp2":
-            return  # sharded optimizer state is not checkpointed yet (see the resume error above)
+        model_state, optimizer_state = full_train_state(student, optimizer, dist)  # FSDP2: gathered
+        rngs = gather_states(rng_state(generators), dist)  # each rank samples its own on-policy stream
         if dist.main:
-            save_checkpoint(ckpt, student, optimizer, scheduler, {"step": step, **order.state()}, sampler)
+            save_checkpoint(ckpt, student, optimizer, scheduler, {"step": step, **order.state()}, generators,
+                            model_state=model_state, optimizer_state=optimizer_state, rank_rngs=rngs)
         barrier(dist)
 
     # -- the loop --------------------------------------------------------------------------------
@@ -240,7 +256,7 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
             seqs = [train_seqs[i] for i in picked]
             micro_mode = mode
             if mode == "on_policy":
-                coin = float(torch.rand((), generator=sampler))
+                coin = float(torch.rand((), generator=coins))
                 if coin < cfg.on_policy.lam:
                     with gathered(wrapped, dist):
                         seqs = on_policy_batch(student, seqs, cfg, tokenizer, sampler)
