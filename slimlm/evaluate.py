@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,3 +104,73 @@ def perplexity(model, blocks: Sequence[Sequence[int]], *, batch_size: int = 4, c
         raise SlimlmError("perplexity needs at least one block of two or more tokens")
     nll = total_nll / total_tokens
     return {"tokens": total_tokens, "nll": nll, "perplexity": math.exp(nll)}
+
+
+def disk_bytes(path: str | Path) -> int:
+    """Bytes of a model directory's weight files (*.safetensors)."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+@torch.inference_mode()
+def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len: int = 128, decode_tokens: int = 32,
+          reps: int = 3) -> dict[str, float]:
+    """Prefill tokens/s (``prefill_batch`` x ``prefill_len``, one forward without a cache) and decode
+    tokens/s (batch 1, greedy, KV cache, ``decode_tokens`` new tokens), median of ``reps``. ``tokens``
+    supplies real text (repeated if short)."""
+    import time
+
+    device = next(model.parameters()).device
+    need = prefill_batch * prefill_len
+    ids = torch.tensor((list(tokens) * (need // max(len(tokens), 1) + 1))[:need], device=device)
+    ids = ids.view(prefill_batch, prefill_len)
+    base = model.get_decoder()
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    prefill_s = timed(lambda: base(input_ids=ids, use_cache=False))
+    prompt = ids[0, :64].tolist()
+    decode_s = timed(lambda: engine.generate(model, [prompt], max_new_tokens=decode_tokens, temperature=0.0))
+    return {"prefill_tokens_per_s": need / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s}
+
+
+def evaluate_dir(path: str | Path, task, *, split: str = "test", limit: int | None = None, batch_size: int = 16,
+                 seed: int = 0, speed_probe: bool = True, progress=None) -> dict:
+    """Everything the report shows for one model directory: parameters, bytes on disk, the task metric
+    (ranking AUC / log-loss, or perplexity for the text task), ranking candidates/s, and (optionally)
+    prefill / decode speed. ``task`` is a :class:`slimlm.config.TaskConfig`."""
+    import time
+
+    from slimlm.models import load_model, load_tokenizer, param_counts, resolve_model
+    from slimlm.tasks import RANKING_TASKS, load_ranking_task
+
+    path = resolve_model(path)
+    model = load_model(path)
+    tokenizer = load_tokenizer(path)
+    result: dict = {"model": str(path), "params": param_counts(model), "disk_bytes": disk_bytes(path)}
+    probe_tokens: list[int] = []
+    t0 = time.perf_counter()
+    if task.name in RANKING_TASKS:
+        examples = load_ranking_task(task.name, task.data, split, limit, seed)
+        metrics, _ = evaluate_ranking(model, tokenizer, examples, batch_size=batch_size, progress=progress)
+        metrics["candidates_per_s"] = len(examples) / (time.perf_counter() - t0)
+        probe_tokens = tokenizer(examples[0].prefix + examples[0].suffix)["input_ids"]
+    elif task.name == "text":
+        from slimlm.tasks.text import read_texts, text_blocks
+
+        blocks = text_blocks(tokenizer, read_texts(task.data), 512, max_blocks=limit)
+        metrics = perplexity(model, blocks, progress=progress)
+        probe_tokens = blocks[0]
+    else:
+        raise SlimlmError(f"evaluating task {task.name!r} in a pipeline is not supported yet (ranking and text are)")
+    result["metrics"] = metrics
+    result["eval_seconds"] = round(time.perf_counter() - t0, 2)
+    if speed_probe:
+        result["speed"] = speed(model, probe_tokens)
+    return result

@@ -1,0 +1,286 @@
+"""The pipeline: a recipe's stages run in order over model directories, with resume.
+
+A recipe (YAML, validated before any work) names a starting model and a list of stages::
+
+    out: runs/my-run
+    teacher: teacher                 # the starting model: a directory, or 'teacher' (built-in)
+    task: {name: movielens-ranking}  # shared by every stage that trains or evaluates
+    stages:
+      - {name: teacher-sft, kind: distill, config: {mode: sft, max_steps: 200}}
+      - {name: student, kind: prune, from: teacher-sft, config: {mlp_keep: 0.25, layers_keep: 10}}
+      - {name: kd, kind: distill, teacher: teacher-sft, config: {mode: two_stage, max_steps: 400}}
+      - {name: int8, kind: quantize, config: {scheme: int8}}
+      - {name: eval, kind: evaluate, models: [teacher, teacher-sft, student, kd, int8]}
+
+Every model reference (``from``, ``teacher``, ``models``) is ``teacher`` (the recipe's starting
+model), the name of an earlier stage (its output model), or a directory. ``from`` defaults to the
+previous model-producing stage, ``teacher`` of a distill stage to the recipe's teacher.
+
+Stage ``NAME`` writes ``OUT/NAME/`` (model-producing stages: ``OUT/NAME/model``) and, last, an atomic
+``OUT/NAME/stage.json`` holding its fingerprint and metrics. Re-running the recipe skips a stage whose
+``stage.json`` has the same fingerprint (its resolved config and its inputs' fingerprints); a stage
+that was interrupted runs again — distill stages continue from their own checkpoint, one-shot stages
+(prune, quantize) start over — and earlier outputs are never touched. A finished stage whose recipe
+entry changed is an error (delete its directory to redo it), not a silent re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from slimlm import SlimlmError
+from slimlm.config import DistillConfig, PruneConfig, Strict, TaskConfig, load_config
+from slimlm.io import atomic_write_json
+
+Progress = Callable[[str], None]  # called with a one-line status
+
+
+class InitConfig(Strict):
+    """A student from the model's own decoder layers (evenly spaced), before any pruning solver."""
+
+    layers: int = Field(ge=1)
+
+
+class EvaluateConfig(Strict):
+    split: str = "test"
+    limit: int | None = Field(None, ge=1)  # examples (whole groups), seeded
+    batch_size: int = Field(16, ge=1)
+    speed: bool = True  # also measure prefill / decode tokens/s (see slimlm.evaluate.speed)
+
+
+class Stage(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    kind: Literal["distill", "init", "prune", "quantize", "evaluate"]
+    from_: str | None = Field(None, alias="from")
+    teacher: str | None = None  # distill only
+    models: list[str] | None = None  # evaluate only
+    config: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> Stage:
+        if self.teacher is not None and self.kind != "distill":
+            raise ValueError(f"stage {self.name}: 'teacher' is for distill stages")
+        if self.models is not None and self.kind != "evaluate":
+            raise ValueError(f"stage {self.name}: 'models' is for evaluate stages")
+        return self
+
+
+class Recipe(Strict):
+    out: str
+    teacher: str = "teacher"
+    task: TaskConfig = TaskConfig()
+    seed: int = 0
+    stages: list[Stage] = Field(min_length=1)
+
+
+MODEL_STAGES = ("distill", "init", "prune", "quantize")
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    recipe = load_config(Recipe, path, overrides)
+    plan(recipe)  # every stage config and reference is checked before any work
+    return recipe
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _resolve(recipe: Recipe, ref: str, earlier: dict[str, Stage], stage: str, field: str) -> str:
+    """A model reference -> 'teacher', 'stage:NAME' or an existing directory path."""
+    if ref == "teacher":
+        return "teacher" if recipe.teacher == "teacher" else _existing_dir(recipe.teacher, "teacher")
+    if ref in earlier:
+        if earlier[ref].kind not in MODEL_STAGES:
+            raise SlimlmError(f"stage {stage}: {field} {ref!r} is a {earlier[ref].kind} stage, which makes no model")
+        return f"stage:{ref}"
+    return _existing_dir(ref, f"stage {stage}: {field}")
+
+
+def _existing_dir(ref: str, what: str) -> str:
+    if not (Path(ref) / "config.json").is_file():
+        raise SlimlmError(f"{what} {ref!r} is neither an earlier stage nor a model directory (no config.json)")
+    return str(Path(ref))
+
+
+def plan(recipe: Recipe) -> list[dict[str, Any]]:
+    """Resolve references and validate every stage's config; nothing runs. Returns one dict per stage:
+    name, kind, inputs (resolved refs), config (validated model)."""
+    earlier: dict[str, Stage] = {}
+    quantized: set[str] = set()
+    last_model = "teacher"
+    steps = []
+    for st in recipe.stages:
+        if st.name in earlier or st.name == "teacher":
+            raise SlimlmError(f"stage name {st.name!r} is used twice (or is the reserved name 'teacher')")
+        where = f"stage {st.name} ({st.kind})"
+        inputs: dict[str, Any] = {}
+        if st.kind in MODEL_STAGES:
+            src = st.from_ or last_model
+            inputs["from"] = _resolve(recipe, src, earlier, st.name, "from")
+            if src in quantized:
+                raise SlimlmError(f"{where}: input {src!r} is quantized; {st.kind} needs an unquantized model "
+                                  "(quantize last)")
+        if st.kind == "distill":
+            inputs["teacher"] = _resolve(recipe, st.teacher or "teacher", earlier, st.name, "teacher")
+            if (st.teacher or "teacher") in quantized:
+                raise SlimlmError(f"{where}: teacher {st.teacher!r} is quantized; distil from an unquantized teacher")
+        if st.kind == "evaluate":
+            refs = st.models or ["teacher", *[n for n, s in earlier.items() if s.kind in MODEL_STAGES]]
+            inputs["models"] = {r: _resolve(recipe, r, earlier, st.name, "models") for r in refs}
+        config = _stage_config(recipe, st, where)
+        steps.append({"name": st.name, "kind": st.kind, "inputs": inputs, "config": config})
+        earlier[st.name] = st
+        if st.kind in MODEL_STAGES:
+            last_model = st.name
+        if st.kind == "quantize":
+            quantized.add(st.name)
+    return steps
+
+
+def _stage_config(recipe: Recipe, st: Stage, where: str):
+    try:
+        if st.kind == "distill":  # student / teacher / out are the pipeline's to set
+            for key in ("student", "teacher", "out"):
+                if key in st.config:
+                    raise SlimlmError(f"{where}: config.{key} is set by the pipeline; use the stage's "
+                                      "'from' / 'teacher' instead")
+            task = {**recipe.task.model_dump(), **st.config.get("task", {})}
+            return DistillConfig.model_validate({"seed": recipe.seed, **st.config, "task": task,
+                                                 "student": "-", "teacher": "-", "out": "-"})
+        if st.kind == "prune":
+            return PruneConfig.model_validate({"seed": recipe.seed, **st.config})
+        if st.kind == "init":
+            return InitConfig.model_validate(st.config)
+        if st.kind == "quantize":
+            from slimlm.quantize.api import QuantConfig
+
+            cfg = QuantConfig.model_validate(st.config)
+            cfg.check()
+            return cfg
+        return EvaluateConfig.model_validate(st.config)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        raise SlimlmError(f"{where}: config.{loc}: {msg}") from None
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _fingerprint(step: dict[str, Any], input_prints: list[str]) -> str:
+    blob = json.dumps({"kind": step["kind"], "config": step["config"].model_dump(mode="json"),
+                       "inputs": step["inputs"], "upstream": input_prints}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run(recipe: Recipe, progress: Progress | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage; return {stage name: its stage.json}."""
+    out = Path(recipe.out)
+    steps = plan(recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    done: dict[str, dict[str, Any]] = {}
+    say = progress or (lambda _msg: None)
+
+    def model_dir(ref: str) -> str:
+        return ref if not ref.startswith("stage:") else str(out / ref[6:] / "model")
+
+    def prints(refs) -> list[str]:
+        return [done[r[6:]]["fingerprint"] for r in refs if isinstance(r, str) and r.startswith("stage:")]
+
+    for step in steps:
+        name, kind, inputs = step["name"], step["kind"], step["inputs"]
+        refs = list(inputs.get("models", {}).values()) + [v for k, v in inputs.items() if k != "models"]
+        fp = _fingerprint(step, prints(refs))
+        stage_dir = out / name
+        marker = stage_dir / "stage.json"
+        if marker.exists():
+            prev = json.loads(marker.read_text())
+            if prev.get("fingerprint") == fp:
+                say(f"{name}: done earlier, skipped")
+                done[name] = prev
+                continue
+            raise SlimlmError(f"{marker}: stage {name!r} finished with a different recipe entry or inputs; "
+                              f"delete {stage_dir} to run it again")
+        say(f"{name}: running ({kind})")
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        cfg = step["config"]
+        if kind == "distill":
+            metrics = _distill(cfg, model_dir(inputs["from"]), model_dir(inputs["teacher"]), stage_dir)
+        elif kind == "init":
+            metrics = _init(model_dir(inputs["from"]), stage_dir / "model", cfg)
+        elif kind == "prune":
+            from slimlm.prune.pipeline import prune_dir
+
+            metrics = prune_dir(model_dir(inputs["from"]), stage_dir / "model", cfg)
+        elif kind == "quantize":
+            from slimlm.quantize.api import quantize_dir
+
+            metrics = quantize_dir(model_dir(inputs["from"]), stage_dir / "model", cfg)
+        else:
+            metrics = _evaluate(recipe, {r: model_dir(p) for r, p in inputs["models"].items()}, cfg, stage_dir, say)
+        record = {"name": name, "kind": kind, "fingerprint": fp, "seconds": round(time.perf_counter() - t0, 1),
+                  "inputs": {k: v for k, v in inputs.items()}, "metrics": metrics}
+        atomic_write_json(marker, record)
+        done[name] = record
+    return done
+
+
+def _distill(cfg: DistillConfig, student: str, teacher: str, stage_dir: Path) -> dict[str, Any]:
+    from slimlm.distill.trainer import train
+
+    # an sft stage needs no teacher (the trainer would load it only for the held-out KL)
+    cfg = cfg.model_copy(update={"student": student, "teacher": teacher if cfg.mode != "sft" else None,
+                                 "out": str(stage_dir)})
+    DistillConfig.model_validate(cfg.model_dump())  # the real paths, checked again
+    train(cfg)
+    return json.loads((stage_dir / "metrics.json").read_text())
+
+
+def _init(source: str, out_dir: Path, cfg: InitConfig) -> dict[str, Any]:
+    from slimlm.models import load_model, load_tokenizer, param_counts, save_model
+    from slimlm.prune.slice import evenly_spaced, keep_layers
+
+    model = load_model(source)
+    keep = evenly_spaced(model.config.num_hidden_layers, cfg.layers)
+    small = keep_layers(model, keep)
+    save_model(small, load_tokenizer(source), out_dir, extra={"slimlm_init.json": {"source": source, "kept_layers": keep}})
+    return {"kept_layers": keep, "params": param_counts(small)}
+
+
+def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage_dir: Path,
+              say: Progress) -> dict[str, Any]:
+    from slimlm.evaluate import evaluate_dir
+
+    results = {}
+    for ref, path in models.items():
+        say(f"evaluating {ref}")
+        results[ref] = evaluate_dir(path, recipe.task, split=cfg.split, limit=cfg.limit, batch_size=cfg.batch_size,
+                                    seed=recipe.seed, speed_probe=cfg.speed)
+        atomic_write_json(stage_dir / "results.json", results)  # partial results survive an interruption
+    return results
+
+
+def builtin_recipes() -> dict[str, Path]:
+    """Recipes shipped in slimlm/recipes/ (pipeline recipes have a ``stages`` list)."""
+    root = Path(__file__).parent / "recipes"
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe file, or the built-in recipe of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    builtin = builtin_recipes()
+    if name_or_path in builtin:
+        return builtin[name_or_path]
+    raise SlimlmError(f"{name_or_path}: no such recipe file or built-in recipe (built-in: {', '.join(builtin)})")

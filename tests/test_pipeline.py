@@ -1,0 +1,116 @@
+"""The pipeline: stages over model directories, resume, and recipes that fail before any work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from conftest import synth_movielens, write_movielens
+from safetensors.torch import load_file
+
+from slimlm import SlimlmError
+from slimlm.models import save_tiny_model
+from slimlm.pipeline import builtin_recipes, load_recipe, run
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe")
+    users, items, ratings = synth_movielens(n_users=10, per_user=14, seed=4)
+    data = write_movielens(root / "ml", users, items, ratings)
+    save_tiny_model("llama", root / "teacher", seed=1, num_hidden_layers=3)
+    return root, data
+
+
+def recipe(root, data, out, stages=None) -> dict:
+    train = {"max_steps": 2, "batch_size": 3, "eval_every": 0, "save_every": 1, "tensorboard": False,
+             "optim": {"lr": 1e-3}}
+    return {"out": str(root / out), "teacher": str(root / "teacher"),
+            "task": {"name": "movielens-ranking", "data": str(data), "eval_limit": 6},
+            "stages": stages or [
+                {"name": "teacher-sft", "kind": "distill", "config": {**train, "mode": "sft"}},
+                {"name": "student", "kind": "init", "config": {"layers": 1}},
+                {"name": "kd", "kind": "distill", "teacher": "teacher-sft", "config": {**train, "mode": "kd"}},
+                {"name": "eval", "kind": "evaluate", "models": ["teacher-sft", "kd"],
+                 "config": {"split": "val", "limit": 6, "speed": False}},
+            ]}
+
+
+def write(path, tree):
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_stages_run_in_order_over_directories(world):
+    root, data = world
+    records = run(load_recipe(write(root / "r.yaml", recipe(root, data, "run"))))
+    assert list(records) == ["teacher-sft", "student", "kd", "eval"]
+    out = root / "run"
+    student = json.loads((out / "student" / "model" / "config.json").read_text())
+    assert student["num_hidden_layers"] == 1  # a real smaller model feeds the kd stage
+    kd_cfg = yaml.safe_load((out / "kd" / "config.yaml").read_text())
+    assert kd_cfg["student"] == str(out / "student" / "model")
+    assert kd_cfg["teacher"] == str(out / "teacher-sft" / "model")
+    evals = records["eval"]["metrics"]
+    assert set(evals) == {"teacher-sft", "kd"} and 0.0 <= evals["kd"]["metrics"]["auc"] <= 1.0
+    assert evals["kd"]["params"]["non_embedding"] < evals["teacher-sft"]["params"]["non_embedding"]
+
+
+def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(world):
+    root, data = world
+    path = write(root / "r2.yaml", recipe(root, data, "resume"))
+    first = run(load_recipe(path))
+    out = root / "resume"
+    kd_weights = load_file(str(out / "kd" / "model" / "model.safetensors"))
+    sft_mtime = (out / "teacher-sft" / "model" / "model.safetensors").stat().st_mtime_ns
+    # simulate an interruption of the kd stage after its first checkpoint: no model, no marker
+    (out / "kd" / "stage.json").unlink()
+    (out / "eval" / "stage.json").unlink()
+    for f in (out / "kd" / "model").iterdir():
+        f.unlink()
+    (out / "kd" / "model").rmdir()
+    (out / "kd" / "metrics.json").unlink()
+    said = []
+    second = run(load_recipe(path), progress=said.append)
+    assert "teacher-sft: done earlier, skipped" in said and "student: done earlier, skipped" in said
+    assert (out / "teacher-sft" / "model" / "model.safetensors").stat().st_mtime_ns == sft_mtime
+    again = load_file(str(out / "kd" / "model" / "model.safetensors"))
+    for k in kd_weights:  # resumed from its checkpoint: the same weights as the uninterrupted run
+        assert (again[k] == kd_weights[k]).all(), k
+    assert second["eval"]["metrics"]["kd"]["metrics"]["auc"] == first["eval"]["metrics"]["kd"]["metrics"]["auc"]
+
+
+def test_a_changed_finished_stage_is_an_error_not_a_silent_rerun(world):
+    root, data = world
+    tree = recipe(root, data, "changed", stages=[{"name": "student", "kind": "init", "config": {"layers": 1}}])
+    run(load_recipe(write(root / "r3.yaml", tree)))
+    tree["stages"][0]["config"]["layers"] = 2
+    with pytest.raises(SlimlmError, match="different recipe entry"):
+        run(load_recipe(write(root / "r3.yaml", tree)))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda t: t["stages"][0]["config"].update(bogus=1), "teacher-sft .*config.bogus: unknown key"),
+    (lambda t: t.update(bogus=1), "bogus: unknown key"),
+    (lambda t: t["stages"][2].update(teacher="nowhere"), "'nowhere' is neither an earlier stage nor a model"),
+    (lambda t: t["stages"][1].update({"from": "kd"}), "'kd' is neither an earlier stage"),  # a later stage
+    (lambda t: t["stages"][2]["config"].update(student="x"), "config.student is set by the pipeline"),
+    (lambda t: t["stages"].append({"name": "kd", "kind": "init", "config": {"layers": 1}}), "used twice"),
+    (lambda t: t["stages"].append({"name": "e2", "kind": "evaluate", "models": ["eval"]}),
+     "'eval' is a evaluate stage, which makes no model"),
+])
+def test_bad_recipes_fail_before_any_work(world, mutate, message):
+    root, data = world
+    tree = recipe(root, data, "bad")
+    mutate(tree)
+    with pytest.raises(SlimlmError, match=message):
+        load_recipe(write(root / "bad.yaml", tree))
+    assert not (root / "bad").exists()
+
+
+def test_builtin_recipes_validate():
+    pipelines = {n: p for n, p in builtin_recipes().items() if "stages" in yaml.safe_load(p.read_text())}
+    for name, path in pipelines.items():
+        tree = yaml.safe_load(path.read_text())
+        assert tree["stages"], name
