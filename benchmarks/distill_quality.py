@@ -49,7 +49,8 @@ def main() -> None:
               f"optim.lr={args.lr}", "optim.warmup_steps=5", "tensorboard=false"]
     run([*slim, "sft", "student=teacher", f"out={o}/teacher-sft", f"max_steps={args.teacher_steps}", *common], log)
     teacher = f"{o}/teacher-sft/model"
-    run([*slim, "init-student", teacher, "--layers", str(args.layers), "--out", f"{o}/student-init"], log)
+    if not (o / "student-init" / "config.json").is_file():  # the trainer itself skips finished runs
+        run([*slim, "init-student", teacher, "--layers", str(args.layers), "--out", f"{o}/student-init"], log)
     run([*slim, "sft", f"student={o}/student-init", f"out={o}/student-sft", f"max_steps={args.steps}", *common], log)
     run([*slim, "distill", "mode=kd", f"student={o}/student-init", f"teacher={teacher}", f"out={o}/student-kd",
          f"max_steps={args.steps}", "loss.divergence=forward_kl", *common], log)
@@ -58,8 +59,9 @@ def main() -> None:
                         ("student init", f"{o}/student-init"), ("student SFT", f"{o}/student-sft/model"),
                         ("student KD", f"{o}/student-kd/model")):
         f = o / "eval" / f"{name.replace(' ', '_')}.json"
-        run([*slim, "eval", model, "--task", "movielens-ranking", "--split", "test", "--limit", str(args.eval_limit),
-             "--out", str(f)], log)
+        if not f.is_file():  # a re-run after an interruption evaluates only what is missing
+            run([*slim, "eval", model, "--task", "movielens-ranking", "--split", "test", "--limit", str(args.eval_limit),
+                 "--out", str(f)], log)
         r = json.loads(f.read_text())
         results[name] = {**r["metrics"], "params": r["params"]}
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results, "commands": log}

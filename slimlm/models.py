@@ -60,18 +60,24 @@ def arch_facts(config: Any) -> ArchFacts:
 
 
 def param_counts(model: torch.nn.Module) -> dict[str, int]:
-    """Total, embedding (input embeddings + an untied LM head) and non-embedding parameter counts."""
+    """Total, embedding (input embeddings + an untied LM head) and non-embedding parameter counts.
+
+    Quantized layers (slimlm.quantize) keep their weights as buffers in packed form; they count as the
+    in x out logical weights they stand for (``logical_numel``), so counts do not change on quantizing."""
     seen: set[int] = set()
     total = 0
     for p in model.parameters():  # parameters() already skips tied duplicates; be explicit anyway
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
+    total += sum(m.logical_numel for m in model.modules() if hasattr(m, "logical_numel"))
     emb_params = {id(model.get_input_embeddings().weight)}
     out = model.get_output_embeddings()
-    if out is not None:
+    quantized_head = out is not None and hasattr(out, "logical_numel")
+    if out is not None and not quantized_head:
         emb_params.add(id(out.weight))
     embedding = sum(p.numel() for p in model.parameters() if id(p) in emb_params)
+    embedding += out.logical_numel if quantized_head else 0
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
 
@@ -116,6 +122,10 @@ def load_model(
     hf_logging.disable_progress_bar()  # our own bars report progress; a loading bar per model is noise
     path = resolve_model(path)
     _check_model_dir(path)
+    from slimlm.quantize.export import is_compressed_tensors_dir, load_quantized
+
+    if is_compressed_tensors_dir(path):  # quantized checkpoints run on slimlm's own quantized modules
+        return load_quantized(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, OSError, json.JSONDecodeError) as e:

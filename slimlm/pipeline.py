@@ -159,9 +159,9 @@ def _stage_config(recipe: Recipe, st: Stage, where: str):
         if st.kind == "init":
             return InitConfig.model_validate(st.config)
         if st.kind == "quantize":
-            from slimlm.quantize.api import QuantConfig
+            from slimlm.quantize.api import QuantizeConfig
 
-            cfg = QuantConfig.model_validate(st.config)
+            cfg = QuantizeConfig.model_validate(st.config)
             cfg.check()
             return cfg
         return EvaluateConfig.model_validate(st.config)

@@ -57,6 +57,34 @@ def test_stages_run_in_order_over_directories(world):
     assert evals["kd"]["params"]["non_embedding"] < evals["teacher-sft"]["params"]["non_embedding"]
 
 
+def test_prune_and_quantize_stages_make_smaller_models(world):
+    root, data = world
+    train = {"max_steps": 1, "batch_size": 3, "eval_every": 0, "save_every": 1, "tensorboard": False}
+    stages = [
+        {"name": "pruned", "kind": "prune", "config": {"mlp_keep": 0.5, "heads_keep": 2, "layers_keep": 2,
+                                                      "samples": 4, "seq_len": 32, "multiple": 4}},
+        {"name": "kd", "kind": "distill", "config": {**train, "mode": "kd"}},
+        {"name": "int8", "kind": "quantize", "config": {"scheme": "int8"}},
+        {"name": "int4", "kind": "quantize", "from": "kd",
+         "config": {"scheme": "int4", "group_size": 32, "calib": "text", "samples": 2, "seq_len": 32}},
+        {"name": "eval", "kind": "evaluate", "config": {"split": "val", "limit": 6, "speed": False}},
+    ]
+    records = run(load_recipe(write(root / "pq.yaml", recipe(root, data, "pq", stages))))
+    out = root / "pq"
+    teacher = json.loads((root / "teacher" / "config.json").read_text())
+    pruned = json.loads((out / "pruned" / "model" / "config.json").read_text())
+    assert pruned["num_hidden_layers"] == 2 and pruned["intermediate_size"] == teacher["intermediate_size"] // 2
+    assert pruned["num_attention_heads"] == 2 and pruned["num_key_value_heads"] == 1
+    assert (out / "pruned" / "model" / "prune_report.json").is_file()
+    for name, fmt in (("int8", "int-quantized"), ("int4", "pack-quantized")):
+        qcfg = json.loads((out / name / "model" / "config.json").read_text())["quantization_config"]
+        assert qcfg["quant_method"] == "compressed-tensors" and qcfg["format"] == fmt
+    evals = records["eval"]["metrics"]  # every model, quantized ones included, is evaluated
+    assert set(evals) == {"teacher", "pruned", "kd", "int8", "int4"}
+    assert evals["int8"]["params"]["non_embedding"] == evals["kd"]["params"]["non_embedding"]
+    assert evals["int8"]["disk_bytes"] < evals["kd"]["disk_bytes"]
+
+
 def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(world):
     root, data = world
     path = write(root / "r2.yaml", recipe(root, data, "resume"))

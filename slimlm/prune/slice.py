@@ -3,15 +3,26 @@
 Layers: :func:`keep_layers` builds a model with ``num_hidden_layers = len(keep)`` whose decoder layer i
 is a copy of layer ``keep[i]`` of the source (everything else copied unchanged). Used to initialise a
 student from its teacher, and by depth pruning.
+
+Width: :func:`slice_width` keeps, in every decoder layer, a set of MLP neurons (rows of gate/up, columns
+of down) and a set of attention heads (query heads: rows of q and columns of o; KV heads: rows of k and
+v), with optional replacement weights for ``down_proj`` / ``o_proj`` (the solver's refit). Every layer
+keeps the same counts, so the result is a standard config (``intermediate_size``, ``num_attention_heads``,
+``num_key_value_heads``; ``head_dim`` written explicitly) that vanilla transformers loads.
+:func:`mask_width` is the same operation done by zeroing the removed columns of down/o in place (the
+model keeps its shapes and computes exactly what the sliced model computes): calibration runs on it.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 
 from slimlm import SlimlmError
+
+Kept = Sequence[Sequence[int]]  # per decoder layer: kept indices (ascending)
 
 
 def evenly_spaced(total: int, keep: int) -> list[int]:
@@ -61,3 +72,129 @@ def _layers_prefix(model: torch.nn.Module) -> str:
         if module is layers:
             return name
     raise SlimlmError("could not locate the decoder layers in this model")
+
+
+# --------------------------------------------------------------------------- width
+
+
+def head_columns(heads: Sequence[int], head_dim: int) -> torch.Tensor:
+    """Feature indices of heads ``heads`` in a [heads * head_dim] projection (rows of q/k/v, columns of o)."""
+    h = torch.as_tensor(list(heads), dtype=torch.long).reshape(-1, 1)
+    return (h * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def _check_kept(name: str, kept: Kept | None, layers: int, size: int) -> None:
+    if kept is None:
+        return
+    if len(kept) != layers:
+        raise SlimlmError(f"{name}: {len(kept)} kept sets for {layers} layers")
+    counts = {len(k) for k in kept}
+    if len(counts) != 1:
+        raise SlimlmError(f"{name}: every layer must keep the same number, got {sorted(counts)}")
+    for k in kept:
+        if not k or len(set(k)) != len(k) or not all(0 <= i < size for i in k) or list(k) != sorted(k):
+            raise SlimlmError(f"{name}: kept indices must be distinct, ascending and within 0..{size - 1}")
+
+
+def _kv_for_heads(heads: Sequence[int], qpk: int, kv: Sequence[int]) -> None:
+    """GQA: query head h reads KV head h // qpk; after slicing, new head i must read new KV head i // qpk'."""
+    if len(heads) % len(kv):
+        raise SlimlmError(f"{len(heads)} query heads do not split evenly over {len(kv)} KV heads")
+    new_qpk = len(heads) // len(kv)
+    for i, h in enumerate(heads):
+        if h // qpk != kv[i // new_qpk]:
+            raise SlimlmError(f"query head {h} would read KV head {kv[i // new_qpk]} instead of {h // qpk}: keep "
+                              "the same number of query heads in every kept KV group")
+
+
+def slice_width(model: torch.nn.Module, *, mlp: Kept | None = None, heads: Kept | None = None,
+                kv_heads: Kept | None = None, down_weights: Sequence[torch.Tensor] | None = None,
+                o_weights: Sequence[torch.Tensor] | None = None) -> torch.nn.Module:
+    """A new, smaller model keeping per layer the neurons ``mlp[i]``, query heads ``heads[i]`` and KV heads
+    ``kv_heads[i]`` (None = all). ``down_weights[i]`` [hidden, len(mlp[i])] and ``o_weights[i]``
+    [hidden, len(heads[i]) * head_dim] replace the kept columns of down_proj / o_proj when given."""
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.models import arch_facts
+
+    facts = arch_facts(model.config)
+    n, hd, qpk = facts.num_layers, facts.head_dim, facts.queries_per_kv
+    _check_kept("mlp", mlp, n, facts.intermediate_size)
+    _check_kept("heads", heads, n, facts.num_heads)
+    _check_kept("kv_heads", kv_heads, n, facts.num_kv_heads)
+    all_heads = [list(range(facts.num_heads))] * n
+    all_kv = [list(range(facts.num_kv_heads))] * n
+    heads_l = [list(h) for h in heads] if heads is not None else all_heads
+    kv_l = [list(k) for k in kv_heads] if kv_heads is not None else all_kv
+    for h, k in zip(heads_l, kv_l, strict=True):
+        _kv_for_heads(h, qpk, k)
+
+    config = copy.deepcopy(model.config)
+    config.head_dim = hd  # explicit: after head pruning hidden / heads is no longer head_dim
+    if mlp is not None:
+        config.intermediate_size = len(mlp[0])
+    config.num_attention_heads = len(heads_l[0])
+    config.num_key_value_heads = len(kv_l[0])
+    dtype = next(model.parameters()).dtype
+    small = AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    prefix = _layers_prefix(model) + "."
+    src = model.state_dict()
+    state = {}
+    for name in small.state_dict():
+        t = src[name]
+        if name.startswith(prefix):
+            i, rest = name[len(prefix):].split(".", 1)
+            i = int(i)
+            t = _slice_param(rest, t, i, mlp, heads_l, kv_l, hd, down_weights, o_weights)
+        state[name] = t
+    try:
+        small.load_state_dict(state)
+    except RuntimeError as e:
+        detail = str(e).splitlines()[-1].strip()
+        raise SlimlmError(f"this architecture has layer weights slimlm cannot slice: {detail}") from e
+    small.generation_config = copy.deepcopy(model.generation_config)
+    return small.eval()
+
+
+def _slice_param(rest: str, t: torch.Tensor, i: int, mlp: Kept | None, heads: list[list[int]],
+                 kv: list[list[int]], hd: int, down_weights, o_weights) -> torch.Tensor:
+    module, _, kind = rest.rpartition(".")
+    if module in ("mlp.gate_proj", "mlp.up_proj") and mlp is not None:
+        return t[torch.as_tensor(list(mlp[i]))]
+    if module == "mlp.down_proj" and kind == "weight":
+        if down_weights is not None:
+            return down_weights[i].to(t.dtype)
+        return t[:, torch.as_tensor(list(mlp[i]))] if mlp is not None else t
+    if module == "self_attn.q_proj":
+        return t[head_columns(heads[i], hd)]
+    if module in ("self_attn.k_proj", "self_attn.v_proj"):
+        return t[head_columns(kv[i], hd)]
+    if module == "self_attn.o_proj" and kind == "weight":
+        if o_weights is not None:
+            return o_weights[i].to(t.dtype)
+        return t[:, head_columns(heads[i], hd)]
+    return t
+
+
+@torch.no_grad()
+def mask_width(layer: torch.nn.Module, *, mlp: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+               head_dim: int | None = None, down_weight: torch.Tensor | None = None,
+               o_weight: torch.Tensor | None = None) -> None:
+    """In place on one decoder layer: zero the down_proj columns of removed neurons / the o_proj columns of
+    removed heads, and write ``down_weight`` / ``o_weight`` into the kept columns when given.
+
+    A removed neuron or head then contributes nothing, exactly as if it had been sliced away (down_proj and
+    o_proj have no bias in the supported families; a bias would be kept either way)."""
+    if mlp is not None:
+        w = layer.mlp.down_proj.weight
+        cols = torch.as_tensor(list(mlp), dtype=torch.long)
+        new = w[:, cols] if down_weight is None else down_weight.to(w.device, w.dtype)
+        w.zero_()
+        w[:, cols] = new
+    if heads is not None:
+        w = layer.self_attn.o_proj.weight
+        cols = head_columns(heads, head_dim)
+        new = w[:, cols] if o_weight is None else o_weight.to(w.device, w.dtype)
+        w.zero_()
+        w[:, cols] = new

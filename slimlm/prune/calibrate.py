@@ -1,0 +1,296 @@
+"""Calibration for pruning: token windows, layer-by-layer forward passes, Gram matrices via hooks.
+
+The model is run one decoder layer at a time: the inputs of layer 0 (hidden states plus the keyword
+arguments the model passes its layers: rotary embeddings, mask, positions) are captured once by a
+pre-hook that stops the forward pass; after that, layer i runs on the outputs of the (already pruned)
+layer i − 1. While a layer runs, forward pre-hooks on its ``o_proj`` / ``down_proj`` accumulate
+
+    H = Σ_batches X_bᵀ X_b      X_b [tokens, in] the inputs of that linear layer,
+
+each batch's product in float32 (fast on CPU) added into a float64 accumulator (what the solver needs).
+Only one layer's statistics exist at a time. The diagonal of H (per-channel sum of squares) is the
+activation statistic of the Minitron-style baseline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from slimlm import SlimlmError
+
+BUILTIN_SOURCES = ("text", "movielens-ranking")
+
+
+# --------------------------------------------------------------------------- calibration data
+
+
+def _token_stream(tokenizer, texts: Sequence[str]) -> list[int]:
+    stream: list[int] = []
+    for ids in tokenizer(list(texts), add_special_tokens=False).input_ids:
+        stream.extend(ids)
+        if tokenizer.eos_token_id is not None:
+            stream.append(tokenizer.eos_token_id)
+    return stream
+
+
+def check_source(source: str) -> None:
+    """Fail early (before any model work) on a calibration source that cannot be read."""
+    if source in BUILTIN_SOURCES:
+        return
+    path = Path(source)
+    if not path.is_file():
+        raise SlimlmError(f"--calib {source}: not 'text', 'movielens-ranking' or an existing "
+                          ".txt/.jsonl/.parquet file")
+    if path.suffix.lower() not in (".txt", ".jsonl", ".parquet"):
+        raise SlimlmError(f"{path}: calibration files must be .txt, .jsonl or .parquet (rows with 'text')")
+
+
+def calibration_windows(tokenizer, source: str, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``samples`` non-overlapping windows of ``seq_len`` tokens, [samples, seq_len] (long).
+
+    * ``text``: the built-in held-out prose; the windows are its *last* samples x seq_len tokens, so they
+      stay disjoint from perplexity blocks taken from its start (``slimlm eval --task text --limit N``);
+    * ``movielens-ranking``: prompts of the train split (a seeded subsample), joined with EOS;
+    * a ``.txt`` / ``.jsonl`` / ``.parquet`` file (rows with ``text``): windows drawn at random (seeded).
+    """
+    from slimlm.tasks.text import read_texts
+
+    if samples < 1 or seq_len < 2:
+        raise SlimlmError("calibration needs samples >= 1 and seq_len >= 2")
+    check_source(source)
+    need = samples * seq_len
+    if source == "text":
+        stream = _token_stream(tokenizer, read_texts(None))
+        if len(stream) < need:
+            raise SlimlmError(f"the built-in text has {len(stream)} tokens: at most {len(stream) // seq_len} "
+                              f"calibration windows of {seq_len}")
+        tail = stream[len(stream) - need:]
+        return torch.tensor(tail, dtype=torch.long).reshape(samples, seq_len)
+    if source == "movielens-ranking":
+        from slimlm.tasks import load_ranking_task
+
+        # a prompt is ~250 tokens with this tokenizer; take enough whole users for the windows, then more
+        examples = load_ranking_task(source, None, "train", limit=max(64, math.ceil(need / 100)), seed=seed)
+        stream = _token_stream(tokenizer, [ex.prompt for ex in examples])
+    else:
+        stream = _token_stream(tokenizer, read_texts(source))
+    n_windows = len(stream) // seq_len
+    if n_windows < samples:
+        raise SlimlmError(f"--calib {source}: {len(stream)} tokens give only {n_windows} windows of {seq_len}; "
+                          f"lower --samples or --seq-len")
+    starts = sorted(random.Random(seed).sample(range(n_windows), samples))
+    return torch.tensor([stream[s * seq_len:(s + 1) * seq_len] for s in starts], dtype=torch.long)
+
+
+def batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+
+
+# --------------------------------------------------------------------------- layer-by-layer forward
+
+
+class _Caught(Exception):
+    pass
+
+
+@torch.no_grad()
+def layer0_inputs(model: torch.nn.Module, input_batches: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, dict]]:
+    """For each batch: (hidden states entering decoder layer 0, the keyword arguments the model passes to
+    its layers). A pre-hook on layer 0 records them and stops the forward pass there."""
+    layers = model.get_decoder().layers
+    device = next(model.parameters()).device
+    captured: list[tuple[torch.Tensor, dict]] = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Caught
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in input_batches:
+            with contextlib.suppress(_Caught):
+                model.get_decoder()(input_ids=ids.to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = layer(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class GramCollector:
+    """Forward pre-hooks on linear modules accumulating H = Σ XᵀX (``mode='gram'``, float64 [in, in]) or
+    only its diagonal (``mode='diag'``, float64 [in]); ``tokens`` counts the rows seen."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], mode: str = "gram") -> None:
+        if mode not in ("gram", "diag"):
+            raise ValueError(mode)
+        self.mode = mode
+        self.stats: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            part = (x * x).sum(0) if self.mode == "diag" else x.T @ x
+            part = part.to(torch.float64)
+            if name in self.stats:
+                self.stats[name] += part
+            else:
+                self.stats[name] = part
+            self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
+        return hook
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> GramCollector:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@torch.no_grad()
+def collect(layer: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, dict]], modules: dict[str, torch.nn.Module],
+            mode: str = "gram", keep_outputs: bool = False) -> tuple[dict[str, torch.Tensor], list[torch.Tensor] | None]:
+    """Run ``layer`` over every calibration batch with collectors on ``modules``; returns the statistics
+    (and the layer's outputs when ``keep_outputs``)."""
+    outs = [] if keep_outputs else None
+    with GramCollector(modules, mode) as col:
+        for hidden, kwargs in inputs:
+            y = run_layer(layer, hidden, kwargs)
+            if outs is not None:
+                outs.append(y)
+    return col.stats, outs
+
+
+@torch.no_grad()
+def gram_until(layer: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, dict]], module: torch.nn.Module) -> torch.Tensor:
+    """The Gram matrix of ``module``'s inputs, stopping each batch's forward pass as soon as ``module`` is
+    reached (for ``o_proj`` this skips the MLP, ~3/4 of a layer's work)."""
+    col = GramCollector({"x": module})
+
+    def stop(_module, _args):
+        raise _Caught
+
+    handle = module.register_forward_pre_hook(stop)  # runs after the collector's hook (registration order)
+    try:
+        for hidden, kwargs in inputs:
+            with contextlib.suppress(_Caught):
+                run_layer(layer, hidden, kwargs)
+    finally:
+        handle.remove()
+        col.close()
+    return col.stats["x"]
+
+
+@torch.no_grad()
+def gram_and_outputs(layer: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, dict]],
+                     module: torch.nn.Module) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """One pass: the Gram matrix of ``module``'s inputs, those inputs (per batch) and the layer's outputs.
+
+    With ``module`` = ``down_proj`` the layer output is ``y = r + down_proj(a)`` (residual r, down_proj
+    input a), so after ``W`` is replaced by ``Ŵ`` the new output is ``y + a (Ŵ − W)ᵀ``
+    (:func:`shift_outputs`): the next layer's inputs without running this layer again."""
+    acts: list[torch.Tensor] = []
+    handle = module.register_forward_pre_hook(lambda _m, args: acts.append(args[0].detach()))
+    outs: list[torch.Tensor] = []
+    try:
+        with GramCollector({"x": module}) as col:
+            for hidden, kwargs in inputs:
+                outs.append(run_layer(layer, hidden, kwargs))
+    finally:
+        handle.remove()
+    return col.stats["x"], acts, outs
+
+
+@torch.no_grad()
+def shift_outputs(outs: Sequence[torch.Tensor], acts: Sequence[torch.Tensor], delta: torch.Tensor) -> list[torch.Tensor]:
+    """``y + a Δᵀ`` per batch (``Δ = Ŵ − W`` [hidden, in]): the outputs after a change of the last linear map."""
+    return [y + a @ delta.to(a.dtype).T for y, a in zip(outs, acts, strict=True)]
+
+
+@torch.no_grad()
+def propagate(layer: torch.nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    """The next layer's inputs: this layer's outputs with the same keyword arguments."""
+    return [(run_layer(layer, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
+
+
+# --------------------------------------------------------------------------- depth statistics
+
+
+@torch.no_grad()
+def layer_io_cosines(model: torch.nn.Module, input_batches: Sequence[torch.Tensor]) -> list[float]:
+    """Per decoder layer: the mean over calibration tokens of cos(layer input, layer output) (one forward
+    pass of the whole model per batch; see :func:`slimlm.prune.depth.block_influence`)."""
+    from slimlm.prune.depth import token_cosines
+
+    layers = model.get_decoder().layers
+    sums = [0.0] * len(layers)
+    count = 0
+    handles = []
+    for i, layer in enumerate(layers):
+        def hook(_module, args, kwargs, output, i=i):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            sums[i] += float(token_cosines(x, y).sum())
+        handles.append(layer.register_forward_hook(hook, with_kwargs=True))
+    device = next(model.parameters()).device
+    try:
+        for ids in input_batches:
+            model.get_decoder()(input_ids=ids.to(device), use_cache=False)
+            count += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return [s / count for s in sums]
+
+
+@torch.no_grad()
+def layer_skip_losses(model: torch.nn.Module, input_batches: Sequence[torch.Tensor],
+                      progress=None) -> tuple[float, list[float]]:
+    """Next-token loss of the whole model, and the loss with each decoder layer skipped (its output
+    replaced by its input through a forward hook): one full forward pass per layer per batch."""
+    layers = model.get_decoder().layers
+    device = next(model.parameters()).device
+
+    def loss() -> float:
+        total, n = 0.0, 0
+        for ids in input_batches:
+            ids = ids.to(device)
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+            total += float(out.loss) * (ids.numel() - ids.shape[0])
+            n += ids.numel() - ids.shape[0]
+        return total / n
+
+    base = loss()
+    skipped = []
+    for layer in layers:
+        def identity(_module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            return (x, *output[1:]) if isinstance(output, tuple) else x
+        handle = layer.register_forward_hook(identity, with_kwargs=True)
+        try:
+            skipped.append(loss())
+        finally:
+            handle.remove()
+        if progress:
+            progress(1)
+    return base, skipped
+
+
+def iter_layers(model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
+    yield from enumerate(model.get_decoder().layers)

@@ -1,0 +1,355 @@
+"""Quantize a loaded model in place: ``quantize_model(model, QuantConfig(...), calib_blocks) -> report``.
+
+Every ``nn.Linear`` not named in ``ignore`` (default: ``lm_head``; embeddings are never quantized) is
+replaced by the runtime module of the scheme (:mod:`slimlm.quantize.linear`):
+
+- ``fp8``:  e4m3fn weights, per-channel scales; activations per token (dynamic) or, with
+  ``static_activations``, one per-tensor scale per layer from the calibration max |x| / 448.
+- ``int8``: int8 weights, per-channel scales, dynamic per-token int8 activations. With ``smooth``,
+  SmoothQuant first moves activation outliers into the weights (calibrated; exact in real arithmetic):
+  q/k/v inputs via the input RMSNorm, gate/up via the post-attention RMSNorm, down via up_proj's rows.
+- ``int4``: weight-only int4 in groups of ``group_size`` input columns, symmetric or asymmetric, by
+  round-to-nearest (``rtn``) or GPTQ (``gptq``, calibrated, sequential: layer l's Hessians are
+  collected on the outputs of the already-quantized layers < l). A layer whose in_features is not a
+  multiple of ``group_size`` uses the largest power-of-two divisor below it (e.g. 576 -> 64), and the
+  report says so.
+
+Ignore entries follow compressed-tensors: an exact module name, a class name, or ``re:REGEX``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from slimlm import SlimlmError
+from slimlm.quantize.calibrate import (
+    capture_layer_inputs,
+    layer_output,
+    record_inputs,
+    run_decoder,
+)
+from slimlm.quantize.gptq import gptq_int4
+from slimlm.quantize.linear import Fp8Linear, Int4Linear, Int8Linear, QuantizedLinear, is_quantized
+from slimlm.quantize.schemes import (
+    fp8_static_scale,
+    quantize_fp8_per_channel,
+    quantize_int8_per_channel,
+    rtn_int4,
+    smoothing_scales,
+)
+
+SCHEMES = ("fp8", "int8", "int4")
+INT4_ONLY = ("group_size", "symmetric", "method", "damp")
+
+Progress = Callable[[str, int, int], None]  # (stage description, completed, total)
+
+
+class QuantConfig(BaseModel):
+    """How to quantize. Options that belong to another scheme are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scheme: Literal["fp8", "int8", "int4"]
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+    # int4
+    group_size: Literal[32, 64, 128] = 128
+    symmetric: bool = True
+    method: Literal["gptq", "rtn"] = "gptq"
+    damp: float = Field(0.01, gt=0, lt=1)
+    # int8
+    smooth: bool = False
+    smooth_alpha: float = Field(0.5, ge=0, le=1)
+    # fp8
+    static_activations: bool = False
+
+    def check(self) -> None:
+        given = self.model_fields_set
+        if self.scheme != "int4":
+            wrong = [k for k in INT4_ONLY if k in given]
+            if wrong:
+                raise SlimlmError(f"{', '.join(wrong)} apply to --scheme int4 only (got --scheme {self.scheme})")
+        if self.scheme != "int8" and (self.smooth or "smooth_alpha" in given):
+            raise SlimlmError(f"--smooth applies to --scheme int8 only (got --scheme {self.scheme})")
+        if self.scheme != "fp8" and self.static_activations:
+            raise SlimlmError(f"--static-activations applies to --scheme fp8 only (got --scheme {self.scheme})")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return ((self.scheme == "int4" and self.method == "gptq") or (self.scheme == "int8" and self.smooth)
+                or (self.scheme == "fp8" and self.static_activations))
+
+
+class QuantizeConfig(QuantConfig):
+    """A whole ``slimlm quantize`` run: the scheme (:class:`QuantConfig`) plus its calibration data and the
+    storage dtype of the tensors left in float (pipeline recipes use this as a quantize stage's config)."""
+
+    calib: str | None = None  # text | movielens-ranking | a .txt/.jsonl/.parquet file (schemes that calibrate)
+    samples: int = Field(64, ge=1)  # calibration blocks
+    seq_len: int = Field(512, ge=2)  # tokens per block
+    batch_size: int = Field(8, ge=1)
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+    def check(self) -> None:
+        super().check()
+        if self.needs_calibration and self.calib is None:
+            raise SlimlmError("this scheme needs calibration data: add --calib text|movielens-ranking|FILE")
+
+    def scheme_config(self) -> QuantConfig:
+        return QuantConfig.model_validate(self.model_dump(include=set(QuantConfig.model_fields), exclude_unset=True))
+
+
+def select_targets(model: nn.Module, ignore: list[str]) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules to quantize, by name, in model order; every ignore entry must match something."""
+    from compressed_tensors.utils import is_match
+
+    named = list(model.named_modules())
+    for entry in ignore:
+        if not any(is_match(name, m, entry) for name, m in named if name):
+            example = next((n for n, m in named if isinstance(m, nn.Linear)), "lm_head")
+            raise SlimlmError(f"ignore entry {entry!r} matches no module (names look like {example!r}; "
+                              "use an exact name, a class name or 're:REGEX')")
+    targets = {name: m for name, m in named if isinstance(m, nn.Linear) and not (ignore and is_match(name, m, ignore))}
+    if not targets:
+        kinds = sorted({type(m).__name__ for _, m in named if m is not model})[:6]
+        raise SlimlmError(f"no nn.Linear layers left to quantize (model {type(model).__name__}; module types "
+                          f"{', '.join(kinds)}; ignore={ignore})")
+    return targets
+
+
+def effective_group_size(in_features: int, group_size: int) -> int:
+    """``group_size``, or the largest power-of-two divisor of ``in_features`` below it (at least 8)."""
+    g = group_size
+    while g >= 8:
+        if in_features % g == 0:
+            return g
+        g //= 2
+    raise SlimlmError(f"in_features {in_features} has no int4 group size in {group_size}, {group_size // 2}, ..., 8 "
+                      "(it must be a multiple of 8); ignore this layer")
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    model.set_submodule(name, module)
+
+
+def quantize_linear(linear: nn.Linear, cfg: QuantConfig, *, group_size: int | None = None,
+                    input_scale: torch.Tensor | None = None) -> QuantizedLinear:
+    """Round-to-nearest quantization of one layer into its runtime module (no calibration)."""
+    w, b = linear.weight.detach(), linear.bias
+    if cfg.scheme == "int8":
+        return Int8Linear(*quantize_int8_per_channel(w), b)
+    if cfg.scheme == "fp8":
+        return Fp8Linear(*quantize_fp8_per_channel(w), b, input_scale=input_scale)
+    g = group_size or cfg.group_size
+    q, scale, zero = rtn_int4(w, g, cfg.symmetric)
+    return Int4Linear.from_codes(q, scale, zero, g, b)
+
+
+# --------------------------------------------------------------------------- SmoothQuant
+
+
+def _smooth_groups(model: nn.Module) -> list[tuple[str, nn.Module, list[nn.Linear]]]:
+    """(kind, producer, consumers) per layer: RMSNorm -> q/k/v, RMSNorm -> gate/up, up_proj -> down_proj."""
+    from slimlm.models import FAMILIES
+
+    family = getattr(model.config, "model_type", "?")
+    if family not in FAMILIES:
+        raise SlimlmError(f"--smooth knows the layer structure of {', '.join(FAMILIES)}; this model is {family!r}")
+    groups = []
+    for layer in model.get_decoder().layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        groups.append(("norm", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]))
+        groups.append(("norm", layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
+        groups.append(("rows", mlp.up_proj, [mlp.down_proj]))
+    return groups
+
+
+@torch.no_grad()
+def apply_smoothing(model: nn.Module, act_absmax: dict[int, torch.Tensor], targets: dict[str, nn.Linear],
+                    alpha: float) -> int:
+    """Fold SmoothQuant factors into the producers and consumers (by module id); returns groups smoothed.
+
+    Output-preserving: a norm's output channel j (or up_proj's row j) is divided by s_j and every
+    consumer's input column j multiplied by s_j."""
+    quantized = {id(m) for m in targets.values()}
+    n = 0
+    for kind, producer, consumers in _smooth_groups(model):
+        if not any(id(c) in quantized for c in consumers):
+            continue
+        act = act_absmax[id(consumers[0])]
+        wmax = torch.stack([c.weight.abs().amax(0) for c in consumers]).amax(0)
+        s = smoothing_scales(act, wmax, alpha).to(producer.weight.dtype)
+        if kind == "norm":
+            producer.weight.div_(s)
+        else:
+            producer.weight.div_(s[:, None])
+            if producer.bias is not None:
+                producer.bias.div_(s)
+        for c in consumers:
+            c.weight.mul_(s[None, :])
+        n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, cfg: QuantConfig, calib_blocks: list[list[int]] | None = None, *,
+                   batch_size: int = 8, progress: Progress | None = None) -> dict:
+    """Quantize ``model`` in place (see the module docstring) and return a report dict."""
+    cfg.check()
+    if is_quantized(model):
+        raise SlimlmError("this model is already quantized; quantize the unquantized model instead")
+    if cfg.needs_calibration and not calib_blocks:
+        what = {"int4": "--method gptq", "int8": "--smooth", "fp8": "--static-activations"}[cfg.scheme]
+        raise SlimlmError(f"{what} needs calibration data (--calib text|movielens-ranking|FILE)")
+    t0 = time.perf_counter()
+    targets = select_targets(model, cfg.ignore)
+    report: dict = {"scheme": cfg.scheme, "config": cfg.model_dump(), "quantized_layers": len(targets),
+                    "ignored": cfg.ignore, "calibration_blocks": len(calib_blocks or []) if cfg.needs_calibration else 0,
+                    "notes": []}
+    head = model.get_output_embeddings()
+    if head is not None and head in targets.values() and getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False  # the LM head gets its own quantized copy; embeddings stay float
+        report["notes"].append("lm_head was tied to the input embeddings; it is now a separate quantized layer")
+    tick = progress or (lambda *_: None)
+
+    if cfg.scheme == "int4":
+        groups = {name: effective_group_size(m.in_features, cfg.group_size) for name, m in targets.items()}
+        smaller = sorted({f"{n.rsplit('.', 1)[-1]} (in {targets[n].in_features}) -> g{g}"
+                          for n, g in groups.items() if g != cfg.group_size})
+        if smaller:
+            report["notes"].append(f"group size {cfg.group_size} does not divide in_features of: {'; '.join(smaller)}")
+        report["group_sizes"] = {n.rsplit(".", 1)[-1]: g for n, g in groups.items()}
+        if cfg.method == "rtn":
+            for i, (name, m) in enumerate(targets.items()):
+                _swap(model, name, quantize_linear(m, cfg, group_size=groups[name]))
+                tick("int4 rtn", i + 1, len(targets))
+        else:
+            report["notes"] += _gptq_sequential(model, targets, groups, cfg, calib_blocks, batch_size, tick)
+    else:
+        input_scales: dict[str, torch.Tensor] = {}
+        if cfg.needs_calibration:
+            stats = _activation_stats(model, targets, calib_blocks, batch_size, channel=cfg.smooth, tick=tick)
+            if cfg.smooth:
+                absmax = {id(targets[n]): s.channel_absmax for n, s in stats.items() if s.channel_absmax is not None}
+                report["smoothed_groups"] = apply_smoothing(model, absmax, targets, cfg.smooth_alpha)
+            if cfg.static_activations:
+                input_scales = {n: fp8_static_scale(s.absmax) for n, s in stats.items()}
+        for i, (name, m) in enumerate(targets.items()):
+            _swap(model, name, quantize_linear(m, cfg, input_scale=input_scales.get(name)))
+            tick(f"{cfg.scheme} weights", i + 1, len(targets))
+    report["seconds"] = round(time.perf_counter() - t0, 2)
+    return report
+
+
+def _activation_stats(model, targets, blocks, batch_size, *, channel: bool, tick: Progress):
+    """Input statistics of every target from one pass over the calibration blocks (LM head: the final hidden states)."""
+    head = model.get_output_embeddings()
+    head_name = next((n for n, m in targets.items() if m is head), None)
+    hooked = {n: m for n, m in targets.items() if n != head_name}
+    done = 0
+    with record_inputs(hooked, channel_absmax=channel) as stats:
+        def step(n):
+            nonlocal done
+            done += n
+            tick("calibration", done, len(blocks))
+
+        if head_name is None:
+            run_decoder(model, blocks, batch_size, progress=step)
+        else:
+            from slimlm.quantize.calibrate import InputStats
+
+            head_stats = InputStats(want_channel_absmax=channel)
+            run_decoder(model, blocks, batch_size, progress=step, on_output=head_stats.update)
+    stats = dict(stats)
+    if head_name is not None:
+        stats[head_name] = head_stats
+    missing = [n for n, s in stats.items() if s.count == 0]
+    if missing:
+        raise SlimlmError(f"calibration inputs never reached {missing[0]} (and {len(missing) - 1} more layers)")
+    return stats
+
+
+def _gptq_sequential(model, targets, groups, cfg: QuantConfig, blocks, batch_size, tick: Progress) -> list[str]:
+    """GPTQ layer by layer: collect each decoder layer's input Hessians on the outputs of the already
+    quantized layers before it, quantize its linears, then feed its (quantized) outputs to the next."""
+    notes = []
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    layer_names = {id(m): n for n, m in model.named_modules()}
+    captured = capture_layer_inputs(model, blocks, batch_size)
+    done: set[str] = set()
+
+    def gptq_swap(name: str, hessian: torch.Tensor) -> None:
+        m = targets[name]
+        q, scale, zero = gptq_int4(m.weight.detach(), hessian, group_size=groups[name], symmetric=cfg.symmetric,
+                                   damp=cfg.damp)
+        _swap(model, name, Int4Linear.from_codes(q, scale, zero, groups[name], m.bias))
+        done.add(name)
+
+    for i, layer in enumerate(layers):
+        prefix = layer_names[id(layer)] + "."
+        mine = {n: m for n, m in targets.items() if n.startswith(prefix)}
+        if mine:
+            with record_inputs(mine, hessian=True) as stats:
+                for hidden, kwargs in captured:
+                    layer_output(layer, hidden, kwargs)
+            for name in mine:
+                gptq_swap(name, stats[name].hessian)
+        captured = [(layer_output(layer, hidden, kwargs), kwargs) for hidden, kwargs in captured]
+        tick("gptq layers", i + 1, len(layers))
+    head = model.get_output_embeddings()
+    for name in [n for n in targets if n not in done]:
+        if targets[name] is head and getattr(decoder, "norm", None) is not None:
+            from slimlm.quantize.calibrate import InputStats
+
+            s = InputStats(want_hessian=True)
+            for hidden, _ in captured:
+                s.update(decoder.norm(hidden))
+            gptq_swap(name, s.hessian)
+        else:  # a linear outside the decoder layers whose inputs we cannot replay
+            _swap(model, name, quantize_linear(targets[name], cfg, group_size=groups[name]))
+            notes.append(f"{name}: round-to-nearest (outside the decoder layers)")
+    return notes
+
+
+def quantize_dir(source: str | Path, out_dir: str | Path, cfg: QuantizeConfig, *, progress: Progress | None = None,
+                 status: Callable[[str], None] | None = None) -> dict:
+    """Quantize the model in ``source`` (a directory or ``teacher``) and export it to ``out_dir`` in the
+    compressed-tensors format (written atomically, report in ``quantize_report.json``); returns the report."""
+    from slimlm.models import load_model, load_tokenizer, param_counts, resolve_model
+    from slimlm.quantize.calibrate import calibration_blocks
+    from slimlm.quantize.export import export_quantized, is_compressed_tensors_dir
+
+    path = resolve_model(str(source))
+    if is_compressed_tensors_dir(path):
+        raise SlimlmError(f"{path} is already quantized (compressed-tensors); quantize the unquantized model instead")
+    cfg.check()
+    scheme = cfg.scheme_config()
+    tokenizer = load_tokenizer(path)
+    blocks = None
+    if scheme.needs_calibration:
+        if status:
+            status(f"calibration data: {cfg.samples} x {cfg.seq_len} tokens of {cfg.calib}")
+        blocks = calibration_blocks(tokenizer, cfg.calib, cfg.samples, cfg.seq_len)
+    elif cfg.calib is not None and status:
+        status("note: this scheme needs no calibration; calib is not used")
+    model = load_model(path)
+    before = param_counts(model)
+    report = quantize_model(model, scheme, blocks, batch_size=cfg.batch_size, progress=progress)
+    report.update(source=str(path), calibration=cfg.calib if scheme.needs_calibration else None,
+                  params=param_counts(model), source_params=before)
+    if status:
+        status(f"writing {out_dir}")
+    export_quantized(model, tokenizer, out_dir, dtype=getattr(torch, cfg.dtype), report=report)
+    report["weights_bytes"] = sum(f.stat().st_size for f in Path(out_dir).glob("*.safetensors"))
+    report["source_weights_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return report

@@ -1,0 +1,295 @@
+"""Continuous batching: one worker thread owns the model and interleaves all work on it.
+
+Between two decode steps of the running :class:`~slimlm.serve.engine.DecodeBatch` the worker
+
+1. runs one step of the current call (e.g. a scoring request) — so scoring and decoding share the
+   model without two threads ever running it at once. A call that returns a generator is advanced one
+   ``next()`` per loop (a scoring request: the prefix, then one candidate batch at a time), so a large
+   scoring request delays running generations by one batch at a time, not by its whole duration;
+2. drops cancelled rows (a client that went away);
+3. admits waiting requests into free batch slots (up to ``max_batch`` rows and ``max_prefill_tokens``
+   prompt tokens per admission): they are prefilled together and joined to the running batch's KV cache;
+4. runs one decode step; finished rows leave the batch and their requests complete.
+
+Callers on other threads (the HTTP server's event loop) submit work and receive text pieces and the
+finish through callbacks, which the worker calls on its own thread: they must be quick and thread-safe
+(the server hands them to its event loop with ``call_soon_threadsafe``). A failure while prefilling or
+decoding fails the requests involved, never the worker.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from slimlm import SlimlmError
+from slimlm.serve.engine import DecodeBatch, Generation, OnDelta, SamplingParams, _eos_ids, _pad_id
+
+log = logging.getLogger("slimlm.serve")
+
+OnFinish = Callable[[Generation], None]
+
+
+class QueueFull(SlimlmError):
+    """Too many requests are waiting; the caller should retry later (HTTP 503)."""
+
+
+@dataclass(eq=False)
+class Request:
+    """A submitted generation: its :class:`Generation`, completion signal, and timings."""
+
+    gen: Generation
+    on_finish: OnFinish | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    cancelled: bool = False
+    _done: threading.Event = field(default_factory=threading.Event)
+
+    def wait(self, timeout: float | None = None) -> Generation:
+        """Block until the request has finished; return its generation (raise if it failed)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError("generation did not finish in time")
+        if self.error is not None:
+            raise RuntimeError(self.error)
+        return self.gen
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+
+class Scheduler:
+    """Owns ``model`` on a worker thread; see the module docstring for the loop."""
+
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 256,
+                 max_prefill_tokens: int = 4096, max_positions: int | None = None):
+        if max_batch < 1 or max_waiting < 1 or max_prefill_tokens < 1:
+            raise SlimlmError("max_batch, max_waiting and max_prefill_tokens must be >= 1")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_waiting, self.max_prefill_tokens = max_batch, max_waiting, max_prefill_tokens
+        self.batch = DecodeBatch(model, pad_id=_pad_id(tokenizer), eos_ids=_eos_ids(model, tokenizer),
+                                 max_positions=max_positions)
+        self._waiting: deque[Request] = deque()
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()
+        self._current: tuple[Generator, Future] | None = None  # a stepwise call in progress
+        self._running: dict[int, Request] = {}  # id(gen) -> request, for rows in the batch
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # decode steps run (for tests and metrics)
+        self.admissions = 0  # prefill batches run
+        self.peak_batch = 0  # most rows decoded together
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> Scheduler:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="slimlm-scheduler", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker; unfinished requests fail with 'server shutting down'."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        for req in list(self._waiting) + list(self._running.values()):
+            self._fail(req, "server shutting down")
+        self._waiting.clear()
+        self._running.clear()
+        for _, fut in self._calls:
+            fut.cancel()
+        self._calls.clear()
+        if self._current is not None:
+            self._current[1].set_exception(SlimlmError("server shutting down"))
+            self._current = None
+
+    def __enter__(self) -> Scheduler:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ submitting work
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, *, on_delta: OnDelta | None = None,
+               on_finish: OnFinish | None = None) -> Request:
+        """Queue a generation; text pieces go to ``on_delta``, the end to ``on_finish`` (worker thread)."""
+        gen = Generation(list(prompt), params, tokenizer=self.tokenizer, on_delta=_guarded(on_delta))
+        req = Request(gen, on_finish)
+        with self._cv:
+            if self._stop:
+                raise SlimlmError("server shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests already waiting; retry later")
+            self._waiting.append(req)
+            self._cv.notify_all()
+        return req
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn()`` on the worker thread between decode steps; its result (or exception) in a Future.
+
+        If ``fn()`` returns a generator, the worker advances it one step per loop, between decode steps,
+        and the Future gets the generator's return value."""
+        fut: Future = Future()
+        with self._cv:
+            if self._stop:
+                raise SlimlmError("server shutting down")
+            if len(self._calls) >= self.max_waiting:
+                raise QueueFull(f"{len(self._calls)} calls already waiting; retry later")
+            self._calls.append((fn, fut))
+            self._cv.notify_all()
+        return fut
+
+    def cancel(self, req: Request) -> None:
+        """Ask the worker to drop ``req`` (it finishes with reason ``cancelled`` before the next step)."""
+        with self._cv:
+            req.cancelled = True
+            self._cv.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        with self._cv:
+            return {"waiting": len(self._waiting), "calls_waiting": len(self._calls), "running": len(self.batch)}
+
+    # ------------------------------------------------------------------ the worker
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while (not self._stop and not self._waiting and not self._calls and not len(self.batch)
+                       and self._current is None):
+                    self._cv.wait()
+                if self._stop:
+                    return
+                call = self._calls.popleft() if self._calls and self._current is None else None
+                admit = self._take_admissions()
+            if call is not None:
+                self._run_call(*call)
+            elif self._current is not None:
+                self._advance()
+            self._drop_cancelled()
+            if admit:
+                self._admit(admit)
+            if len(self.batch):
+                self._step()
+
+    def _take_admissions(self) -> list[Request]:
+        """Pop waiting requests for the free slots (caller holds the lock). Cancelled ones finish here."""
+        out, tokens = [], 0
+        while self._waiting and len(self.batch) + len(out) < self.max_batch:
+            req = self._waiting[0]
+            if req.cancelled:
+                self._waiting.popleft()
+                req.gen.finish("cancelled")
+                self._complete(req)
+                continue
+            if out and tokens + len(req.gen.prompt) > self.max_prefill_tokens:
+                break
+            tokens += len(req.gen.prompt)
+            out.append(self._waiting.popleft())
+        return out
+
+    def _run_call(self, fn, fut: Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            result = fn()
+        except BaseException as e:  # the caller gets the exception; the worker carries on
+            fut.set_exception(e)
+            return
+        if inspect.isgenerator(result):
+            self._current = (result, fut)
+            self._advance()
+        else:
+            fut.set_result(result)
+
+    def _advance(self) -> None:
+        steps, fut = self._current
+        try:
+            next(steps)
+        except StopIteration as done:
+            self._current = None
+            fut.set_result(done.value)
+        except BaseException as e:  # noqa: BLE001
+            self._current = None
+            fut.set_exception(e)
+
+    def _drop_cancelled(self) -> None:
+        for g in [g for g in self.batch.rows if self._running[id(g)].cancelled]:
+            self.batch.cancel(g)
+            self._complete(self._running.pop(id(g)))
+
+    def _admit(self, reqs: list[Request]) -> None:
+        try:
+            self.batch.add([r.gen for r in reqs])
+        except Exception as e:  # noqa: BLE001 - one bad admission must not stop the worker
+            log.exception("prefill failed")
+            for r in reqs:
+                self._fail(r, f"prefill failed: {e}")
+            return
+        self.admissions += 1
+        self.peak_batch = max(self.peak_batch, len(self.batch))
+        for r in reqs:
+            self._running[id(r.gen)] = r
+
+    def _step(self) -> None:
+        try:
+            finished = self.batch.step()
+        except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
+            log.exception("decode step failed")
+            for r in list(self._running.values()):
+                self._fail(r, f"decode failed: {e}")
+            self._running.clear()
+            self.batch.drop([])
+            return
+        self.steps += 1
+        now = time.perf_counter()
+        for g in self.batch.rows:
+            r = self._running[id(g)]
+            if r.first_token is None:
+                r.first_token = now
+        for g in finished:
+            r = self._running.pop(id(g))
+            if r.first_token is None:
+                r.first_token = now
+            self._complete(r)
+
+    def _complete(self, req: Request) -> None:
+        req.finished = time.perf_counter()
+        req._done.set()
+        if req.on_finish is not None:
+            try:
+                req.on_finish(req.gen)
+            except Exception:  # noqa: BLE001 - a caller's callback must not stop the worker
+                log.exception("on_finish callback failed")
+
+    def _fail(self, req: Request, message: str) -> None:
+        req.error = message
+        if not req.gen.done:
+            req.gen.finish_reason = "error"
+        self._complete(req)
+
+
+def _guarded(on_delta: OnDelta | None) -> OnDelta | None:
+    """``on_delta`` with its exceptions logged, not raised into the decode step (which would fail the batch)."""
+    if on_delta is None:
+        return None
+
+    def call(gen: Generation, piece: str) -> None:
+        try:
+            on_delta(gen, piece)
+        except Exception:  # noqa: BLE001
+            log.exception("on_delta callback failed")
+
+    return call

@@ -1,0 +1,66 @@
+"""`slimlm quantize` end to end on tiny models: output directory, reload, eval, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from slimlm.cli import app
+from slimlm.models import load_model
+from slimlm.quantize.linear import Int4Linear, Int8Linear
+
+runner = CliRunner()
+PROSE = "The quick brown fox jumps over the lazy dog. Hello world, this is a small test of the tokenizer. " * 40
+
+
+def test_quantize_int8_then_eval_and_refuse_requantizing(tiny_model_dirs, tmp_path):
+    out = tmp_path / "q8"
+    res = runner.invoke(app, ["quantize", str(tiny_model_dirs["llama"]), "--scheme", "int8", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout[res.stdout.index("{"):])
+    assert summary["quantized_layers"] == 14 and 0 < summary["weights_bytes"] < summary["source_weights_bytes"]
+    assert json.loads((out / "slimlm_quantize.json").read_text())["scheme"] == "int8"
+    assert isinstance(load_model(out).model.layers[0].mlp.up_proj, Int8Linear)
+    (tmp_path / "t.txt").write_text(PROSE)
+    res = runner.invoke(app, ["eval", str(out), "--task", "text", "--data", str(tmp_path / "t.txt"),
+                              "--out", str(tmp_path / "ppl.json")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "ppl.json").read_text())["metrics"]["perplexity"] > 1
+    res = runner.invoke(app, ["quantize", str(out), "--scheme", "int4", "--out", str(tmp_path / "again")])
+    assert res.exit_code == 2 and "already quantized" in res.output
+    assert not (tmp_path / "again").exists()
+
+
+def test_quantize_int4_gptq_with_calibration_file(tiny_model_dirs, tmp_path):
+    (tmp_path / "calib.txt").write_text(PROSE)
+    out = tmp_path / "q4"
+    res = runner.invoke(app, ["quantize", str(tiny_model_dirs["qwen3"]), "--scheme", "int4", "--out", str(out),
+                              "--calib", str(tmp_path / "calib.txt"), "--samples", "4", "--seq-len", "32",
+                              "--group-size", "32", "--asymmetric", "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "slimlm_quantize.json").read_text())
+    assert report["calibration_blocks"] == 4 and report["config"]["method"] == "gptq"
+    m = load_model(out)
+    layer = m.model.layers[1].self_attn.o_proj
+    assert isinstance(layer, Int4Linear) and not layer.symmetric and layer.group_size == 32
+    with torch.no_grad():
+        assert torch.isfinite(m(torch.tensor([[5, 6, 7]])).logits).all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scheme", "int5"], "--scheme"),
+    (["--scheme", "int4"], "needs calibration data: add --calib"),
+    (["--scheme", "int8", "--group-size", "32"], "apply to --scheme int4 only"),
+    (["--scheme", "int4", "--group-size", "48", "--method", "rtn"], "--group-size"),
+    (["--scheme", "int8", "--smooth", "--calib", "/no/such/file.txt"], "no such file"),
+    (["--scheme", "fp8", "--ignore", "lm_heda"], "matches no module"),
+    (["--scheme", "fp8", "--dtype", "float16"], "--dtype: Input should be"),
+])
+def test_quantize_errors_are_one_line(tiny_model_dirs, tmp_path, args, message):
+    res = runner.invoke(app, ["quantize", str(tiny_model_dirs["llama"]), "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()

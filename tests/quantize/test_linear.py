@@ -1,0 +1,132 @@
+"""Runtime modules against naive references and against the fp32 layer they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from slimlm.quantize import schemes as S
+from slimlm.quantize.api import QuantConfig, quantize_linear
+from slimlm.quantize.linear import Fp8Linear, Int4Linear, Int8Linear, fp8_matmul_supported, int8_matmul
+
+SHAPES = [(16, 32, 24), (1, 576, 1536), (5, 33, 7), (0, 8, 8)]  # (tokens, in, out)
+
+
+def fp32_layer(inp, out, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(inp, out, bias=bias)
+    with torch.no_grad():
+        lin.weight.mul_(3)
+    return lin
+
+
+def rel_err(a, b):
+    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 5, 3), (3, 17, 9), (20, 64, 24), (2, 8, 16)])
+def test_int8_matmul_exact_and_padded_path(m, k, n):
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    ref = (a.long() @ w.long().T).int()
+    assert torch.equal(int8_matmul(a, w), ref)
+    assert torch.equal(int8_matmul(a, w, pad=True), ref)  # the CUDA padding logic, exercised on CPU
+
+
+@pytest.mark.parametrize("t,inp,out", SHAPES)
+def test_int8_linear_matches_integer_reference(t, inp, out):
+    lin = fp32_layer(inp, out)
+    q = Int8Linear(*S.quantize_int8_per_channel(lin.weight.detach()), lin.bias)
+    x = torch.randn(t, inp) * 2
+    # naive reference: quantize each token row by hand, integer matmul in int64, rescale
+    qx, sx = S.quantize_int8_per_channel(x) if t else (torch.zeros(0, inp, dtype=torch.int8), torch.zeros(0, 1))
+    ref = (qx.long() @ q.qweight.long().T).double() * sx.double() * q.weight_scale.double().T + lin.bias.double()
+    y = q(x)
+    assert y.shape == (t, out) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    if t:
+        assert rel_err(y, lin(x)) < 0.02  # vs the fp32 layer: ~1% for Gaussian inputs
+
+
+def test_int8_linear_3d_input_no_bias_and_weight_view():
+    lin = fp32_layer(64, 40, bias=False)
+    q = Int8Linear(*S.quantize_int8_per_channel(lin.weight.detach()))
+    x = torch.randn(2, 7, 64)
+    y = q(x)
+    assert y.shape == (2, 7, 40)
+    torch.testing.assert_close(y, q(x.reshape(14, 64)).reshape(2, 7, 40))
+    assert q.weight.dtype == torch.float32 and q.weight.shape == (40, 64)
+    assert rel_err(q.weight, lin.weight) < 0.01
+    assert q.logical_numel == 64 * 40 and not list(q.parameters())  # weights are buffers, no bias
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("t,inp,out", SHAPES[:3])
+def test_fp8_linear_matches_reference(t, inp, out, static):
+    lin = fp32_layer(inp, out)
+    x = torch.randn(t, inp) * 2
+    in_scale = S.fp8_static_scale(x.abs().max()) if static else None
+    q = Fp8Linear(*S.quantize_fp8_per_channel(lin.weight.detach()), lin.bias, input_scale=in_scale)
+    assert q.qweight_fp8.dtype == torch.float8_e4m3fn and q.qweight.element_size() == 1
+    sx = in_scale if static else x.abs().amax(1, keepdim=True) / 448
+    xd = (x / sx).clamp(-448, 448).to(torch.float8_e4m3fn).double() * sx.double()
+    wd = q.qweight_fp8.double() * q.weight_scale.double()
+    ref = xd @ wd.T + lin.bias.double()
+    torch.testing.assert_close(q(x).double(), ref, rtol=1e-5, atol=1e-5)
+    assert rel_err(q(x), lin(x)) < 0.06
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("t,inp,out,g", [(16, 64, 24, 32), (1, 576, 100, 64), (3, 256, 9, 128)])
+def test_int4_linear_matches_reference(t, inp, out, g, symmetric):
+    lin = fp32_layer(inp, out)
+    qc, s, z = S.rtn_int4(lin.weight.detach(), g, symmetric)
+    q = Int4Linear.from_codes(qc, s, z, g, lin.bias)
+    assert q.weight_packed.dtype == torch.int32 and q.weight_packed.shape == (out, inp // 8)
+    assert torch.equal(q.codes(), qc)
+    x = torch.randn(t, inp)
+    ref = x.double() @ S.dequantize_int4(qc, s, z, g).double().T + lin.bias.double()
+    torch.testing.assert_close(q(x).double(), ref, rtol=1e-5, atol=1e-5)
+    assert rel_err(q(x), lin(x)) < 0.15
+    state = q.compressed_state()
+    assert state["weight_shape"].tolist() == [out, inp]
+    if not symmetric:
+        assert state["weight_zero_point"].shape == (-(-out // 8), inp // g)
+
+
+def test_quantize_linear_dispatch():
+    lin = fp32_layer(64, 16)
+    assert isinstance(quantize_linear(lin, QuantConfig(scheme="int8")), Int8Linear)
+    assert isinstance(quantize_linear(lin, QuantConfig(scheme="fp8")), Fp8Linear)
+    m = quantize_linear(lin, QuantConfig(scheme="int4", group_size=32))
+    assert isinstance(m, Int4Linear) and m.group_size == 32
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError):
+        Int8Linear(torch.zeros(4, 8), torch.ones(4, 1))
+    with pytest.raises(ValueError):
+        Int4Linear(torch.zeros(4, 1, dtype=torch.int32), torch.ones(4, 1), None, 32, 8)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and fp8_matmul_supported(torch.device("cuda"))),
+                    reason="needs a CUDA GPU with compute capability >= 8.9 (fp8 _scaled_mm)")
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_scaled_mm_path_matches_fallback_on_gpu(static):
+    lin = fp32_layer(256, 128).cuda()
+    x = torch.randn(32, 256, device="cuda")
+    in_scale = S.fp8_static_scale(x.abs().max()) if static else None
+    q = Fp8Linear(*S.quantize_fp8_per_channel(lin.weight.detach()), lin.bias, input_scale=in_scale).cuda()
+    y = q(x)
+    xd = S.fake_quantize_fp8(x, in_scale if static else x.abs().amax(1, keepdim=True) / 448)
+    ref = nn.functional.linear(xd, q.dequantized_weight(), q.bias)
+    assert rel_err(y, ref) < 1e-2  # bf16 output rounding
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int8_linear_on_gpu_pads_small_batches():
+    lin = fp32_layer(72, 40).cuda()
+    q = Int8Linear(*S.quantize_int8_per_channel(lin.weight.detach()), lin.bias).cuda()
+    x = torch.randn(3, 72, device="cuda")
+    assert rel_err(q(x), lin(x)) < 0.02

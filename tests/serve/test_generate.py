@@ -1,0 +1,257 @@
+"""Generation: KV-cache decoding against a no-cache greedy reference, joining/leaving a running batch,
+seeded sampling, stop strings, incremental detokenization, streaming, label-set probabilities."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from slimlm import SlimlmError
+from slimlm.models import FAMILIES, tiny_model
+from slimlm.serve.engine import (
+    DecodeBatch,
+    Detokenizer,
+    Generation,
+    SamplingParams,
+    StopText,
+    generate,
+    generate_text,
+    label_probs_full,
+    label_probs_shared_prefix,
+    sample_next,
+    stream,
+)
+
+VOCAB = 384
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared CPU a contended two-thread OpenMP
+    pool makes every tiny matmul take milliseconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def greedy_reference(model, prompt, n, eos=None) -> list[int]:
+    """Greedy continuation by full forwards over the whole growing sequence: no cache, no padding."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            out.append(t)
+            seq.append(t)
+            if t == eos:
+                break
+    return out
+
+
+def prompts(seed=0, lengths=(5, 1, 13, 8)):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in lengths]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    return tiny_model(request.param, seed=1, initializer_range=0.2)
+
+
+def test_kv_cache_greedy_equals_no_cache_greedy(model):
+    ps = prompts()
+    got = generate(model, ps, max_new_tokens=8, temperature=0, pad_id=0)
+    assert got == [greedy_reference(model, p, 8) for p in ps]
+
+
+def test_eos_ends_a_row_and_is_included(model):
+    ps = prompts(1)
+    free = generate(model, ps, max_new_tokens=6, temperature=0)
+    eos = free[0][2]  # a token row 0 produces at step 3: make it the EOS
+    got = generate(model, ps, max_new_tokens=6, temperature=0, eos_id=eos)
+    assert got == [greedy_reference(model, p, 6, eos=eos) for p in ps]
+    assert got[0] == free[0][:free[0].index(eos) + 1] and len(got[0]) < 6
+
+
+def test_rows_join_and_leave_a_running_batch(model):
+    """Requests admitted between decode steps (different prompt lengths, different max_tokens) give the
+    same tokens as each request decoded alone without a cache."""
+    ps = prompts(2, lengths=(6, 17, 2, 9, 4, 11))
+    budgets = [7, 3, 5, 8, 2, 6]
+    gens = [Generation(p, SamplingParams(max_tokens=m, temperature=0)) for p, m in zip(ps, budgets, strict=True)]
+    batch = DecodeBatch(model, pad_id=0)
+    batch.add(gens[:2])
+    schedule = {1: [2], 2: [3, 4], 5: [5]}  # step -> rows that join before it
+    step = 0
+    while len(batch) or step <= max(schedule):
+        if step in schedule:
+            batch.add([gens[i] for i in schedule[step]])
+        batch.step()
+        if len(batch):
+            # rows are right-aligned and no cache column is padding in every row
+            assert bool(batch.mask[:, -1].all()) and bool(batch.mask.any(0)[0])
+        step += 1
+    for g, p, m in zip(gens, ps, budgets, strict=True):
+        assert g.finish_reason == "length"
+        assert g.tokens == greedy_reference(model, p, m)
+
+
+def test_cancel_removes_a_row_and_the_rest_continue(model):
+    ps = prompts(3)
+    gens = [Generation(p, SamplingParams(max_tokens=6, temperature=0)) for p in ps]
+    batch = DecodeBatch(model)
+    batch.add(gens)
+    batch.step()
+    batch.cancel(gens[2])
+    while len(batch):
+        batch.step()
+    assert gens[2].finish_reason == "cancelled" and len(gens[2].tokens) == 1
+    for i in (0, 1, 3):
+        assert gens[i].tokens == greedy_reference(model, ps[i], 6)
+
+
+def test_context_limit_ends_with_length(model):
+    g = Generation([5, 6, 7], SamplingParams(max_tokens=50, temperature=0))
+    batch = DecodeBatch(model, max_positions=8)
+    batch.add([g])
+    while len(batch):
+        batch.step()
+    assert g.finish_reason == "length" and len(g.tokens) == 5  # positions 3..7
+    with pytest.raises(SlimlmError, match="context"):
+        DecodeBatch(model, max_positions=3).add([Generation([1, 2, 3], SamplingParams(temperature=0))])
+
+
+def test_seeded_sampling_does_not_depend_on_batch_neighbours(model):
+    p = prompts(4)[2]
+    params = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=123)
+
+    def run(neighbours):
+        gens = [Generation(p, params)] + [Generation(q, SamplingParams(max_tokens=3, temperature=0.7, seed=9))
+                                         for q in neighbours]
+        batch = DecodeBatch(model)
+        batch.add(gens)
+        while len(batch):
+            batch.step()
+        return gens[0].tokens
+
+    alone = run([])
+    assert run(prompts(5)) == alone
+    assert len({tuple(run([]))}) == 1 and alone == run([])
+    other = [Generation(p, SamplingParams(max_tokens=8, temperature=1.0, seed=s)) for s in range(4)]
+    batch = DecodeBatch(model)
+    batch.add(other)
+    while len(batch):
+        batch.step()
+    assert len({tuple(g.tokens) for g in other}) > 1, "different seeds should give different samples"
+
+
+def test_sample_next_top_p_keeps_the_nucleus_only():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, 1.0, 0.75, g)  # nucleus {0, 1}: 0.5 < 0.75 <= 0.8
+    assert set(draws.tolist()) == {0, 1}
+    assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.05
+    assert set(sample_next(logits, 1.0, 1e-6, g).tolist()) == {0}
+    assert sample_next(logits[:3], 0, 0.5).tolist() == [0, 0, 0]
+    all4 = sample_next(logits, 1.0, 1.0, g)
+    assert set(all4.tolist()) == {0, 1, 2, 3}
+
+
+def test_sampling_params_reject_bad_values():
+    for kw in ({"max_tokens": 0}, {"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"stop": ("",)}):
+        with pytest.raises(SlimlmError):
+            SamplingParams(**kw)
+    with pytest.raises(SlimlmError, match="tokenizer"):
+        Generation([1], SamplingParams(stop=("x",)))
+
+
+# --------------------------------------------------------------------------- text
+
+
+@pytest.mark.parametrize("text", ["héllo → 日本語 🎉 ok", "Yes No\nThe quick brown fox", "ü" * 7])
+def test_detokenizer_pieces_rebuild_the_text(tiny_tok, text):
+    ids = tiny_tok(text, add_special_tokens=False).input_ids
+    assert len(ids) > 3
+    d = Detokenizer(tiny_tok, context=tiny_tok("User: ").input_ids)
+    pieces = [d.push(t) for t in ids] + [d.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert pieces.count("") > 0 or len(ids) == len(text)  # multi-byte characters are held back
+
+
+def test_stop_text_cuts_at_first_stop_and_never_leaks_part_of_one():
+    s = StopText(["END", "\n\n"])
+    out = [s.feed(x) for x in ["abc E", "N", "x E", "NDtail"]]
+    assert "".join(out) == "abc ENx " and s.stopped and s.text == "abc ENx "
+    assert out[0] == "abc " and out[1] == ""  # "E" then "EN" held back: could start "END"
+    s = StopText(["\n\n"])
+    assert s.feed("a\n") == "a" and s.feed("b") == "\nb" and s.feed("\n") == "" and s.feed("\nz") == ""
+    assert s.text == "a\nb" and s.stopped
+    s = StopText([])
+    assert s.feed("x") == "x" and not s.stopped
+
+
+def test_generate_text_stop_strings_and_streaming(tiny_tok):
+    model = tiny_model("llama", seed=4, vocab_size=len(tiny_tok), initializer_range=0.2)
+    prompt = "User: 24-year-old male"
+    free = generate_text(model, tiny_tok, [prompt], SamplingParams(max_tokens=12, temperature=0))[0]
+    ref_tokens = greedy_reference(model, tiny_tok(prompt).input_ids, 12)
+    assert free.tokens == ref_tokens
+    assert free.text == tiny_tok.decode(ref_tokens, skip_special_tokens=True)
+    assert len(free.text) >= 6, free.text
+    stop = free.text[3:5]
+    cut = free.text[:free.text.find(stop)]
+    params = SamplingParams(max_tokens=12, temperature=0, stop=(stop,))
+    got = generate_text(model, tiny_tok, [prompt, prompt], params, max_batch=1)
+    assert [g.text for g in got] == [cut, cut] and got[0].finish_reason == "stop"
+    pieces = list(stream(model, tiny_tok, prompt, params))
+    assert "".join(pieces) == cut
+    assert "".join(stream(model, tiny_tok, prompt, SamplingParams(max_tokens=12, temperature=0))) == free.text
+
+
+def test_generate_text_refills_slots_and_seeds_per_prompt(tiny_tok):
+    model = tiny_model("qwen2", seed=5, vocab_size=len(tiny_tok), initializer_range=0.2)
+    texts = ["Hello world", "The quick brown fox jumps", "Yes", "Candidate movie: Four Rooms", "No"]
+    greedy = generate_text(model, tiny_tok, texts, SamplingParams(max_tokens=5, temperature=0), max_batch=2)
+    for g, t in zip(greedy, texts, strict=True):
+        assert g.tokens == greedy_reference(model, tiny_tok(t).input_ids, 5)
+    sp = SamplingParams(max_tokens=5, temperature=0.8, seed=7)
+    a = generate_text(model, tiny_tok, texts, sp, max_batch=2)
+    b = generate_text(model, tiny_tok, texts, sp, max_batch=5)
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+
+
+# --------------------------------------------------------------------------- other dtypes, label sets
+
+
+def test_bf16_model_generates_and_scores_close_to_fp32():
+    m32 = tiny_model("llama", seed=6, initializer_range=0.2)
+    m16 = tiny_model("llama", seed=6, initializer_range=0.2).to(torch.bfloat16)
+    prefix, suffixes = prompts(6, (12,))[0], prompts(7, (3, 5, 1))
+    p32 = label_probs_shared_prefix(m32, prefix, suffixes, (10, 11, 12))
+    p16 = label_probs_shared_prefix(m16, prefix, suffixes, (10, 11, 12))
+    np.testing.assert_allclose(p16, p32, atol=0.05)
+    out = generate(m16, prompts(8), max_new_tokens=4, temperature=0)
+    assert [len(o) for o in out] == [4] * 4 and all(0 <= t < VOCAB for o in out for t in o)
+
+
+def test_label_probs_over_a_label_set_match_full_vocab_softmax(model):
+    labels = (5, 17, 300)
+    prefix, suffixes = prompts(9, (10,))[0], prompts(10, (4, 1, 7))
+    ref = []
+    with torch.no_grad():
+        for s in suffixes:
+            z = model(torch.tensor([prefix + s])).logits[0, -1].double()
+            ref.append(torch.softmax(z[list(labels)], 0).numpy())
+    ref = np.array(ref)
+    np.testing.assert_allclose(label_probs_shared_prefix(model, prefix, suffixes, labels, batch_size=2), ref,
+                               atol=1e-5)
+    np.testing.assert_allclose(label_probs_full(model, [prefix + s for s in suffixes], labels), ref, atol=1e-5)
+    np.testing.assert_allclose(label_probs_shared_prefix(model, prefix, suffixes, labels).sum(1), 1, atol=1e-9)
+    with pytest.raises(SlimlmError, match="distinct"):
+        label_probs_full(model, [prefix], (5, 5))
+    with pytest.raises(SlimlmError, match="vocabulary"):
+        label_probs_full(model, [prefix], (5, VOCAB))
