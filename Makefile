@@ -1,5 +1,5 @@
 # The two commands in the README do all set-up on a fresh machine.
-#   make demo  - create .venv, install slimlm, fetch the assets, run the main job
+#   make demo  - create .venv, install slimlm, fetch the assets, run the default pipeline (small budget)
 #   make test  - create .venv, install slimlm, run the whole test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -19,9 +19,11 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 
 install: $(STAMP)
 
+# the default pipeline at a small budget (teacher SFT -> OSSCAR student -> KD + on-policy -> INT8 -> eval),
+# ending with runs/demo/report/report.md; re-running resumes. Full budget: slimlm run movielens-ranking
 demo: $(STAMP)
 	$(BIN)/slimlm fetch
-	$(BIN)/slimlm demo
+	$(BIN)/slimlm run movielens-ranking-demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

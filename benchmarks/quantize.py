@@ -16,7 +16,7 @@ unquantized tensors) and reloaded with ``slimlm.models.load_model``, so what is 
 user serves. The comparison points quantize the same layers (every Linear but ``lm_head``) in memory.
 
 Quality: perplexity on the first ``--ppl-blocks`` blocks of 512 tokens of the built-in held-out prose
-(calibration uses blocks from its second half, never these), and, for fine-tuned models, ranking AUC
+(calibration uses its last tokens, never these), and, for fine-tuned models, ranking AUC
 on a seeded subset of the MovieLens test split (deltas are paired: same examples).
 Size: bytes of the safetensors file(s); the bf16 reference is the model's unique tensors in bf16.
 Speed (torch.set_num_threads(2), one process, variants interleaved rep by rep, medians):

@@ -12,7 +12,6 @@ The hooks only read the inputs; the model's outputs are unchanged.
 from __future__ import annotations
 
 import contextlib
-import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimlm import SlimlmError
+from slimlm.calib import calibration_windows, layer0_inputs, run_layer
 
 CALIB_SOURCES = ("text", "movielens-ranking")
 
@@ -75,46 +74,11 @@ def record_inputs(modules: dict[str, nn.Module], *, hessian: bool = False,
 # --------------------------------------------------------------------------- data
 
 
-def _sample(blocks: list[list[int]], n: int, seed: int) -> list[list[int]]:
-    if len(blocks) <= n:
-        return blocks
-    idx = sorted(random.Random(seed).sample(range(len(blocks)), n))
-    return [blocks[i] for i in idx]
-
-
 def calibration_blocks(tokenizer, source: str | Path, samples: int = 64, seq_len: int = 512,
                        seed: int = 0) -> list[list[int]]:
-    """Up to ``samples`` token blocks of exactly ``seq_len`` tokens (seeded choice) from ``source``:
-
-    - ``text``: the built-in held-out prose, second half only (the first half is where benchmarks
-      measure perplexity, so calibration never sees the evaluation text);
-    - ``movielens-ranking``: prompts of the task's train split, joined with EOS;
-    - a file path: .txt, or .jsonl/.parquet rows with a ``text`` field.
-    """
-    from slimlm.tasks.text import read_texts, text_blocks
-
-    if samples < 1 or seq_len < 2:
-        raise SlimlmError("calibration needs samples >= 1 and seq_len >= 2")
-    src = str(source)
-    if src == "text":
-        blocks = text_blocks(tokenizer, read_texts(None), seq_len)
-        blocks = blocks[len(blocks) // 2:]
-    elif src == "movielens-ranking":
-        from slimlm.tasks import load_ranking_task
-
-        examples = load_ranking_task("movielens-ranking", None, "train", limit=max(4 * samples * seq_len // 200, 64),
-                                     seed=seed)
-        blocks = text_blocks(tokenizer, [ex.prompt for ex in examples], seq_len)
-    else:
-        path = Path(src)
-        if not path.exists():
-            raise SlimlmError(f"--calib {src!r}: not {' or '.join(CALIB_SOURCES)}, and no such file")
-        blocks = text_blocks(tokenizer, read_texts(path), seq_len)
-    blocks = [b for b in blocks if len(b) == seq_len]
-    if not blocks:
-        raise SlimlmError(f"calibration data {src!r} holds less than one block of {seq_len} tokens "
-                          "(give more text or a smaller seq_len)")
-    return _sample(blocks, samples, seed)
+    """``samples`` token blocks of ``seq_len`` tokens from ``source`` (``text``, ``movielens-ranking`` or a
+    file; see :func:`slimlm.calib.calibration_windows`, shared with pruning)."""
+    return calibration_windows(tokenizer, str(source), samples, seq_len, seed).tolist()
 
 
 def batches(blocks: Sequence[Sequence[int]], batch_size: int, device) -> Iterator[torch.Tensor]:
@@ -139,41 +103,11 @@ def run_decoder(model, blocks: Sequence[Sequence[int]], batch_size: int = 8,
             progress(ids.shape[0])
 
 
-class _Captured(Exception):
-    pass
-
-
-@torch.no_grad()
 def capture_layer_inputs(model, blocks: Sequence[Sequence[int]], batch_size: int = 8) -> list[tuple[torch.Tensor, dict]]:
-    """The inputs of decoder layer 0 for each batch of ``blocks``: (hidden [B, T, H], keyword args).
-
-    The keyword arguments (rotary position embeddings, mask, positions) are the same for every layer of
-    one attention type, so the layers can be run one at a time on stored inputs (sequential GPTQ).
-    The forward stops at layer 0; the rest of the model does not run.
-    """
+    """The inputs of decoder layer 0 for each batch of ``blocks``: (hidden [B, T, H], keyword args), so the
+    layers can be run one at a time on stored inputs (sequential GPTQ). The rest of the model does not run."""
     device = next(model.parameters()).device
-    layers = model.get_decoder().layers
-    types = set(getattr(model.config, "layer_types", None) or [])
-    if len(types) > 1:
-        raise SlimlmError(f"layer-wise calibration needs one attention type for all layers; this model mixes {sorted(types)}")
-    captured: list[tuple[torch.Tensor, dict]] = []
-
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Captured
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for ids in batches(blocks, batch_size, device):
-            with contextlib.suppress(_Captured):
-                model.get_decoder()(input_ids=ids, use_cache=False)
-    finally:
-        handle.remove()
-    return captured
+    return layer0_inputs(model, list(batches(blocks, batch_size, device)))
 
 
-def layer_output(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """Run one decoder layer on stored inputs (transformers 5 layers return a tensor; older ones a tuple)."""
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
+layer_output = run_layer  # one decoder layer on stored inputs

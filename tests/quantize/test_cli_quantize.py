@@ -55,7 +55,7 @@ def test_quantize_int4_gptq_with_calibration_file(tiny_model_dirs, tmp_path):
     (["--scheme", "int4"], "needs calibration data: add --calib"),
     (["--scheme", "int8", "--group-size", "32"], "apply to --scheme int4 only"),
     (["--scheme", "int4", "--group-size", "48", "--method", "rtn"], "--group-size"),
-    (["--scheme", "int8", "--smooth", "--calib", "/no/such/file.txt"], "no such file"),
+    (["--scheme", "int8", "--smooth", "--calib", "/no/such/file.txt"], "--calib /no/such/file.txt: not"),
     (["--scheme", "fp8", "--ignore", "lm_heda"], "matches no module"),
     (["--scheme", "fp8", "--dtype", "float16"], "--dtype: Input should be"),
 ])
