@@ -7,10 +7,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from slimlm.models import FAMILIES, save_tiny_model, tiny_tokenizer
 
 # --------------------------------------------------------------------------- tiny models
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(request):
+    """Modules marked ``one_thread`` run torch on one thread: their tensors are tiny, so a second intra-op
+    thread only adds synchronisation, and on a busy 2-core machine a contended OpenMP pool made them ~10x
+    slower."""
+    if request.node.get_closest_marker("one_thread") is None:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

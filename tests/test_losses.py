@@ -53,14 +53,7 @@ DIVS = [
 DIV_IDS = [d + "".join(f"-{k[0]}{v}" for k, v in kw.items()) for d, kw in DIVS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny, so intra-op threads only add synchronisation; on a busy 2-core machine
-    they made this file ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 
 
 # --------------------------------------------------------------------------- naive references

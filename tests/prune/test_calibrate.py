@@ -12,14 +12,7 @@ from slimlm import SlimlmError
 from slimlm.models import FAMILIES, tiny_model
 from slimlm.prune import baselines, calibrate, depth
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 
 
 def test_windows_from_files(tmp_path, tiny_tok):

@@ -10,14 +10,7 @@ import torch
 from slimlm.prune import osscar
 from slimlm.prune.osscar import group_columns
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin contention on a shared 2-core machine (10-50x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 
 
 F64 = torch.float64

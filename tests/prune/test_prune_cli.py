@@ -15,12 +15,7 @@ from slimlm.models import save_tiny_model
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 
 
 @pytest.fixture

@@ -17,14 +17,7 @@ from slimlm.prune import osscar
 from slimlm.prune.pipeline import plan, prune_model
 from slimlm.prune.slice import keep_layers, slice_width
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin contention on a shared 2-core machine (10-50x here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 
 
 GQA = dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=96, intermediate_size=80, num_hidden_layers=3)

@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from slimlm.cli import app
@@ -22,13 +21,7 @@ from slimlm.serve.bench import run_load
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread; a contended two-thread pool makes them crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

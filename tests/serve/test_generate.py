@@ -28,14 +28,7 @@ from slimlm.serve.engine import (
 VOCAB = 384
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared CPU a contended two-thread OpenMP
-    pool makes every tiny matmul take milliseconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 
 
 def greedy_reference(model, prompt, n, eos=None) -> list[int]:

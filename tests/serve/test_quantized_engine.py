@@ -15,12 +15,7 @@ from slimlm.serve.engine import generate, label_probs_full, label_probs_shared_p
 api = pytest.importorskip("slimlm.quantize.api")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 
 
 def _ids(n, seed):

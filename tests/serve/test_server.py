@@ -12,7 +12,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 
 from slimlm.models import load_model, load_tokenizer, save_tiny_model
 from slimlm.serve.engine import SamplingParams, generate_text, label_probs_full, score_full
@@ -23,13 +22,7 @@ LIMITS = dict(max_prompt_tokens=64, max_tokens=32, max_candidates=50, max_body_b
               max_batch=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread; a contended two-thread pool makes them crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
