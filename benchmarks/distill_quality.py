@@ -16,19 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-
-def run(cmd: list[str], log: list) -> float:
-    print("$", " ".join(cmd), flush=True)
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    took = time.perf_counter() - t
-    log.append({"cmd": " ".join(cmd), "seconds": round(took, 1)})
-    return took
+from _common import run_logged  # benchmarks/ is on sys.path when run as a script
 
 
 def main() -> None:
@@ -47,12 +38,12 @@ def main() -> None:
     log: list = []
     common = [f"task.limit={args.limit}", "task.eval_limit=128", f"batch_size={args.batch_size}", "eval_every=0",
               f"optim.lr={args.lr}", "optim.warmup_steps=5", "tensorboard=false"]
-    run([*slim, "sft", "student=teacher", f"out={o}/teacher-sft", f"max_steps={args.teacher_steps}", *common], log)
+    run_logged([*slim, "sft", "student=teacher", f"out={o}/teacher-sft", f"max_steps={args.teacher_steps}", *common], log)
     teacher = f"{o}/teacher-sft/model"
     if not (o / "student-init" / "config.json").is_file():  # the trainer itself skips finished runs
-        run([*slim, "init-student", teacher, "--layers", str(args.layers), "--out", f"{o}/student-init"], log)
-    run([*slim, "sft", f"student={o}/student-init", f"out={o}/student-sft", f"max_steps={args.steps}", *common], log)
-    run([*slim, "distill", "mode=kd", f"student={o}/student-init", f"teacher={teacher}", f"out={o}/student-kd",
+        run_logged([*slim, "init-student", teacher, "--layers", str(args.layers), "--out", f"{o}/student-init"], log)
+    run_logged([*slim, "sft", f"student={o}/student-init", f"out={o}/student-sft", f"max_steps={args.steps}", *common], log)
+    run_logged([*slim, "distill", "mode=kd", f"student={o}/student-init", f"teacher={teacher}", f"out={o}/student-kd",
          f"max_steps={args.steps}", "loss.divergence=forward_kl", *common], log)
     results = {}
     for name, model in (("teacher zero-shot", "teacher"), ("teacher SFT", teacher),
@@ -60,7 +51,7 @@ def main() -> None:
                         ("student KD", f"{o}/student-kd/model")):
         f = o / "eval" / f"{name.replace(' ', '_')}.json"
         if not f.is_file():  # a re-run after an interruption evaluates only what is missing
-            run([*slim, "eval", model, "--task", "movielens-ranking", "--split", "test", "--limit", str(args.eval_limit),
+            run_logged([*slim, "eval", model, "--task", "movielens-ranking", "--split", "test", "--limit", str(args.eval_limit),
                  "--out", str(f)], log)
         r = json.loads(f.read_text())
         results[name] = {**r["metrics"], "params": r["params"]}

@@ -34,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-from _memory import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
+from _common import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
 
 DIVERGENCES = {"forward_kl": 0.0, "jsd": 0.5}  # name -> β for Liger's generalised JSD
 

@@ -31,12 +31,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import run_logged  # benchmarks/ is on sys.path when run as a script
 
 SFT_TEACHER = Path("runs/bench/quality/teacher-sft/model")
 LEVELS = {
@@ -48,14 +48,6 @@ LEVELS = {
 WIDTH_METHODS = ("osscar", "greedy", "activation", "magnitude")
 DEPTH_METHODS = ("cosine", "loss", "evenly")
 
-
-def sh(cmd: list[str], log: list) -> float:
-    print("$", " ".join(cmd), flush=True)
-    t = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    took = time.perf_counter() - t
-    log.append({"cmd": " ".join(cmd), "seconds": round(took, 1)})
-    return took
 
 
 @torch.inference_mode()
@@ -136,12 +128,12 @@ def main() -> None:
                 out = args.work / name / level / method
                 t0 = time.perf_counter()
                 if method == "evenly":
-                    sh([*slim, "init-student", model, "--layers", LEVELS[level][1], "--out", str(out)], log)
+                    run_logged([*slim, "init-student", model, "--layers", LEVELS[level][1], "--out", str(out)], log)
                     report = {"wall_seconds": round(time.perf_counter() - t0, 2), "peak_rss_mib": None}
                 else:
                     extra = ["--method", "osscar", "--depth-metric", method] if method in DEPTH_METHODS else \
                         ["--method", method]
-                    sh([*slim, "prune", model, "--out", str(out), *LEVELS[level], *extra, "--calib", calib,
+                    run_logged([*slim, "prune", model, "--out", str(out), *LEVELS[level], *extra, "--calib", calib,
                         "--samples", str(args.samples), "--seq-len", str(args.seq_len)], log)
                     report = json.loads((out / "prune_report.json").read_text())
                 row = {"model": name, "level": level, "method": method, "calib": calib,
@@ -172,7 +164,7 @@ def redistill(args, slim, tok, blocks, eval_end: int, log: list) -> dict:
     data = args.work / "redistill-text.txt"
     data.write_text(tok.decode(stream[eval_end:]))
     out = args.work / "teacher" / "mlp50" / "osscar-kd"
-    sh([*slim, "distill", "mode=kd", f"student={pruned}", "teacher=teacher", f"out={out}", "task.name=text",
+    run_logged([*slim, "distill", "mode=kd", f"student={pruned}", "teacher=teacher", f"out={out}", "task.name=text",
         f"task.data={data}", "task.max_length=256", "task.eval_limit=8", f"max_steps={args.redistill_steps}",
         "batch_size=8", "optim.lr=1e-4", "optim.warmup_steps=3", "eval_every=0", "tensorboard=false"], log)
     row = {"model": "teacher", "level": "mlp50", "method": f"osscar + KD {args.redistill_steps} steps",

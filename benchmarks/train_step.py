@@ -50,7 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _memory import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
+from _common import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
 
 VARIANTS = ("ours", "ours-gc", "trl")
 LR, BETAS, EPS, MAX_GRAD_NORM = 5e-5, (0.9, 0.999), 1e-8, 1.0  # slimlm's OptimConfig defaults

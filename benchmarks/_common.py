@@ -1,0 +1,35 @@
+"""Helpers shared by the benchmark scripts: memory probes (Linux /proc) and logged subprocess runs.
+
+Scripts import it as ``from _common import ...``: benchmarks/ is on sys.path when a script runs."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+
+def run_logged(cmd: list[str], log: list) -> float:
+    """Run ``cmd`` (echoed, checked) and append {cmd, seconds} to ``log``; returns the wall seconds."""
+    print("$", " ".join(cmd), flush=True)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    took = time.perf_counter() - t
+    log.append({"cmd": " ".join(cmd), "seconds": round(took, 1)})
+    return took
+
+
+def status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
