@@ -114,3 +114,17 @@ def ml_synth(tmp_path) -> SynthMovieLens:
     users, items, ratings = synth_movielens()
     d = write_movielens(tmp_path / "ml", users, items, ratings)
     return SynthMovieLens(d, users, items, ratings)
+
+
+def greedy_reference(model, prompt, n, eos=None) -> list[int]:
+    """Greedy continuation by full forwards over the whole growing sequence (no cache, no padding, no
+    batch): the oracle for every cached / batched generation path."""
+    seq, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model(torch.tensor([seq])).logits[0, -1].argmax())
+            out.append(t)
+            seq.append(t)
+            if t == eos:
+                break
+    return out

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import greedy_reference
 
 from slimlm import SlimlmError
 from slimlm.models import FAMILIES, tiny_model
@@ -30,18 +31,6 @@ VOCAB = 384
 
 pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 
-
-def greedy_reference(model, prompt, n, eos=None) -> list[int]:
-    """Greedy continuation by full forwards over the whole growing sequence: no cache, no padding."""
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            t = int(model(torch.tensor([seq])).logits[0, -1].argmax())
-            out.append(t)
-            seq.append(t)
-            if t == eos:
-                break
-    return out
 
 
 def prompts(seed=0, lengths=(5, 1, 13, 8)):

@@ -7,7 +7,7 @@ import random
 
 import numpy as np
 import pytest
-import torch
+from conftest import greedy_reference
 
 from slimlm.models import tiny_model
 from slimlm.serve.engine import generate, label_probs_full, label_probs_shared_prefix
@@ -22,14 +22,6 @@ def _ids(n, seed):
     rng = random.Random(seed)
     return [rng.randrange(3, 380) for _ in range(n)]
 
-
-def _greedy_no_cache(model, prompt, n):
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            out.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-            seq.append(out[-1])
-    return out
 
 
 @pytest.mark.parametrize("cfg", [{"scheme": "int8"}, {"scheme": "fp8"}, {"scheme": "int4", "method": "rtn",
@@ -47,7 +39,7 @@ def test_quantized_model_scores_and_generates(cfg):
     fp = label_probs_full(ref, [prefix + s for s in suffixes], labels)
     assert np.abs(full - fp).max() > 1e-4  # the quantized layers ran, not the float weights
     prompts = [_ids(n, 30 + n) for n in (4, 9, 2)]
-    assert generate(q, prompts, max_new_tokens=5, temperature=0) == [_greedy_no_cache(q, p, 5) for p in prompts]
+    assert generate(q, prompts, max_new_tokens=5, temperature=0) == [greedy_reference(q, p, 5) for p in prompts]
 
 
 def test_server_serves_an_exported_int8_directory(tmp_path, tiny_tok):

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import greedy_reference
 
 from slimlm import SlimlmError
 from slimlm.models import tiny_model
@@ -21,15 +22,6 @@ TIMEOUT = 60
 
 pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 
-
-def greedy_reference(model, prompt, n) -> list[int]:
-    """Greedy continuation by full forwards over the whole growing sequence: no cache, no batch."""
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            out.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-            seq.append(out[-1])
-    return out
 
 
 @pytest.fixture(scope="module")
