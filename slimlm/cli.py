@@ -33,7 +33,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 out = Console()
 
-TASKS = ("movielens-ranking", "ranking", "text")
+TASKS = ("movielens-ranking", "ranking", "text", "arithmetic")
 
 
 def user_errors(fn):
@@ -109,11 +109,15 @@ def evaluate_model(model_name: str, task: str, *, data: Path | None = None, spli
     if task == "ranking" and data is None:
         raise SlimlmError("--task ranking needs --data FILE (.jsonl or .parquet; schema in the README)")
     examples = load_ranking_task(task, data, split, limit, seed) if task in RANKING_TASKS else None
-    texts = None
+    texts = generative = None
     if task == "text":
         from slimlm.tasks.text import read_texts, text_blocks
 
         texts = read_texts(data)  # read (and validate) the data before spending time on the model
+    if task == "arithmetic":
+        from slimlm.tasks.arithmetic import arithmetic_examples
+
+        generative = arithmetic_examples(split, limit, None if data is None else str(data))
     path = resolve_model(model_name)
     t0 = time.perf_counter()
     model = load_model(path, device=device)
@@ -126,6 +130,13 @@ def evaluate_model(model_name: str, task: str, *, data: Path | None = None, spli
         with progress_bar() as bar:
             tid = bar.add_task(f"scoring {split}", total=len(examples))
             metrics, _ = evaluate_ranking(model, tokenizer, examples, batch_size=batch_size, labels=labels,
+                                          progress=lambda n: bar.advance(tid, n))
+    elif generative is not None:
+        from slimlm.evaluate import evaluate_generation
+
+        with progress_bar() as bar:
+            tid = bar.add_task(f"generating {split}", total=len(generative))
+            metrics = evaluate_generation(model, tokenizer, generative, batch_size=batch_size, rule="number",
                                           progress=lambda n: bar.advance(tid, n))
     else:
         blocks = text_blocks(tokenizer, texts, block_size, max_blocks=limit)
@@ -147,9 +158,11 @@ def _default_out(kind: str, *parts: str) -> Path:
 @user_errors
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="Model directory, or 'teacher'.")],
-    task: Annotated[str, typer.Option(help="movielens-ranking | ranking (a user file) | text")] = "movielens-ranking",
+    task: Annotated[str, typer.Option(help="movielens-ranking | ranking (a user file) | text | arithmetic")
+                    ] = "movielens-ranking",
     data: Annotated[Path | None, typer.Option(help="Task data: MovieLens dir, ranking .jsonl/.parquet, or "
-                                                   "text .txt/.jsonl/.parquet (default: built-in).")] = None,
+                                                   "text .txt/.jsonl/.parquet, arithmetic spec such as "
+                                                   "terms=2-3,digits=1 (default: built-in).")] = None,
     split: Annotated[str, typer.Option(help="train | val | test")] = "test",
     limit: Annotated[int | None, typer.Option(help="Evaluate at most N examples (whole groups, seeded).")] = None,
     batch_size: int = 16,
@@ -157,7 +170,7 @@ def eval_cmd(
     device: str = "cpu",
     out_file: Annotated[Path | None, typer.Option("--out", help="Results JSON (default runs/eval/...).")] = None,
 ) -> None:
-    """Evaluate a model: ranking AUC / log-loss / accuracy, or perplexity on text."""
+    """Evaluate a model: ranking AUC / log-loss / accuracy, perplexity on text, or exact match (arithmetic)."""
     from slimlm.io import atomic_write_json
 
     result = evaluate_model(model, task, data=data, split=split, limit=limit, batch_size=batch_size,
@@ -236,7 +249,7 @@ def _run_distill(config: Path | None, overrides: list[str]) -> None:
         tid = bar.add_task(f"{cfg.mode}", total=cfg.max_steps)
 
         def on_step(step: int, row: dict) -> None:
-            extra = "".join(f" {k}={row[k]:.4f}" for k in ("eval_kl", "eval_auc") if k in row)
+            extra = "".join(f" {k}={row[k]:.4f}" for k in ("eval_kl", "eval_auc", "eval_exact_match") if k in row)
             bar.update(tid, completed=step, description=f"{row['mode']} loss={row['loss']:.4f}{extra}")
 
         out_dir = train(cfg, progress=on_step)
@@ -510,9 +523,11 @@ def run_recipe(
     from slimlm.pipeline import load_recipe, recipe_path, run
 
     cfg = load_recipe(recipe_path(recipe), list(overrides or []))  # the whole recipe is checked first
-    records = run(cfg, progress=lambda msg: console.print(msg, highlight=False))
+    records = run(cfg, progress=lambda msg: console.print(msg, highlight=False),
+                  command=["slimlm", "run", recipe, *(overrides or [])])
     out.print_json(json.dumps({name: {"seconds": r["seconds"], "dir": str(Path(cfg.out) / name)}
                                for name, r in records.items()}))
+    console.print(f"report: {Path(cfg.out) / 'report' / 'report.md'}")
 
 
 @app.command()
@@ -527,6 +542,21 @@ def recipes(show: Annotated[str | None, typer.Option(help="Print this recipe's Y
     for name, path in builtin_recipes().items():
         first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
         out.print(f"{name:28s} {first}", highlight=False)
+
+
+@app.command()
+@user_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (a recipe's `out`), finished or not.")],
+    recipe: Annotated[Path | None, typer.Option(help="The recipe, for runs without OUT/run.json.")] = None,
+    reference: Annotated[str | None, typer.Option(help="Model that retention and speed-ups are measured "
+                                                       "against (default: the teacher, or its fine-tuned "
+                                                       "copy when the teacher is at chance).")] = None,
+) -> None:
+    """Write RUN_DIR/report/: report.md (model table, training curves, stage times, commands) and PNG plots."""
+    from slimlm.report import write_report
+
+    out.print(str(write_report(run_dir, recipe, reference=reference)), soft_wrap=True, highlight=False)
 
 
 @app.command()

@@ -24,7 +24,7 @@ class Strict(BaseModel):
 class TaskConfig(Strict):
     """What to train on: a built-in task or a user file (schemas in the README)."""
 
-    name: Literal["movielens-ranking", "ranking", "completion", "text"] = "movielens-ranking"
+    name: Literal["movielens-ranking", "ranking", "completion", "text", "arithmetic"] = "movielens-ranking"
     data: str | None = None  # file / directory; None = the built-in data of the task
     split: str = "train"
     eval_split: str = "val"

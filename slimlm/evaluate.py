@@ -1,4 +1,5 @@
-"""Quality metrics: ranking AUC / log-loss / accuracy (with a bootstrap interval) and perplexity.
+"""Quality metrics: ranking AUC / log-loss / accuracy (with a bootstrap interval), perplexity, and exact
+match of generated answers.
 
 Ranking scores come from :func:`slimlm.serve.engine.score`, so evaluation and serving share one path.
 Perplexity never materialises [tokens x vocab] logits for a whole batch: the LM head and the
@@ -8,7 +9,9 @@ cross-entropy run over slices of positions.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ import torch
 
 from slimlm import SlimlmError
 from slimlm.serve import engine
+from slimlm.tasks.completion import CompletionExample, render
 from slimlm.tasks.ranking import DEFAULT_LABELS, RankingExample, label_token_ids, tokenize_ranking
 
 
@@ -31,17 +35,27 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
 
 def bootstrap_auc(labels: Sequence[int], scores: Sequence[float], *, n: int = 1000, seed: int = 0,
                   level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the AUC over resampled rows (resamples with one class are redrawn)."""
-    from sklearn.metrics import roc_auc_score
+    """Percentile bootstrap interval of the AUC over resampled rows (resamples with one class are dropped
+    and redrawn). Vectorised over resamples: each AUC is the Mann-Whitney statistic from average ranks,
+    (Σ ranks of positives − P(P+1)/2) / (P·N), which equals sklearn's roc_auc_score, ties included."""
+    from scipy.stats import rankdata
 
-    y, s = np.asarray(labels), np.asarray(scores)
+    y, s = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+    rows = len(y)
     rng = np.random.default_rng(seed)
-    aucs = []
-    while len(aucs) < n:
-        idx = rng.integers(0, len(y), len(y))
-        if y[idx].min() != y[idx].max():
-            aucs.append(roc_auc_score(y[idx], s[idx]))
-    lo, hi = np.quantile(aucs, [(1 - level) / 2, (1 + level) / 2])
+    per_draw = max(1, min(n, 4_000_000 // max(rows, 1)))  # resamples per batch: bounded memory
+    aucs: list[np.ndarray] = []
+    got = 0
+    while got < n:
+        idx = rng.integers(0, rows, (per_draw, rows))
+        yy = y[idx]
+        pos = yy.sum(1)
+        keep = (pos > 0) & (pos < rows)
+        yy, pos = yy[keep], pos[keep]
+        ranks = rankdata(s[idx[keep]], axis=1)
+        aucs.append(((ranks * yy).sum(1) - pos * (pos + 1) / 2) / (pos * (rows - pos)))
+        got += len(pos)
+    lo, hi = np.quantile(np.concatenate(aucs)[:n], [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
@@ -73,6 +87,88 @@ def evaluate_ranking(model, tokenizer, examples: list[RankingExample], *, batch_
     p = engine.score(model, tokenized, label_ids, batch_size=batch_size, pad_id=tokenizer.pad_token_id,
                      progress=progress)
     return ranking_metrics([ex.label for ex in examples], p), p
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (sound at 0 and n, unlike the normal approximation)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
+
+
+def normalize_text(text: str) -> str:
+    """Whitespace runs -> one space, ends stripped."""
+    return " ".join(text.split())
+
+
+def first_number(text: str) -> Decimal | None:
+    """The first number written in ``text`` (optional sign, digits, optional decimals), or None."""
+    m = _NUMBER.search(text)
+    return Decimal(m.group()) if m else None
+
+
+def answer_matches(output: str, reference: str, rule: str = "exact") -> bool:
+    """Whether a generated ``output`` answers ``reference``.
+
+    * ``exact``: equal after :func:`normalize_text` (whitespace runs collapsed, ends stripped);
+    * ``number``: the first number in the output equals the reference's number, compared as decimals
+      ("-7", "+7.0" and "07" all read as numbers; "The answer is 12." -> 12; "1,234" -> 1). The
+      reference must contain a number. Only the first number counts, so "12 or 13" answers 12, not 13.
+    """
+    if rule == "exact":
+        return normalize_text(output) == normalize_text(reference)
+    if rule == "number":
+        ref = first_number(reference)
+        if ref is None:
+            raise SlimlmError(f"reference {reference!r} holds no number (rule 'number')")
+        return first_number(output) == ref
+    raise SlimlmError(f"unknown match rule {rule!r}; expected exact or number")
+
+
+def evaluate_generation(model, tokenizer, examples: Sequence[CompletionExample], *, max_new_tokens: int = 16,
+                        batch_size: int = 16, rule: str = "exact", samples: int = 5,
+                        progress=None) -> dict:
+    """Exact-match accuracy of greedy answers: each example's prompt (chat template, as in training) is
+    continued by up to ``max_new_tokens`` tokens (stopping at EOS) with the engine's batched KV-cache
+    decode, and the decoded text is compared to the reference response by :func:`answer_matches`.
+
+    Returns ``exact_match`` (fraction correct) with its Wilson 95 % interval ``exact_match_ci95``, ``n``,
+    ``correct``, ``rule``, ``max_new_tokens``, ``truncated`` (outputs that hit ``max_new_tokens`` without
+    EOS) and the first ``samples`` (prompt, output, reference, correct) for a look at what the model
+    writes. An output cut by ``max_new_tokens`` is judged as written, so choose it above the longest
+    answer (the trainer uses the longest reference + 4 tokens, at least 16)."""
+    if not examples:
+        raise SlimlmError("generation evaluation needs at least one example")
+    for ex in examples:  # a bad rule or a number-less reference fails before any generation
+        answer_matches("", ex.response, rule)
+    plain = not getattr(tokenizer, "chat_template", None)
+    prompts = [tokenizer(render(ex, tokenizer)[0], add_special_tokens=plain).input_ids for ex in examples]
+    params = engine.SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    outputs: list[engine.Generation] = []
+    chunk = 4 * batch_size  # continuous batching inside a chunk; progress between chunks
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start:start + chunk]
+        outputs.extend(engine.generate_text(model, tokenizer, part, params, max_batch=batch_size))
+        if progress:
+            progress(len(part))
+    hits = [answer_matches(g.text, ex.response, rule) for g, ex in zip(outputs, examples, strict=True)]
+    return {
+        "exact_match": sum(hits) / len(hits),
+        "exact_match_ci95": list(wilson_interval(sum(hits), len(hits))),
+        "n": len(hits),
+        "correct": int(sum(hits)),
+        "rule": rule,
+        "max_new_tokens": max_new_tokens,
+        "truncated": sum(g.finish_reason == "length" for g in outputs),
+        "samples": [{"prompt": ex.prompt_messages[-1]["content"], "output": g.text, "reference": ex.response,
+                     "correct": h} for ex, g, h in list(zip(examples, outputs, hits, strict=True))[:samples]],
+    }
 
 
 @torch.inference_mode()
@@ -113,15 +209,18 @@ def disk_bytes(path: str | Path) -> int:
 
 @torch.inference_mode()
 def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len: int = 128, decode_tokens: int = 32,
-          reps: int = 3) -> dict[str, float]:
-    """Prefill tokens/s (``prefill_batch`` x ``prefill_len``, one forward without a cache) and decode
-    tokens/s (batch 1, greedy, KV cache, ``decode_tokens`` new tokens), median of ``reps``. ``tokens``
-    supplies real text (repeated if short)."""
+          candidates: int = 100, reps: int = 3) -> dict[str, float]:
+    """Prefill tokens/s (``prefill_batch`` x ``prefill_len``, one forward without a cache), decode
+    tokens/s (batch 1, greedy, KV cache, ``decode_tokens`` new tokens) and ranking candidates/s (one
+    192-token prefix run once, ``candidates`` 16-token suffixes scored on its KV cache), median of
+    ``reps``. ``tokens`` supplies real text (repeated if short)."""
     import time
 
     device = next(model.parameters()).device
     need = prefill_batch * prefill_len
-    ids = torch.tensor((list(tokens) * (need // max(len(tokens), 1) + 1))[:need], device=device)
+    total = max(need, 192 + 16 * candidates)
+    flat = (list(tokens) * (total // max(len(tokens), 1) + 1))[:total]
+    ids = torch.tensor(flat[:need], device=device)
     ids = ids.view(prefill_batch, prefill_len)
     base = model.get_decoder()
 
@@ -137,13 +236,19 @@ def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len:
     prefill_s = timed(lambda: base(input_ids=ids, use_cache=False))
     prompt = ids[0, :64].tolist()
     decode_s = timed(lambda: engine.generate(model, [prompt], max_new_tokens=decode_tokens, temperature=0.0))
-    return {"prefill_tokens_per_s": need / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s}
+    # ranking: one user prefix of 192 tokens, ``candidates`` suffixes of 16 tokens, prefix computed once
+    prefix, suffixes = flat[:192], [flat[192 + 16 * i:192 + 16 * (i + 1)] for i in range(candidates)]
+    label_ids = (int(flat[0]), int(flat[1]))
+    rank_s = timed(lambda: engine.score_shared_prefix(model, prefix, suffixes, label_ids, batch_size=candidates))
+    return {"prefill_tokens_per_s": need / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s,
+            "candidates_per_s": candidates / rank_s}
 
 
 def evaluate_dir(path: str | Path, task, *, split: str = "test", limit: int | None = None, batch_size: int = 16,
                  seed: int = 0, speed_probe: bool = True, progress=None) -> dict:
     """Everything the report shows for one model directory: parameters, bytes on disk, the task metric
-    (ranking AUC / log-loss, or perplexity for the text task), ranking candidates/s, and (optionally)
+    (ranking AUC / log-loss, perplexity for the text task, exact match for arithmetic), ranking
+    candidates/s, and (optionally)
     prefill / decode speed. ``task`` is a :class:`slimlm.config.TaskConfig`."""
     import time
 
@@ -167,8 +272,15 @@ def evaluate_dir(path: str | Path, task, *, split: str = "test", limit: int | No
         blocks = text_blocks(tokenizer, read_texts(task.data), 512, max_blocks=limit)
         metrics = perplexity(model, blocks, progress=progress)
         probe_tokens = blocks[0]
+    elif task.name == "arithmetic":
+        from slimlm.tasks.arithmetic import arithmetic_examples
+
+        examples = arithmetic_examples(split, limit, task.data)
+        metrics = evaluate_generation(model, tokenizer, examples, batch_size=batch_size, rule="number",
+                                      progress=progress)
+        probe_tokens = tokenizer(examples[0].prompt_messages[-1]["content"])["input_ids"]
     else:
-        raise SlimlmError(f"evaluating task {task.name!r} in a pipeline is not supported yet (ranking and text are)")
+        raise SlimlmError(f"evaluating task {task.name!r} in a pipeline is not supported yet (ranking, text and arithmetic are)")
     result["metrics"] = metrics
     result["eval_seconds"] = round(time.perf_counter() - t0, 2)
     if speed_probe:

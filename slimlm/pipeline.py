@@ -38,6 +38,7 @@ from pydantic import Field, ValidationError, model_validator
 from slimlm import SlimlmError
 from slimlm.config import DistillConfig, PruneConfig, Strict, TaskConfig, load_config
 from slimlm.io import atomic_write_json
+from slimlm.report import RESERVED
 
 Progress = Callable[[str], None]  # called with a one-line status
 
@@ -119,6 +120,9 @@ def plan(recipe: Recipe) -> list[dict[str, Any]]:
     for st in recipe.stages:
         if st.name in earlier or st.name == "teacher":
             raise SlimlmError(f"stage name {st.name!r} is used twice (or is the reserved name 'teacher')")
+        if st.name in RESERVED:
+            raise SlimlmError(f"stage name {st.name!r} is reserved (OUT/{st.name} holds the run report); "
+                              "rename the stage")
         where = f"stage {st.name} ({st.kind})"
         inputs: dict[str, Any] = {}
         if st.kind in MODEL_STAGES:
@@ -181,10 +185,14 @@ def _fingerprint(step: dict[str, Any], input_prints: list[str]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run(recipe: Recipe, progress: Progress | None = None) -> dict[str, Any]:
-    """Run (or resume) every stage; return {stage name: its stage.json}."""
+def run(recipe: Recipe, progress: Progress | None = None, command: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage; return {stage name: its stage.json}. ``OUT/run.json`` records the
+    invocation (``command``: the argv as typed) first; ``OUT/report/`` (slimlm.report) is written last."""
+    from slimlm.report import record_invocation, write_report
+
     out = Path(recipe.out)
     steps = plan(recipe)
+    record_invocation(out, recipe, command)  # also refuses stage names the report needs, before any work
     out.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
     say = progress or (lambda _msg: None)
@@ -231,6 +239,7 @@ def run(recipe: Recipe, progress: Progress | None = None) -> dict[str, Any]:
                   "inputs": {k: v for k, v in inputs.items()}, "metrics": metrics}
         atomic_write_json(marker, record)
         done[name] = record
+    write_report(out)
     return done
 
 

@@ -38,6 +38,19 @@ def test_log_loss_hand_computed():
     assert log_loss([1], [0.0]) == pytest.approx(-math.log(1e-7))  # clipped, not infinite
 
 
+def test_bootstrap_resample_aucs_equal_sklearn_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 200)
+    s = np.round(y * 0.3 + rng.random(200), 1)  # coarse scores: many ties
+    # the same resamples the function draws (one batch of n rows), each scored by sklearn
+    idx = np.random.default_rng(5).integers(0, 200, (40, 200))
+    ref = [roc_auc_score(y[i], s[i]) for i in idx if 0 < y[i].sum() < 200]
+    want = np.quantile(ref, [0.025, 0.975])
+    assert bootstrap_auc(y, s, n=40, seed=5) == pytest.approx(tuple(want), abs=1e-12)
+
+
 def test_bootstrap_interval_brackets_auc_and_is_seeded():
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 300)

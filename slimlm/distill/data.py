@@ -4,7 +4,7 @@ A :class:`Seq` is ``input_ids`` with ``labels`` (-100 where no loss is taken) an
 (the tokens before the first target; on-policy distillation samples a new response after them):
 
 * ranking tasks: ``prefix + suffix + [label token]``; the only target is the label token (" Yes"/" No");
-* completion: chat-template rendering, targets on the response tokens only;
+* completion (and the built-in arithmetic task): chat-template rendering, targets on the response only;
 * text: token blocks, every token after the first a target.
 """
 
@@ -60,6 +60,13 @@ def build_sequences(task: TaskConfig, tokenizer, split: str, limit: int | None, 
         order = rng.permutation(len(examples))[:limit] if limit else range(len(examples))
         for i in order:
             enc = tokenize_completion(examples[int(i)], tokenizer)
+            ids, labels = _truncate_left(enc["input_ids"], enc["labels"], task.max_length)
+            out.append(Seq(tuple(ids), tuple(labels), _prompt_len(labels)))
+    elif task.name == "arithmetic":  # built-in chain sums: fixed examples per split, trained like completion
+        from slimlm.tasks.arithmetic import arithmetic_examples
+
+        for ex in arithmetic_examples(split, limit, task.data):
+            enc = tokenize_completion(ex, tokenizer)
             ids, labels = _truncate_left(enc["input_ids"], enc["labels"], task.max_length)
             out.append(Seq(tuple(ids), tuple(labels), _prompt_len(labels)))
     elif task.name == "text":

@@ -132,10 +132,37 @@ def on_policy_batch(student, seqs: list[Seq], cfg: DistillConfig, tokenizer, gen
     return [Seq(tuple(p) + tuple(s), (IGNORE_INDEX,) * len(p) + tuple(s), len(p)) for p, s in zip(prompts, samples, strict=True)]
 
 
+def generation_eval_set(cfg: DistillConfig, tokenizer) -> tuple[list, str, int] | None:
+    """(examples, match rule, max_new_tokens) for the exact-match metric of generative tasks, else None.
+
+    ``arithmetic``: the first ``eval_limit`` examples of ``eval_split``, rule ``number``; ``completion``
+    (a file, which has no splits): the same seeded subsample the KL is measured on, rule ``exact``.
+    ``max_new_tokens`` leaves room for the longest reference plus a few tokens (and EOS)."""
+    import numpy as np
+
+    from slimlm.tasks.completion import load_completion_file
+
+    task = cfg.task
+    if task.name == "arithmetic":
+        from slimlm.tasks.arithmetic import arithmetic_examples
+
+        examples, rule = arithmetic_examples(task.eval_split, task.eval_limit, task.data), "number"
+    elif task.name == "completion" and task.data is not None:
+        rows = load_completion_file(task.data)
+        order = np.random.default_rng(cfg.seed).permutation(len(rows))[:task.eval_limit]
+        examples, rule = [rows[int(i)] for i in order], "exact"
+    else:
+        return None
+    longest = max(len(tokenizer(ex.response, add_special_tokens=False).input_ids) for ex in examples)
+    return examples, rule, max(16, longest + 4)
+
+
 @torch.no_grad()
 def evaluate_student(module: DistillModule, tokenizer, cfg: DistillConfig, eval_seqs: list[Seq],
-                     ranking_eval, device) -> dict[str, float]:
-    """Held-out teacher->student forward KL per target token (if a teacher is loaded) and the task metric."""
+                     ranking_eval, device, generation_eval: tuple[list, str, int] | None = None,
+                     ) -> dict[str, float]:
+    """Held-out teacher->student forward KL per target token (if a teacher is loaded) and the task metric:
+    AUC / log-loss for ranking, ``eval_exact_match`` of greedy answers for generative tasks."""
     student = module.student
     student.eval()
     out: dict[str, float] = {}
@@ -152,6 +179,13 @@ def evaluate_student(module: DistillModule, tokenizer, cfg: DistillConfig, eval_
 
         metrics, _ = evaluate_ranking(student, tokenizer, ranking_eval, batch_size=cfg.batch_size)
         out.update({"eval_auc": metrics["auc"], "eval_log_loss": metrics["log_loss"]})
+    if generation_eval is not None:
+        from slimlm.evaluate import evaluate_generation
+
+        examples, rule, max_new = generation_eval
+        metrics = evaluate_generation(student, tokenizer, examples, max_new_tokens=max_new,
+                                      batch_size=max(cfg.batch_size, 16), rule=rule, samples=0)
+        out["eval_exact_match"] = metrics["exact_match"]
     student.train()
     return out
 
@@ -178,6 +212,7 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     eval_seqs = build_sequences(cfg.task, tokenizer, cfg.task.eval_split, cfg.task.eval_limit, cfg.seed)
     ranking_eval = (load_ranking_task(cfg.task.name, cfg.task.data, cfg.task.eval_split, cfg.task.eval_limit, cfg.seed)
                     if cfg.task.name in RANKING_TASKS else None)
+    generation_eval = generation_eval_set(cfg, tokenizer)
 
     student = load_model(cfg.student, device=device, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     student.train()
@@ -295,8 +330,10 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
                "targets": n_targets, "tokens": tokens, "tokens_per_s": tokens_per_second(tokens, seconds)}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             with gathered(wrapped, dist):
-                row.update(evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device))
-        if log and (step % cfg.log_every == 0 or "eval_kl" in row or "eval_auc" in row):
+                row.update(evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device,
+                                            generation_eval))
+        evaluated = any(k in row for k in ("eval_kl", "eval_auc", "eval_exact_match"))
+        if log and (step % cfg.log_every == 0 or evaluated):
             _log(log, writer, row)
         if progress and dist.main:
             progress(step, row)
@@ -310,7 +347,8 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
 
     # -- finish ----------------------------------------------------------------------------------
     with gathered(wrapped, dist):
-        final = {"step": step, **evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device)}
+        final = {"step": step, **evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device,
+                                                  generation_eval)}
     state_dict = full_state_dict(student, dist)  # every rank takes part in the gather
     if dist.main:
         _log(log, writer, final)

@@ -1,0 +1,335 @@
+"""The run report: numbers in the table against hand-computed ones, valid PNGs, partial runs, atomic
+writes, and a tiny real recipe whose printed commands reproduce its stages."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+import yaml
+from conftest import synth_movielens, write_movielens
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from slimlm import SlimlmError
+from slimlm.cli import app
+from slimlm.models import save_tiny_model
+from slimlm.pipeline import load_recipe
+from slimlm.report import METRICS, at_chance, model_rows, read_run, retention, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+AUC, EXACT, PPL = (next(m for m in METRICS if m.key == k) for k in ("auc", "exact_match", "perplexity"))
+runner = CliRunner()
+
+
+# --------------------------------------------------------------------------- the pure numbers
+
+
+@pytest.mark.parametrize("metrics, expected", [
+    ({"auc": 0.55, "auc_ci95": [0.49, 0.61]}, True),  # the interval reaches 0.5
+    ({"auc": 0.55, "auc_ci95": [0.51, 0.59]}, False),
+    ({"auc": 0.50}, True),  # no interval: no better than 0.5
+    ({"auc": 0.58}, False),
+    ({"auc": 0.40, "auc_ci95": [0.35, 0.45]}, True),  # worse than chance is no better than chance
+])
+def test_auc_at_chance(metrics, expected):
+    assert at_chance(AUC, metrics) is expected
+
+
+def test_retention_and_chance_for_other_metrics():
+    assert retention(0.686, 0.7, AUC) == pytest.approx(0.98)
+    assert retention(20.0, 10.0, PPL) == pytest.approx(0.5)  # perplexity doubled: half as good
+    assert retention(0.3, 0.0, EXACT) is None and retention(None, 0.7, AUC) is None
+    assert at_chance(EXACT, {"exact_match": 0.0}) and not at_chance(EXACT, {"exact_match": 0.2})
+    assert not at_chance(PPL, {"perplexity": 1e6})  # no chance level: never "at chance"
+
+
+# --------------------------------------------------------------------------- a hand-made run directory
+
+
+def result(auc, ci, total, non_emb, disk, speed=None, **extra):
+    res = {"model": "x", "params": {"total": total, "embedding": total - non_emb, "non_embedding": non_emb},
+           "disk_bytes": disk, "metrics": {"n": 1886, "auc": auc, "auc_ci95": ci, "log_loss": 0.6,
+                                           "candidates_per_s": 31.0}, "eval_seconds": 60.0, **extra}
+    if speed:
+        res["speed"] = dict(zip(("prefill_tokens_per_s", "decode_tokens_per_s", "candidates_per_s"), speed, strict=True))
+    return res
+
+
+RESULTS = {
+    "teacher": result(0.497, [0.470, 0.523], 134_515_008, 106_203_264, 538_062_312, (1000.0, 50.0, 200.0)),
+    "teacher-sft": result(0.700, [0.676, 0.724], 134_515_008, 106_203_264, 538_062_312, (1010.0, 49.0, 198.0)),
+    "pruned": result(0.650, [0.625, 0.675], 68_000_000, 39_688_256, 272_000_000, (2500.0, 90.0, 500.0)),
+    "kd": result(0.686, [0.662, 0.710], 68_000_000, 39_688_256, 272_000_000, (2520.0, 91.0, 520.0)),
+    "int8": result(0.680, [0.656, 0.704], 68_000_000, 39_688_256, 120_000_000, (4000.0, 100.0, 800.0)),
+}
+SECONDS = {"teacher-sft": 300.0, "pruned": 42.0, "kd": 900.0, "int8": 5.0, "eval": 400.0}
+
+
+def curve_rows(mode, steps=6, eval_every=3):
+    rows = []
+    for s in range(1, steps + 1):
+        row = {"step": s, "mode": mode, "loss": 2.0 / s, "lr": 1e-4, "tokens_per_s": 1000.0 + s}
+        if s % eval_every == 0 and s < steps:
+            row.update(eval_kl=0.5 / s, eval_auc=0.6 + 0.01 * s)
+        rows.append(row)
+    rows.append({"step": steps, "eval_kl": 0.05, "eval_auc": 0.69})  # the final evaluation row
+    return rows
+
+
+def fake_run(root, *, run_json=True):
+    """A finished five-stage run as the pipeline would leave it, written by hand."""
+    out = root / "run"
+    recipe = {"out": str(out), "teacher": "teacher", "task": {"name": "movielens-ranking"}, "seed": 0, "stages": [
+        {"name": "teacher-sft", "kind": "distill", "config": {"mode": "sft", "max_steps": 6}},
+        {"name": "pruned", "kind": "prune", "config": {"mlp_keep": 0.5, "layers_keep": 20, "samples": 64}},
+        {"name": "kd", "kind": "distill", "teacher": "teacher-sft", "config": {"mode": "kd", "max_steps": 6}},
+        {"name": "int8", "kind": "quantize", "config": {"scheme": "int8"}},
+        {"name": "eval", "kind": "evaluate", "config": {"split": "test"}},
+    ]}
+    inputs = {"teacher-sft": {"from": "teacher", "teacher": "teacher"}, "pruned": {"from": "stage:teacher-sft"},
+              "kd": {"from": "stage:pruned", "teacher": "stage:teacher-sft"}, "int8": {"from": "stage:kd"},
+              "eval": {"models": {r: ("teacher" if r == "teacher" else f"stage:{r}") for r in RESULTS}}}
+    metrics = {"teacher-sft": {"step": 6, "eval_auc": 0.70}, "kd": {"step": 6, "eval_kl": 0.05, "eval_auc": 0.69},
+               "pruned": {"method": "osscar", "params_before": RESULTS["teacher"]["params"],
+                          "params_after": RESULTS["pruned"]["params"],
+                          "arch_after": {"num_layers": 20, "intermediate_size": 768}},
+               "int8": {"scheme": "int8", "quantized_layers": 140, "weights_bytes": 120_000_000,
+                        "source_weights_bytes": 272_000_000},
+               "eval": RESULTS}
+    for st in recipe["stages"]:
+        d = out / st["name"]
+        d.mkdir(parents=True)
+        if st["kind"] == "distill":
+            (d / "config.yaml").write_text(yaml.safe_dump({"mode": st["config"]["mode"], "max_steps": 6,
+                                                           "student": "s", "teacher": "t", "out": str(d)}))
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve_rows(st["config"]["mode"])))
+            (d / "metrics.json").write_text(json.dumps(metrics[st["name"]]))
+        record = {"name": st["name"], "kind": st["kind"], "fingerprint": "f" * 16, "seconds": SECONDS[st["name"]],
+                  "inputs": inputs[st["name"]], "metrics": metrics[st["name"]]}
+        (d / "stage.json").write_text(json.dumps(record))
+    if run_json:
+        inv = {"command": ["slimlm", "run", "my recipe.yaml", "optim.lr=1e-4"], "cwd": str(root),
+               "date": "2026-01-02T03:04:05+00:00", "machine": {"cpu_count": 2, "torch": "2.13.0+cpu"}}
+        (out / "run.json").write_text(json.dumps({"recipe": recipe, "invocations": [inv]}))
+    return out
+
+
+def table(md: str, section: str) -> dict[str, dict[str, str]]:
+    """The markdown table under heading ``section`` as {model: {column: cell}}."""
+    lines = md[md.index(section):].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("| "))
+    rows = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip("|").split(" | ")])
+    header, body = rows[0], rows[2:]
+    return {r[0].strip("*"): dict(zip(header, r, strict=True)) for r in body}
+
+
+def images(md: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+
+
+def test_table_numbers_reference_and_pngs(tmp_path):
+    out = fake_run(tmp_path)
+    path = write_report(out)
+    assert path == out / "report" / "report.md"
+    md = path.read_text()
+    rows = table(md, "## Evaluation `eval`")
+    assert list(rows) == ["teacher", "teacher-sft", "pruned", "kd", "int8"]
+    # the teacher ranks at chance, so retention is measured against the fine-tuned teacher
+    assert "**teacher-sft**" in md and "the starting teacher is at chance" in md
+    assert rows["teacher"]["AUC (95% CI)"] == "0.4970 (0.470–0.523) (chance)"
+    assert rows["teacher"]["retention"] == "chance"
+    assert rows["kd"]["retention"] == f"{100 * 0.686 / 0.700:.1f}%" == "98.0%"
+    assert rows["int8"]["retention"] == f"{100 * 0.680 / 0.700:.1f}%"
+    assert rows["int8"]["prefill ×"] == f"{4000 / 1010:.2f}×" and rows["int8"]["decode ×"] == f"{100 / 49:.2f}×"
+    assert rows["kd"]["cand/s ×"] == f"{520 / 198:.2f}×" and rows["kd"]["cand/s"] == "520"
+    assert rows["int8"]["non-emb params"] == "39.69M" and rows["int8"]["disk MiB"] == f"{120e6 / 2**20:.1f}"
+    assert rows["teacher"]["params"] == "134.52M" and rows["pruned"]["stage"] == "prune (osscar)"
+    assert rows["int8"]["stage"] == "quantize (int8)" and rows["kd"]["stage"] == "distill (kd)"
+    # the same numbers as data
+    run = read_run(out)
+    ev = next(s for s in run["stages"] if s["kind"] == "evaluate")
+    by = {r["model"]: r for r in model_rows(ev["results"], ev["planned_models"], run, "teacher-sft")}
+    assert by["kd"]["retention"] == pytest.approx(0.98) and by["int8"]["speedup"]["candidates"] == pytest.approx(800 / 198)
+    # stage times, the invocation, per-stage commands
+    stages = table(md, "## Stages")
+    assert stages["`kd`"]["wall time"] == "15.0 min" and stages["`int8`"]["status"] == "done"
+    assert "non-embedding params 106.20M → 39.69M" in stages["`pruned`"]["notes"]
+    assert "slimlm run 'my recipe.yaml' optim.lr=1e-4" in md and "2 CPUs, torch 2.13.0+cpu" in md
+    assert f"slimlm quantize {out / 'kd' / 'model'} --scheme int8 --out" in md
+    assert re.search(r"slimlm prune \S+teacher-sft/model .*--samples 64 .*--seed 0", md)
+    # every image the report links is a real PNG, and the expected plots are there
+    pngs = images(md)
+    assert set(pngs) == {"quality-vs-speed-eval.png", "quality-vs-size-eval.png", "curves-teacher-sft.png",
+                         "curves-kd.png"}
+    for name in pngs:
+        assert (out / "report" / name).read_bytes()[:8] == PNG_MAGIC, name
+    # the resolved recipe beside the report loads as a recipe
+    again = load_recipe(out / "report" / "recipe.yaml", [f"out={tmp_path / 'again'}"])
+    assert [s.name for s in again.stages] == ["teacher-sft", "pruned", "kd", "int8", "eval"]
+
+
+def test_a_named_reference_and_a_reference_at_chance(tmp_path):
+    out = fake_run(tmp_path)
+    rows = table(write_report(out, reference="teacher").read_text(), "## Evaluation")
+    assert rows["kd"]["retention"] == "n/a"  # a ratio to a chance-level AUC means nothing
+    assert rows["kd"]["prefill ×"] == "2.52×"  # speed-ups are still meaningful
+    rows = table(write_report(out, reference="pruned").read_text(), "## Evaluation")
+    assert rows["kd"]["retention"] == f"{100 * 0.686 / 0.650:.1f}%"
+    with pytest.raises(SlimlmError, match="reference 'nope' is not an evaluated model"):
+        write_report(out, reference="nope")
+
+
+def test_a_generative_run_reports_exact_match(tmp_path):
+    out = fake_run(tmp_path)
+    record = json.loads((out / "eval" / "stage.json").read_text())
+    em = {"teacher": (0.0, [0.0, 0.02]), "teacher-sft": (0.40, [0.35, 0.45]), "pruned": (0.2, [0.16, 0.24]),
+          "kd": (0.30, [0.26, 0.34]), "int8": (0.29, [0.25, 0.33])}
+    for ref, (value, ci) in em.items():
+        record["metrics"][ref]["metrics"] = {"n": 400, "exact_match": value, "exact_match_ci95": ci}
+    (out / "eval" / "stage.json").write_text(json.dumps(record))
+    md = write_report(out).read_text()
+    rows = table(md, "## Evaluation")
+    assert rows["kd"]["exact match (95% CI)"] == "0.3000 (0.260–0.340)" and rows["kd"]["retention"] == "75.0%"
+    assert rows["teacher"]["retention"] == "chance" and "**teacher-sft**" in md
+    assert "![exact match vs speed](quality-vs-speed-eval.png)" in md
+    assert (out / "report" / "quality-vs-speed-eval.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_partial_run_reports_missing_not_zero(tmp_path):
+    out = fake_run(tmp_path)
+    # int8 was interrupted (no stage.json), so eval never finished: only its partial results.json exists
+    (out / "int8" / "stage.json").unlink()
+    (out / "eval" / "stage.json").unlink()
+    partial = {k: v for k, v in RESULTS.items() if k not in ("int8",)}
+    partial["kd"] = {k: v for k, v in RESULTS["kd"].items() if k not in ("speed", "disk_bytes")}
+    (out / "eval" / "results.json").write_text(json.dumps(partial))
+    log = out / "kd" / "metrics.jsonl"  # a torn last line (a writer killed mid-row) is skipped
+    log.write_text(log.read_text() + '{"step": 7, "lo')
+    (out / "kd" / "metrics.json").unlink()  # the final metrics then come from stage.json
+    md = write_report(out).read_text()
+    rows = table(md, "## Evaluation")
+    assert rows["int8"]["AUC (95% CI)"] == "missing" and rows["int8"]["retention"] == "—"
+    assert rows["kd"]["prefill tok/s"] == "—" and rows["kd"]["disk MiB"] == "—"
+    assert rows["kd"]["cand/s"] == "31.0†"  # no probe: the evaluation's own throughput, flagged
+    assert rows["kd"]["retention"] == "98.0%"
+    assert "Missing (not evaluated: the stage did not finish): `int8`" in md
+    assert "Status: 3 of 5 stages finished; `int8` (unfinished), `eval` (unfinished)." in md
+    stages = table(md, "## Stages")
+    assert stages["`int8`"]["wall time"] == "—" and stages["`eval`"]["notes"] == "4 of 5 models evaluated"
+    for name in images(md):
+        assert (out / "report" / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_without_run_json_or_recipe_the_directories_still_report(tmp_path):
+    out = fake_run(tmp_path, run_json=False)
+    (out / "kd" / "stage.json").unlink()
+    (out / "kd" / "metrics.jsonl").unlink()
+    md = write_report(out).read_text()
+    assert "No invocation was recorded" in md and "`kd` (unfinished)" in md
+    rows = table(md, "## Evaluation")
+    assert rows["teacher"]["retention"] == "chance" and rows["kd"]["retention"] == "98.0%"
+    assert "No training log rows yet." in md
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SlimlmError, match="not a slimlm run directory"):
+        write_report(tmp_path / "empty")
+    with pytest.raises(SlimlmError, match="no such run directory"):
+        write_report(tmp_path / "nowhere")
+
+
+def test_the_report_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    import slimlm.report as report
+
+    out = fake_run(tmp_path)
+    (out / "report").mkdir()
+    (out / "report" / "stale.png").write_bytes(b"old")
+    write_report(out)
+    assert not (out / "report" / "stale.png").exists()
+    before = (out / "report" / "report.md").read_text()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(report, "plot_curves", broken)
+    with pytest.raises(RuntimeError):
+        write_report(out)
+    assert (out / "report" / "report.md").read_text() == before  # the last good report is untouched
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp dir left behind
+
+
+# --------------------------------------------------------------------------- a tiny real recipe
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    users, items, ratings = synth_movielens(n_users=8, per_user=12, seed=5)
+    data = write_movielens(root / "ml", users, items, ratings)
+    save_tiny_model("llama", root / "teacher", seed=1, num_hidden_layers=3)
+    return root, data
+
+
+def test_a_tiny_real_recipe_writes_a_report_whose_commands_reproduce_its_stages(world, tmp_path):
+    root, data = world
+    # every evaluation costs seconds (the bootstrap AUC interval), so: one per distill stage, two models
+    train = {"max_steps": 2, "batch_size": 3, "eval_every": 0, "save_every": 0, "tensorboard": False}
+    tree = {"out": str(tmp_path / "run"), "teacher": str(root / "teacher"),
+            "task": {"name": "movielens-ranking", "data": str(data), "eval_limit": 6},
+            "stages": [{"name": "teacher-sft", "kind": "distill", "config": {**train, "mode": "sft"}},
+                       {"name": "student", "kind": "init", "config": {"layers": 1}},
+                       {"name": "int8", "kind": "quantize", "config": {"scheme": "int8"}},
+                       {"name": "eval", "kind": "evaluate", "models": ["teacher", "int8"],
+                        "config": {"split": "val", "limit": 6, "speed": False}}]}
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    res = runner.invoke(app, ["run", str(recipe), "seed=0"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "run"
+    md = (out / "report" / "report.md").read_text()
+    assert json.loads((out / "run.json").read_text())["invocations"][-1]["command"] == ["slimlm", "run", str(recipe), "seed=0"]
+    assert shlex.join(["slimlm", "run", str(recipe), "seed=0"]) in md
+    rows = table(md, "## Evaluation")
+    assert list(rows) == ["teacher", "int8"]
+    evals = json.loads((out / "eval" / "stage.json").read_text())["metrics"]
+    assert rows["int8"]["AUC (95% CI)"].startswith(f"{evals['int8']['metrics']['auc']:.4f}")
+    assert rows["int8"]["disk MiB"] == f"{evals['int8']['disk_bytes'] / 2**20:.2f}"
+    assert set(images(md)) == {"quality-vs-speed-eval.png", "quality-vs-size-eval.png", "curves-teacher-sft.png"}
+    for name in images(md):
+        assert (out / "report" / name).read_bytes()[:8] == PNG_MAGIC
+    # the printed per-stage commands rebuild the init and quantize stages bit for bit
+    block = md[md.index("Each stage alone"):]
+    for stage in ("student", "int8"):
+        cmd = block.splitlines()[next(i for i, ln in enumerate(block.splitlines()) if ln.startswith(f"# {stage} ")) + 1]
+        args = shlex.split(cmd)
+        assert args[0] == "slimlm"
+        res = runner.invoke(app, args[1:])
+        assert res.exit_code == 0, res.output
+        made = load_file(str(out.parent / "run-repro" / stage / "model" / "model.safetensors"))
+        orig = load_file(str(out / stage / "model" / "model.safetensors"))
+        assert made.keys() == orig.keys() and all((made[k] == orig[k]).all() for k in orig), stage
+    # `slimlm report` rewrites it; bad directories fail with one line and exit code 2
+    res = runner.invoke(app, ["report", str(out), "--reference", "int8"])
+    assert res.exit_code == 0 and res.output.strip().endswith("report.md"), res.output
+    assert "the named reference `int8`" in (out / "report" / "report.md").read_text()
+    res = runner.invoke(app, ["report", str(out), "--reference", "teacher-sft"])  # trained, never evaluated
+    assert res.exit_code == 2 and "'teacher-sft' is not an evaluated model" in res.output
+    res = runner.invoke(app, ["report", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "no such run directory" in res.output
+
+
+def test_a_stage_named_report_is_refused_before_any_work(world, tmp_path):
+    root, data = world
+    tree = {"out": str(tmp_path / "run"), "teacher": str(root / "teacher"),
+            "task": {"name": "movielens-ranking", "data": str(data)},
+            "stages": [{"name": "report", "kind": "init", "config": {"layers": 1}}]}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    res = runner.invoke(app, ["run", str(recipe)])
+    assert res.exit_code == 2 and "stage name 'report' is reserved" in res.output
+    assert not (tmp_path / "run").exists()
