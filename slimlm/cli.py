@@ -534,14 +534,15 @@ def run_recipe(
 @user_errors
 def recipes(show: Annotated[str | None, typer.Option(help="Print this recipe's YAML (to copy and edit).")] = None) -> None:
     """List the built-in recipes (copy one with `slimlm recipes --show NAME > my.yaml`)."""
-    from slimlm.pipeline import builtin_recipes, recipe_path
+    from slimlm.pipeline import builtin_recipes, is_pipeline_recipe, recipe_path
 
     if show is not None:
         print(recipe_path(show).read_text(), end="")
         return
     for name, path in builtin_recipes().items():
         first = next((ln[1:].strip() for ln in path.read_text().splitlines() if ln.startswith("#")), "")
-        out.print(f"{name:28s} {first}", highlight=False)
+        kind = "" if is_pipeline_recipe(path) else "(stage config for `slimlm distill -c`) "
+        out.print(f"{name:28s} {kind}{first}", highlight=False)
 
 
 @app.command()

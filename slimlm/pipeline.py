@@ -84,7 +84,21 @@ class Recipe(Strict):
 MODEL_STAGES = ("distill", "init", "prune", "quantize")
 
 
+def is_pipeline_recipe(path: str | Path) -> bool:
+    """A pipeline recipe has a ``stages`` list; the other YAML files in recipes/ are single-stage configs."""
+    import yaml
+
+    try:
+        tree = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return True  # let load_config report the problem with its file:line message
+    return not isinstance(tree, dict) or "stages" in tree
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    if path is not None and Path(path).is_file() and not is_pipeline_recipe(path):
+        raise SlimlmError(f"{path}: no 'stages' list, so not a pipeline recipe (a single-stage config like this "
+                          "one runs with `slimlm distill -c FILE`)")
     recipe = load_config(Recipe, path, overrides)
     plan(recipe)  # every stage config and reference is checked before any work
     return recipe
