@@ -127,7 +127,11 @@ def main() -> None:
             for method in methods:
                 out = args.work / name / level / method
                 t0 = time.perf_counter()
-                if method == "evenly":
+                if (out / "config.json").is_file():  # a re-run (e.g. with other levels) reuses finished prunes
+                    done = out / "prune_report.json"
+                    report = json.loads(done.read_text()) if done.is_file() else {"wall_seconds": None,
+                                                                                   "peak_rss_mib": None}
+                elif method == "evenly":
                     run_logged([*slim, "init-student", model, "--layers", LEVELS[level][1], "--out", str(out)], log)
                     report = {"wall_seconds": round(time.perf_counter() - t0, 2), "peak_rss_mib": None}
                 else:
@@ -145,10 +149,10 @@ def main() -> None:
                 results.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k not in ("arch", "prune_seconds")}))
                 write(args, results, log)
-
-    if args.redistill_steps > 0:
-        results.append(redistill(args, slim, tok, blocks, eval_end, log))
-        write(args, results, log)
+        if not sft and args.redistill_steps > 0 and "mlp50" in args.levels.split(","):
+            # before the fine-tuned teacher's rows: the recovery figure matters more than more rows
+            results.append(redistill(args, slim, tok, blocks, eval_end, log))
+            write(args, results, log)
     write(args, results, log)
     print_table(results)
     print(f"results: {args.out}")
