@@ -27,6 +27,8 @@ from slimlm.tasks.arithmetic import (
 )
 from slimlm.tasks.completion import IGNORE_INDEX, CompletionExample, render, tokenize_completion
 
+pytestmark = pytest.mark.one_thread  # tiny models: see tests/conftest.py
+
 EXPR = re.compile(r"Compute (.+)\. Answer with the number only\.")
 
 
