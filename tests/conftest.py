@@ -128,3 +128,14 @@ def greedy_reference(model, prompt, n, eos=None) -> list[int]:
             if t == eos:
                 break
     return out
+
+
+@pytest.fixture(scope="session")
+def recipe_world(tmp_path_factory) -> tuple[Path, Path]:
+    """(root, MovieLens data dir) for pipeline recipes: a 3-layer tiny llama teacher at root/teacher and
+    synthetic MovieLens files; every test writes its runs under its own directory."""
+    root = tmp_path_factory.mktemp("recipes")
+    users, items, ratings = synth_movielens(n_users=10, per_user=14, seed=4)
+    data = write_movielens(root / "ml", users, items, ratings)
+    save_tiny_model("llama", root / "teacher", seed=1, num_hidden_layers=3)
+    return root, data

@@ -6,21 +6,10 @@ import json
 
 import pytest
 import yaml
-from conftest import synth_movielens, write_movielens
 from safetensors.torch import load_file
 
 from slimlm import SlimlmError
-from slimlm.models import save_tiny_model
 from slimlm.pipeline import builtin_recipes, load_recipe, run
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipe")
-    users, items, ratings = synth_movielens(n_users=10, per_user=14, seed=4)
-    data = write_movielens(root / "ml", users, items, ratings)
-    save_tiny_model("llama", root / "teacher", seed=1, num_hidden_layers=3)
-    return root, data
 
 
 def recipe(root, data, out, stages=None) -> dict:
@@ -42,8 +31,8 @@ def write(path, tree):
     return path
 
 
-def test_stages_run_in_order_over_directories(world):
-    root, data = world
+def test_stages_run_in_order_over_directories(recipe_world):
+    root, data = recipe_world
     records = run(load_recipe(write(root / "r.yaml", recipe(root, data, "run"))))
     assert list(records) == ["teacher-sft", "student", "kd", "eval"]
     out = root / "run"
@@ -57,8 +46,8 @@ def test_stages_run_in_order_over_directories(world):
     assert evals["kd"]["params"]["non_embedding"] < evals["teacher-sft"]["params"]["non_embedding"]
 
 
-def test_prune_and_quantize_stages_make_smaller_models(world):
-    root, data = world
+def test_prune_and_quantize_stages_make_smaller_models(recipe_world):
+    root, data = recipe_world
     train = {"max_steps": 1, "batch_size": 3, "eval_every": 0, "save_every": 1, "tensorboard": False}
     stages = [
         {"name": "pruned", "kind": "prune", "config": {"mlp_keep": 0.5, "heads_keep": 2, "layers_keep": 2,
@@ -85,8 +74,8 @@ def test_prune_and_quantize_stages_make_smaller_models(world):
     assert evals["int8"]["disk_bytes"] < evals["kd"]["disk_bytes"]
 
 
-def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(world):
-    root, data = world
+def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(recipe_world):
+    root, data = recipe_world
     path = write(root / "r2.yaml", recipe(root, data, "resume"))
     first = run(load_recipe(path))
     out = root / "resume"
@@ -109,8 +98,8 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(world):
     assert second["eval"]["metrics"]["kd"]["metrics"]["auc"] == first["eval"]["metrics"]["kd"]["metrics"]["auc"]
 
 
-def test_a_changed_finished_stage_is_an_error_not_a_silent_rerun(world):
-    root, data = world
+def test_a_changed_finished_stage_is_an_error_not_a_silent_rerun(recipe_world):
+    root, data = recipe_world
     tree = recipe(root, data, "changed", stages=[{"name": "student", "kind": "init", "config": {"layers": 1}}])
     run(load_recipe(write(root / "r3.yaml", tree)))
     tree["stages"][0]["config"]["layers"] = 2
@@ -128,8 +117,8 @@ def test_a_changed_finished_stage_is_an_error_not_a_silent_rerun(world):
     (lambda t: t["stages"].append({"name": "e2", "kind": "evaluate", "models": ["eval"]}),
      "'eval' is a evaluate stage, which makes no model"),
 ])
-def test_bad_recipes_fail_before_any_work(world, mutate, message):
-    root, data = world
+def test_bad_recipes_fail_before_any_work(recipe_world, mutate, message):
+    root, data = recipe_world
     tree = recipe(root, data, "bad")
     mutate(tree)
     with pytest.raises(SlimlmError, match=message):

@@ -9,13 +9,11 @@ import shlex
 
 import pytest
 import yaml
-from conftest import synth_movielens, write_movielens
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from slimlm import SlimlmError
 from slimlm.cli import app
-from slimlm.models import save_tiny_model
 from slimlm.pipeline import load_recipe
 from slimlm.report import METRICS, at_chance, model_rows, read_run, retention, write_report
 
@@ -266,17 +264,10 @@ def test_the_report_directory_is_replaced_whole_or_not_at_all(tmp_path, monkeypa
 # --------------------------------------------------------------------------- a tiny real recipe
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
-    users, items, ratings = synth_movielens(n_users=8, per_user=12, seed=5)
-    data = write_movielens(root / "ml", users, items, ratings)
-    save_tiny_model("llama", root / "teacher", seed=1, num_hidden_layers=3)
-    return root, data
 
 
-def test_a_tiny_real_recipe_writes_a_report_whose_commands_reproduce_its_stages(world, tmp_path):
-    root, data = world
+def test_a_tiny_real_recipe_writes_a_report_whose_commands_reproduce_its_stages(recipe_world, tmp_path):
+    root, data = recipe_world
     # every evaluation costs seconds (the bootstrap AUC interval), so: one per distill stage, two models
     train = {"max_steps": 2, "batch_size": 3, "eval_every": 0, "save_every": 0, "tensorboard": False}
     tree = {"out": str(tmp_path / "run"), "teacher": str(root / "teacher"),
@@ -323,8 +314,8 @@ def test_a_tiny_real_recipe_writes_a_report_whose_commands_reproduce_its_stages(
     assert res.exit_code == 2 and "no such run directory" in res.output
 
 
-def test_a_stage_named_report_is_refused_before_any_work(world, tmp_path):
-    root, data = world
+def test_a_stage_named_report_is_refused_before_any_work(recipe_world, tmp_path):
+    root, data = recipe_world
     tree = {"out": str(tmp_path / "run"), "teacher": str(root / "teacher"),
             "task": {"name": "movielens-ranking", "data": str(data)},
             "stages": [{"name": "report", "kind": "init", "config": {"layers": 1}}]}
