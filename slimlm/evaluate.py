@@ -238,7 +238,8 @@ def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len:
     decode_s = timed(lambda: engine.generate(model, [prompt], max_new_tokens=decode_tokens, temperature=0.0))
     # ranking: one user prefix of 192 tokens, ``candidates`` suffixes of 16 tokens, prefix computed once
     prefix, suffixes = flat[:192], [flat[192 + 16 * i:192 + 16 * (i + 1)] for i in range(candidates)]
-    label_ids = (int(flat[0]), int(flat[1]))
+    distinct = list(dict.fromkeys(int(t) for t in flat))[:2]
+    label_ids = tuple(distinct) if len(distinct) == 2 else (0, 1)  # any two distinct tokens: only speed counts
     rank_s = timed(lambda: engine.score_shared_prefix(model, prefix, suffixes, label_ids, batch_size=candidates))
     return {"prefill_tokens_per_s": need / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s,
             "candidates_per_s": candidates / rank_s}

@@ -97,3 +97,13 @@ def test_evaluate_ranking_uses_engine_scores(tiny_tok):
                             label_token_ids(tiny_tok), pad_id=tiny_tok.pad_token_id)
     np.testing.assert_allclose(p, ref, atol=1e-5)
     assert metrics["auc"] == pytest.approx(roc_auc([e.label for e in examples], p))
+
+
+@pytest.mark.parametrize("tokens", [list(range(5, 300)), [7] * 50])  # real-ish text, and one repeated token
+def test_speed_probe_measures_prefill_decode_and_ranking(tokens):
+    from slimlm.evaluate import speed
+    from slimlm.models import tiny_model
+
+    got = speed(tiny_model("llama"), tokens, prefill_batch=2, prefill_len=16, decode_tokens=2, candidates=3, reps=1)
+    assert set(got) == {"prefill_tokens_per_s", "decode_tokens_per_s", "candidates_per_s"}
+    assert all(math.isfinite(v) and v > 0 for v in got.values())
