@@ -9,7 +9,7 @@ student made by ``slimlm init-student teacher --layers 8``), and ``teacher-sft``
 teacher at runs/bench/quality/teacher-sft/model, if present: the only teacher whose AUC is not chance).
 
 Variants: slimlm's fp8 (dynamic / static activations), int8 W8A8 (plain / SmoothQuant / with the LM
-head), int4 (RTN and GPTQ, groups of 128 and 32); and as comparison points torch.ao
+head), int4 (RTN and GPTQ, groups of 128 and 32, GPTQ also with activation order); and as comparison points torch.ao
 ``quantize_dynamic`` (qint8) and torchao's ``Int8DynamicActivationInt8WeightConfig`` and
 ``Int8WeightOnlyConfig``. slimlm variants are quantized, exported (compressed-tensors, bf16 for the
 unquantized tensors) and reloaded with ``slimlm.models.load_model``, so what is measured is what a
@@ -63,6 +63,9 @@ SLIMLM = {
     "int4-gptq-g128": dict(scheme="int4", method="gptq", group_size=128),
     "int4-rtn-g32": dict(scheme="int4", method="rtn", group_size=32),
     "int4-gptq-g32": dict(scheme="int4", method="gptq", group_size=32),
+    "int4-gptq-g128-act": dict(scheme="int4", method="gptq", group_size=128, act_order=True),
+    "int4-gptq-g128-asym-act": dict(scheme="int4", method="gptq", group_size=128, symmetric=False, act_order=True),
+    "int4-gptq-g32-act": dict(scheme="int4", method="gptq", group_size=32, act_order=True),
 }
 BASELINES = ("ao-dynamic-qint8", "torchao-int8-dyn", "torchao-int8-wo")
 SPEED = ("fp32", "fp8", "int8", "int8+head", "int4-gptq-g128", *BASELINES)
@@ -140,7 +143,7 @@ def make_exports(mname: str, info: dict, args, results: dict, only: tuple[str, .
     tok = load_tokenizer(info["path"])
     calib = None
     for vname, fields in SLIMLM.items():
-        if only is not None and vname not in only:
+        if (only is not None and vname not in only) or (args.variants and vname not in args.variants):
             continue
         out = WORK / mname / vname
         if (out / "config.json").exists() and not args.fresh:
@@ -177,6 +180,8 @@ def quality(mname: str, info: dict, args, results: dict) -> None:
                           "params": param_counts(ref), "what": info.get("what", str(info["path"]))}
     del ref
     for vname in ("fp32", *SLIMLM, *BASELINES):
+        if args.variants and vname not in args.variants:
+            continue
         t0 = time.perf_counter()
         if vname == "fp32":
             model, size = load_model(info["path"]), safetensors_bytes(info["path"])
@@ -278,6 +283,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: small model, few blocks, 1 rep")
     ap.add_argument("--speed-only", action="store_true", help="only the timing; merged into --out")
     ap.add_argument("--fresh", action="store_true", help="re-quantize even when exports exist")
+    ap.add_argument("--variants", default="", help="comma list: (re)measure only these quality rows (no speed; fp32 "
+                    "if listed), keeping the others already in --out; use the same settings as the run that made them")
     ap.add_argument("--ppl-blocks", type=int, default=32)
     ap.add_argument("--auc-limit", type=int, default=400)
     ap.add_argument("--calib-samples", type=int, default=32)
@@ -288,6 +295,10 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/quantize.json"))
     args = ap.parse_args()
+    args.variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = [v for v in args.variants if v not in ("fp32", *SLIMLM, *BASELINES)]
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)} (known: fp32, {', '.join((*SLIMLM, *BASELINES))})")
     global WORK
     if args.quick:
         args.models = "small" if args.models == ap.get_default("models") else args.models
@@ -305,7 +316,7 @@ def main() -> None:
         if not args.speed_only:
             make_exports(mname, info, args, results)
             quality(mname, info, args, results)
-        if mname != "teacher-sft":  # same architecture as the teacher: same speed
+        if mname != "teacher-sft" and not args.variants:  # teacher-sft: the teacher's architecture and speed
             speed(mname, info, args, results)
     results["loadavg_end"] = loadavg()
     save(results, args.out)

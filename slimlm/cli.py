@@ -477,6 +477,8 @@ def quantize(
     group_size: Annotated[int | None, typer.Option(help="int4: 128 | 64 | 32 input columns per scale.")] = None,
     symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", help="int4: zero points or not.")] = None,
     method: Annotated[str | None, typer.Option(help="int4: gptq (needs --calib) | rtn.")] = None,
+    act_order: Annotated[bool, typer.Option(help="int4 gptq: columns by decreasing activation energy "
+                                                 "(static groups; same export format).")] = False,
     smooth: Annotated[bool, typer.Option(help="int8: SmoothQuant smoothing (needs --calib).")] = False,
     static_activations: Annotated[bool, typer.Option(help="fp8: one calibrated scale per layer input (needs --calib).")] = False,
     ignore: Annotated[list[str] | None, typer.Option(help="Layers to keep in float (repeatable; exact name, class "
@@ -495,6 +497,8 @@ def quantize(
         fields["smooth"] = True
     if static_activations:
         fields["static_activations"] = True
+    if act_order:
+        fields["act_order"] = True
     if ignore is not None:
         fields["ignore"] = [] if ignore == ["none"] else ignore
     try:

@@ -46,7 +46,7 @@ from slimlm.quantize.schemes import (
 )
 
 SCHEMES = ("fp8", "int8", "int4")
-INT4_ONLY = ("group_size", "symmetric", "method", "damp")
+INT4_ONLY = ("group_size", "symmetric", "method", "damp", "act_order")
 
 Progress = Callable[[str, int, int], None]  # (stage description, completed, total)
 
@@ -63,6 +63,7 @@ class QuantConfig(BaseModel):
     symmetric: bool = True
     method: Literal["gptq", "rtn"] = "gptq"
     damp: float = Field(0.01, gt=0, lt=1)
+    act_order: bool = False  # GPTQ: visit columns by decreasing Hessian diagonal (static groups)
     # int8
     smooth: bool = False
     smooth_alpha: float = Field(0.5, ge=0, le=1)
@@ -75,6 +76,8 @@ class QuantConfig(BaseModel):
             wrong = [k for k in INT4_ONLY if k in given]
             if wrong:
                 raise SlimlmError(f"{', '.join(wrong)} apply to --scheme int4 only (got --scheme {self.scheme})")
+        elif self.act_order and self.method != "gptq":
+            raise SlimlmError("--act-order applies to --method gptq only (round-to-nearest has no column order)")
         if self.scheme != "int8" and (self.smooth or "smooth_alpha" in given):
             raise SlimlmError(f"--smooth applies to --scheme int8 only (got --scheme {self.scheme})")
         if self.scheme != "fp8" and self.static_activations:
@@ -291,8 +294,11 @@ def _gptq_sequential(model, targets, groups, cfg: QuantConfig, blocks, batch_siz
     def gptq_swap(name: str, hessian: torch.Tensor) -> None:
         m = targets[name]
         q, scale, zero = gptq_int4(m.weight.detach(), hessian, group_size=groups[name], symmetric=cfg.symmetric,
-                                   damp=cfg.damp)
-        _swap(model, name, Int4Linear.from_codes(q, scale, zero, groups[name], m.bias))
+                                   damp=cfg.damp, act_order=cfg.act_order)
+        new = Int4Linear.from_codes(q, scale, zero, groups[name], m.bias)
+        if cfg.act_order:
+            new.actorder = "weight"
+        _swap(model, name, new)
         done.add(name)
 
     for i, layer in enumerate(layers):

@@ -57,7 +57,8 @@ def scheme_of(m: QuantizedLinear) -> dict[str, Any]:
                 "input_activations": act, "format": "float-quantized"}
     if isinstance(m, Int4Linear):
         return {"weights": {"num_bits": 4, "type": "int", "symmetric": m.symmetric, "strategy": "group",
-                            "group_size": m.group_size, "dynamic": False},
+                            "group_size": m.group_size, "dynamic": False,
+                            **({"actorder": m.actorder} if m.actorder else {})},
                 "input_activations": None, "format": "pack-quantized"}
     raise TypeError(f"not a slimlm quantized module: {type(m).__name__}")
 
@@ -227,7 +228,10 @@ def _build(kind: str, scheme, name: str, linear: nn.Linear, t: dict[str, torch.T
     zero = None
     if not scheme.weights.symmetric:
         zero = unpack_int4(need("weight_zero_point").to(torch.int32), out, dim=0)
-    return Int4Linear(packed.to(torch.int32), s, zero, g, inp, bias)
+    m = Int4Linear(packed.to(torch.int32), s, zero, g, inp, bias)
+    if scheme.weights.actorder is not None:  # only "weight" gets here (static groups: the format is unchanged)
+        m.actorder = str(getattr(scheme.weights.actorder, "value", scheme.weights.actorder))
+    return m
 
 
 def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,

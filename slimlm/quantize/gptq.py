@@ -16,6 +16,11 @@ Updates are applied lazily: inside a block of ``block_size`` columns immediately
 the block in one matrix product when the block ends. With H = I the factor U is diagonal, no error
 is ever propagated and the result equals round-to-nearest exactly (tested).
 
+``act_order=True`` visits the columns in order of decreasing Hessian diagonal (the inputs with the most
+energy first, while the most columns are still free to absorb their error), with *static groups*: every
+group's scale/zero are fixed up front from the original weights, so the groups stay contiguous in the
+original column order and the export needs no ``g_idx`` (compressed-tensors' ``actorder: weight``).
+
 Pure tensor math: the caller collects H (see :mod:`slimlm.quantize.calibrate`).
 """
 
@@ -35,7 +40,8 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> torch.T
 
 
 def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, *, group_size: int, symmetric: bool = True,
-              damp: float = 0.01, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+              damp: float = 0.01, block_size: int = 128,
+              act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize ``w`` [out, in] to int4 groups with GPTQ error compensation.
 
     Returns (q int8 [out, in] in [−8, 7], scale float32 [out, in/g], zero int8 [out, in/g] | None), in
@@ -48,34 +54,40 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, *, group_size: int, symmet
     check_group_size(n, group_size)
     if hessian.shape != (n, n):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match in_features {n}")
-    # groups must not straddle blocks, so that a group's parameters come from fully updated weights
-    block_size = max(group_size, block_size - block_size % group_size)
     h = hessian.float().clone()
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    u = inverse_hessian_factor(h, damp)
-    # the sweep runs on Wᵀ [in, out], so that a column of W is a contiguous row
-    wt = w.float().T.contiguous()
-    qt = torch.empty(n, out, dtype=torch.int8, device=w.device)
     n_groups = n // group_size
-    scale = torch.empty(out, n_groups, dtype=torch.float32, device=w.device)
-    zero = None if symmetric else torch.empty(out, n_groups, dtype=torch.int8, device=w.device)
-    s_col = z_col = None
+    if act_order:  # static groups: parameters from the original weights, columns visited by energy
+        scale, zero = int4_group_params(w.float(), group_size, symmetric)
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        h = h[perm][:, perm]
+    else:  # parameters of a group from its weights as updated when the sweep reaches it
+        scale = torch.empty(out, n_groups, dtype=torch.float32, device=w.device)
+        zero = None if symmetric else torch.empty(out, n_groups, dtype=torch.int8, device=w.device)
+        perm = torch.arange(n, device=w.device)
+        # groups must not straddle blocks, so that a group's parameters come from fully updated weights
+        block_size = max(group_size, block_size - block_size % group_size)
+    u = inverse_hessian_factor(h, damp)
+    # the sweep runs on Wᵀ [in, out] (rows in visiting order), so that a column of W is a contiguous row
+    wt = w.float().T[perm].contiguous()
+    qt = torch.empty(n, out, dtype=torch.int8, device=w.device)
+    order = perm.tolist()
     for b0 in range(0, n, block_size):
         b1 = min(b0 + block_size, n)
         blk = wt[b0:b1]  # rows b0..b1 of Wᵀ (a view: updates land in wt)
         err = torch.empty_like(blk)
         ub = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
-            col = b0 + i
-            if col % group_size == 0:  # a new group: its parameters from the current (updated) weights
-                g = col // group_size
+            col = order[b0 + i]
+            g = col // group_size
+            if not act_order and col % group_size == 0:  # a new group, from the current (updated) weights
                 s, z = int4_group_params(blk[i:i + group_size].T, group_size, symmetric)
                 scale[:, g:g + 1] = s
-                s_col = s[:, 0]
                 if zero is not None:
                     zero[:, g:g + 1] = z
-                    z_col = z[:, 0].float()
+            s_col = scale[:, g]
+            z_col = None if zero is None else zero[:, g].float()
             # the same arithmetic as schemes.quantize_int4 / dequantize_int4, on one column
             wc = blk[i]
             qc = torch.round(wc / s_col)

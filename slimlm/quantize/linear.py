@@ -197,6 +197,7 @@ class Int4Linear(QuantizedLinear):
     """W4A16: int4 codes packed 8 per int32 [out, ceil(in/8)], scales [out, in/g] (+ int8 zero points if asymmetric)."""
 
     scheme = "int4"
+    actorder: str | None = None  # "weight" when GPTQ visited the columns in activation order (static groups)
 
     def __init__(self, weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None,
                  group_size: int, in_features: int, bias: torch.Tensor | None = None):

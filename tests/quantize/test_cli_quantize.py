@@ -39,13 +39,16 @@ def test_quantize_int4_gptq_with_calibration_file(tiny_model_dirs, tmp_path):
     out = tmp_path / "q4"
     res = runner.invoke(app, ["quantize", str(tiny_model_dirs["qwen3"]), "--scheme", "int4", "--out", str(out),
                               "--calib", str(tmp_path / "calib.txt"), "--samples", "4", "--seq-len", "32",
-                              "--group-size", "32", "--asymmetric", "--dtype", "float32"])
+                              "--group-size", "32", "--asymmetric", "--act-order", "--dtype", "float32"])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "slimlm_quantize.json").read_text())
     assert report["calibration_blocks"] == 4 and report["config"]["method"] == "gptq"
     m = load_model(out)
     layer = m.model.layers[1].self_attn.o_proj
     assert isinstance(layer, Int4Linear) and not layer.symmetric and layer.group_size == 32
+    assert layer.actorder == "weight"
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert [g["weights"]["actorder"] for g in groups.values()] == ["weight"]
     with torch.no_grad():
         assert torch.isfinite(m(torch.tensor([[5, 6, 7]])).logits).all()
 
@@ -54,6 +57,7 @@ def test_quantize_int4_gptq_with_calibration_file(tiny_model_dirs, tmp_path):
     (["--scheme", "int5"], "--scheme"),
     (["--scheme", "int4"], "needs calibration data: add --calib"),
     (["--scheme", "int8", "--group-size", "32"], "apply to --scheme int4 only"),
+    (["--scheme", "int4", "--method", "rtn", "--act-order"], "--act-order applies to --method gptq only"),
     (["--scheme", "int4", "--group-size", "48", "--method", "rtn"], "--group-size"),
     (["--scheme", "int8", "--smooth", "--calib", "/no/such/file.txt"], "--calib /no/such/file.txt: not"),
     (["--scheme", "fp8", "--ignore", "lm_heda"], "matches no module"),

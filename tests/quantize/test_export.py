@@ -22,6 +22,7 @@ CONFIGS = {
     "int4-asym": QuantConfig(scheme="int4", method="rtn", group_size=32, symmetric=False),
     "int4-mixed-groups": QuantConfig(scheme="int4", method="rtn", group_size=128),  # 64 for in=64, 128 for in=128
     "int8-with-head": QuantConfig(scheme="int8", ignore=[]),
+    "int4-gptq-actorder": QuantConfig(scheme="int4", method="gptq", group_size=32, act_order=True),
 }
 EXPECTED_FORMAT = {"int8": "int-quantized", "fp8": "float-quantized", "int4": "pack-quantized"}
 
