@@ -7,6 +7,8 @@ the standard attribute names also loads).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -79,6 +81,17 @@ def param_counts(model: torch.nn.Module) -> dict[str, int]:
     embedding = sum(p.numel() for p in model.parameters() if id(p) in emb_params)
     embedding += out.logical_numel if quantized_head else 0
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The KV-cache keyword argument for ``model(...)``: ``cache`` from transformers 5.24 on,
+    ``past_key_values`` before (passing the old name to a newer version works but warns on every run)."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:

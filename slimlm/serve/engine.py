@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from slimlm import SlimlmError
+from slimlm.models import cache_kwargs
 from slimlm.tasks.ranking import TokenizedRanking
 
 Progress = Callable[[int], None]  # called with the number of candidates just finished
@@ -153,8 +154,9 @@ def iter_label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Seque
     out = np.empty((len(suffixes), len(label_ids)), dtype=np.float64)
     if not suffixes:
         return out
-    pre = base(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True)
-    kv = [(layer.keys, layer.values) for layer in pre.past_key_values.layers]
+    pre = DynamicCache()
+    base(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, **cache_kwargs(base, pre))
+    kv = [(layer.keys, layer.values) for layer in pre.layers]
     yield 0
     order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
     for start, stop in _even_batches(len(order), batch_size):
@@ -165,7 +167,7 @@ def iter_label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Seque
         full_mask = torch.cat([torch.ones((n, p), dtype=mask.dtype, device=device), mask], dim=1)
         positions = torch.arange(p, p + ids.shape[1], device=device).unsqueeze(0).expand(n, -1)
         hidden = base(input_ids=ids, attention_mask=full_mask, position_ids=positions,
-                      past_key_values=cache, use_cache=True).last_hidden_state
+                      use_cache=True, **cache_kwargs(base, cache)).last_hidden_state
         last = hidden[torch.arange(n, device=device), mask.sum(1) - 1]
         out[idx] = _label_probs(last, w, b).double().cpu().numpy()
         yield n
@@ -486,8 +488,8 @@ class DecodeBatch:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                            use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **cache_kwargs(self.model, cache)).logits[:, -1].float()
         new_kv = [(layer.keys, layer.values) for layer in cache.layers]
         next_pos = positions[:, -1] + 1
         if not self.rows:
@@ -564,7 +566,7 @@ class DecodeBatch:
         tok = torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=self.device)[:, None]
         self.mask = torch.cat([self.mask, torch.ones((len(keep), 1), dtype=self.mask.dtype, device=self.device)], 1)
         self.logits = self.model(input_ids=tok, attention_mask=self.mask, position_ids=self.next_pos[:, None],
-                                 past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1].float()
+                                 use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, self.cache)).logits[:, -1].float()
         self.next_pos = self.next_pos + 1
         return finished
 
