@@ -15,9 +15,9 @@ The numbers in the model table, per evaluated model m against the reference mode
     speed-up  = s(m) / s(r)     for s = prefill tokens/s, decode tokens/s, ranking candidates/s
 
 A ratio to a chance-level score means nothing, so the reference is the recipe's starting teacher unless
-that teacher is at chance (a 95 % interval reaching AUC 0.5 or exact match 0): then it is
-the first evaluated fine-tuned teacher (a ``distill`` stage with ``mode: sft`` trained from ``teacher``),
-if there is one. ``reference=NAME`` picks it explicitly. The report says which reference it used, why,
+that teacher is at chance (a 95 % interval reaching AUC 0.5 or exact match 0) or was not evaluated: then
+it is the first evaluated fine-tuned teacher (a ``distill`` stage with ``mode: sft`` trained from
+``teacher``) that is not at chance, if there is one. ``reference=NAME`` picks it explicitly. The report says which reference it used, why,
 and marks retention "n/a" where the reference is at chance.
 
 Plots use matplotlib's object API on the Agg canvas (no pyplot, no global backend switch), imported only
@@ -336,16 +336,25 @@ def choose_reference(results: dict[str, dict], run: dict, reference: str | None)
         m = primary_metric(metrics(reference))
         chance = m is not None and at_chance(m, metrics(reference))
         return reference, f"the named reference `{reference}`" + (" (at chance: retention n/a)" if chance else "")
+    def finetuned_teacher() -> str | None:
+        for ref in results:
+            mr = primary_metric(metrics(ref))
+            if _is_finetuned_teacher(ref, run) and mr is not None and not at_chance(mr, metrics(ref)):
+                return ref
+        return None
+
     if "teacher" in results:
         m = primary_metric(metrics("teacher"))
         if m is None or not at_chance(m, metrics("teacher")):
             return "teacher", "the recipe's starting teacher"
         why = f"the starting teacher is at chance ({m.label} {_metric_text(m, metrics('teacher'))})"
-        for ref in results:
-            mr = primary_metric(metrics(ref))
-            if _is_finetuned_teacher(ref, run) and mr is not None and not at_chance(mr, metrics(ref)):
-                return ref, f"`{ref}`, the fine-tuned teacher: {why}, so retention against it would mean nothing"
+        ref = finetuned_teacher()
+        if ref is not None:
+            return ref, f"`{ref}`, the fine-tuned teacher: {why}, so retention against it would mean nothing"
         return "teacher", f"the recipe's starting teacher; {why}, so retention is n/a (name a reference with --reference)"
+    ref = finetuned_teacher()
+    if ref is not None:
+        return ref, f"`{ref}`, the fine-tuned teacher (the starting teacher was not evaluated)"
     return None, "no reference: the starting teacher was not evaluated (name one with --reference)"
 
 

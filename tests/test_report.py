@@ -184,6 +184,19 @@ def test_a_named_reference_and_a_reference_at_chance(tmp_path):
         write_report(out, reference="nope")
 
 
+def test_without_the_starting_teacher_the_fine_tuned_teacher_is_the_reference(tmp_path):
+    out = fake_run(tmp_path)
+    record = json.loads((out / "eval" / "stage.json").read_text())
+    del record["metrics"]["teacher"]
+    del record["inputs"]["models"]["teacher"]
+    (out / "eval" / "stage.json").write_text(json.dumps(record))
+    md = write_report(out).read_text()
+    rows = table(md, "## Evaluation")
+    assert "teacher" not in rows and "**teacher-sft**" in md and "the starting teacher was not evaluated" in md
+    assert rows["kd"]["retention"] == f"{100 * 0.686 / 0.700:.1f}%"
+    assert rows["int8"]["cand/s ×"] == f"{800 / 198:.2f}×"
+
+
 def test_a_generative_run_reports_exact_match(tmp_path):
     out = fake_run(tmp_path)
     record = json.loads((out / "eval" / "stage.json").read_text())
