@@ -1,7 +1,7 @@
 """Structured pruning before re-distillation: OSSCAR vs OSSCAR-greedy vs activation vs magnitude, side by side.
 
     python benchmarks/prune.py [--quick] [--model DIR ...] [--levels mlp75,mlp50,kv2,layers20]
-                               [--methods osscar,greedy,activation,magnitude] [--samples 32] [--seq-len 256]
+                               [--methods osscar,greedy,activation,magnitude] [--samples 128] [--seq-len 256]
                                [--ppl-blocks 16] [--auc-limit 300] [--sft-levels mlp50] [--redistill-steps 0]
                                [--out runs/bench/prune.json]
 
@@ -17,7 +17,8 @@ runs/bench/quality/teacher-sft/model when it exists), level and method, `slimlm 
 * non-embedding parameters and prefill latency (batch 16 x 128 tokens, last-position logits, median of 3).
 
 Levels: mlp75 / mlp50 (MLP neurons kept), kv2 (one of three KV groups removed: 9 -> 6 query heads, 3 -> 2
-KV heads), layers20 (30 -> 20 decoder layers). OSSCAR, its greedy and the two baselines are width methods;
+KV heads), q6 (one query head of three removed from every KV group: 9 -> 6 query heads, KV heads kept),
+layers20 (30 -> 20 decoder layers). OSSCAR, its greedy and the two baselines are width methods;
 at the depth level the rows compare the depth importance measures instead (cosine = 1 − cos(in, out),
 loss = loss increase when skipped, evenly = evenly spaced layers as `slimlm init-student` picks them).
 ``--redistill-steps N`` re-distils the OSSCAR mlp50 model by KD from its teacher on the prose that follows
@@ -43,6 +44,7 @@ LEVELS = {
     "mlp75": ["--mlp-keep", "0.75"],
     "mlp50": ["--mlp-keep", "0.5"],
     "kv2": ["--heads-keep", "6", "--head-mode", "kv"],
+    "q6": ["--heads-keep", "6", "--head-mode", "query"],
     "layers20": ["--layers-keep", "20"],
 }
 WIDTH_METHODS = ("osscar", "greedy", "activation", "magnitude")
@@ -81,7 +83,7 @@ def main() -> None:
     ap.add_argument("--model", action="append", help="model dir(s) (default: teacher, + the SFT teacher if present)")
     ap.add_argument("--levels", default=",".join(LEVELS))
     ap.add_argument("--methods", default=",".join(WIDTH_METHODS))
-    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--ppl-blocks", type=int, default=16)
     ap.add_argument("--auc-limit", type=int, default=300)
