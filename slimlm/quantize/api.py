@@ -36,7 +36,14 @@ from slimlm.quantize.calibrate import (
     run_decoder,
 )
 from slimlm.quantize.gptq import gptq_int4
-from slimlm.quantize.linear import Fp8Linear, Int4Linear, Int8Linear, QuantizedLinear, is_quantized
+from slimlm.quantize.linear import (
+    Fp8Linear,
+    Int4Linear,
+    Int8Linear,
+    QuantizedLinear,
+    is_quantized,
+    share_input_quantization,
+)
 from slimlm.quantize.schemes import (
     fp8_static_scale,
     quantize_fp8_per_channel,
@@ -249,6 +256,7 @@ def quantize_model(model: nn.Module, cfg: QuantConfig, calib_blocks: list[list[i
         for i, (name, m) in enumerate(targets.items()):
             _swap(model, name, quantize_linear(m, cfg, input_scale=input_scales.get(name)))
             tick(f"{cfg.scheme} weights", i + 1, len(targets))
+        share_input_quantization(model)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
 

@@ -32,7 +32,13 @@ from torch import nn
 
 from slimlm import SlimlmError
 from slimlm.io import atomic_dir
-from slimlm.quantize.linear import Fp8Linear, Int4Linear, Int8Linear, QuantizedLinear
+from slimlm.quantize.linear import (
+    Fp8Linear,
+    Int4Linear,
+    Int8Linear,
+    QuantizedLinear,
+    share_input_quantization,
+)
 from slimlm.quantize.schemes import FP8_DTYPE, unpack_int4
 
 WEIGHTS_FILE = "model.safetensors"
@@ -299,4 +305,5 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     missing = [k for k in missing if k.rpartition(".")[0] not in quantized_keys]
     if missing:
         raise SlimlmError(f"{path}: tensor {missing[0]} missing from the checkpoint ({len(missing)} in all)")
+    share_input_quantization(model)
     return model.to(device).eval()

@@ -58,6 +58,11 @@ def test_quantize_model_every_scheme(family, name):
     assert float((y - ref).norm() / ref.norm()) < BOUNDS[cfg.scheme]
     if name == "fp8-static":
         assert all(m.input_scale is not None and m.input_scale > 0 for m in quantized)
+    if cfg.scheme == "int8":  # q/k/v and gate/up quantize their shared input once, to the same logits
+        assert [m.input_role for m in quantized[:7]] == ["lead", "follow", "last", None, "lead", "last", None]
+        for m in quantized:
+            m.input_role = None
+        assert torch.equal(logits(model, ids), y)
 
 
 def test_gptq_beats_rtn_on_the_calibration_data():

@@ -141,6 +141,8 @@ def test_reload_in_slimlm_gives_identical_logits(exports, name):
     assert param_counts(reloaded) == param_counts(model)
     with torch.no_grad():
         assert torch.equal(reloaded(ids()).logits, want)
+    roles = [getattr(m, "input_role", None) for m in reloaded.modules()]
+    assert roles.count("lead") == (4 if name.startswith("int8") else 0)  # 2 layers x (q_proj, gate_proj)
 
 
 # transformers emulates dynamic int8 activations with scale = absmax / 127.5 and codes in [-128, 127]

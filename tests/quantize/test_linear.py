@@ -8,7 +8,15 @@ from torch import nn
 
 from slimlm.quantize import schemes as S
 from slimlm.quantize.api import QuantConfig, quantize_linear
-from slimlm.quantize.linear import Fp8Linear, Int4Linear, Int8Linear, fp8_matmul_supported, int8_matmul
+from slimlm.quantize import linear as L
+from slimlm.quantize.linear import (
+    Fp8Linear,
+    Int4Linear,
+    Int8Linear,
+    fp8_matmul_supported,
+    int8_matmul,
+    share_input_quantization,
+)
 
 SHAPES = [(16, 32, 24), (1, 576, 1536), (5, 33, 7), (0, 8, 8)]  # (tokens, in, out)
 
@@ -47,6 +55,44 @@ def test_int8_linear_matches_integer_reference(t, inp, out):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
     if t:
         assert rel_err(y, lin(x)) < 0.02  # vs the fp32 layer: ~1% for Gaussian inputs
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def int8_siblings() -> nn.Module:
+    parent = nn.Module()
+    for i, name in enumerate(QKV):
+        lin = fp32_layer(32, 24 if i == 0 else 8, seed=i)
+        setattr(parent, name, Int8Linear(*S.quantize_int8_per_channel(lin.weight.detach()), lin.bias))
+    return parent
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_siblings_quantize_their_shared_input_once_and_exactly(monkeypatch, mode):
+    shared, alone = int8_siblings(), int8_siblings()
+    assert share_input_quantization(shared) == 2 and share_input_quantization(nn.Module()) == 0
+    assert [getattr(shared, n).input_role for n in QKV] == ["lead", "follow", "last"]
+    calls = []
+    real = L.quantize_int8_per_token
+    monkeypatch.setattr(L, "quantize_int8_per_token", lambda x: calls.append(x.shape) or real(x))
+    with mode():
+        x = torch.randn(2, 5, 32)
+        got = [getattr(shared, n)(x) for n in QKV]
+        assert len(calls) == 1  # the leader quantized; k and v reused it
+        want = [getattr(alone, n)(x) for n in QKV]
+        assert len(calls) == 4 and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+        y = x.clone()  # equal values, another tensor: never served the leader's result
+        shared.q_proj(x)
+        calls.clear()
+        assert torch.equal(shared.k_proj(y), alone.k_proj(y)) and len(calls) == 2
+    x = torch.randn(5, 32)
+    shared.q_proj(x)
+    x.mul_(3)  # changed in place after the leader ran: the version counter says so
+    assert torch.equal(shared.k_proj(x), alone.k_proj(x))
+    assert L._SHARED.source is x
+    shared.v_proj(x)
+    assert L._SHARED.source is None  # the last sibling lets the activations go
 
 
 def test_int8_linear_3d_input_no_bias_and_weight_view():
