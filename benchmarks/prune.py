@@ -14,6 +14,8 @@ runs/bench/quality/teacher-sft/model when it exists), level and method, `slimlm 
 * ranking AUC on a MovieLens test subset (``--auc-limit`` rows, whole users, seeded) for the fine-tuned teacher
   (calibrated on train-split prompts); the zero-shot teacher ranks at chance, so its AUC is skipped unless
   ``--auc-zero-shot``;
+* for the fine-tuned teacher, fidelity to the unpruned model's scores on the same rows: mean binary KL of P(pos)
+  and the correlation of log-odds (paired, so far less noisy than AUC on a few hundred rows);
 * non-embedding parameters and prefill latency (batch 16 x 128 tokens, last-position logits, median of 3).
 
 Levels: mlp75 / mlp50 (MLP neurons kept), kv2 (one of three KV groups removed: 9 -> 6 query heads, 3 -> 2
@@ -64,7 +66,20 @@ def prefill_latency(model, batch: int = 16, length: int = 128, reps: int = 3) ->
     return statistics.median(times)
 
 
-def evaluate(model_dir: str, blocks, auc_examples, tokenizer) -> dict:
+def fidelity(p, ref) -> dict:
+    """How much of the unpruned model's ranking function survives, paired row by row (far less noisy than
+    AUC against the labels on a few hundred rows): mean binary KL(unpruned || pruned) of P(pos), and the
+    Pearson correlation of the two models' log-odds."""
+    import numpy as np
+
+    eps = 1e-7
+    p, ref = np.clip(np.asarray(p, np.float64), eps, 1 - eps), np.clip(np.asarray(ref, np.float64), eps, 1 - eps)
+    kl = ref * np.log(ref / p) + (1 - ref) * np.log((1 - ref) / (1 - p))
+    corr = np.corrcoef(np.log(p / (1 - p)), np.log(ref / (1 - ref)))[0, 1]
+    return {"score_kl": float(kl.mean()), "score_corr": float(corr)}
+
+
+def evaluate(model_dir: str, blocks, auc_examples, tokenizer, ref_scores=None) -> dict:
     from slimlm.evaluate import evaluate_ranking, perplexity
     from slimlm.models import arch_facts, load_model, param_counts
 
@@ -72,8 +87,11 @@ def evaluate(model_dir: str, blocks, auc_examples, tokenizer) -> dict:
     row = {"params": param_counts(model), "arch": arch_facts(model.config).to_dict()}
     row["perplexity"] = perplexity(model, blocks)["perplexity"]
     if auc_examples:
-        m, _ = evaluate_ranking(model, tokenizer, auc_examples, batch_size=16)
-        row["auc"], row["auc_ci95"] = m["auc"], m["auc_ci95"]
+        m, p = evaluate_ranking(model, tokenizer, auc_examples, batch_size=16)
+        row["auc"], row["auc_ci95"], row["log_loss"] = m["auc"], m["auc_ci95"], m["log_loss"]
+        row["scores"] = [round(float(x), 6) for x in p]
+        if ref_scores is not None:
+            row.update(fidelity(p, ref_scores))
     row["prefill_s"] = prefill_latency(model)
     return row
 
@@ -122,8 +140,9 @@ def main() -> None:
             if (sft or args.auc_zero_shot) else None
         mtok = load_tokenizer(resolve_model(model))
         base = evaluate(str(resolve_model(model)), blocks, auc_ex, mtok)
+        ref_scores = base.get("scores")
         results.append({"model": name, "level": "none", "method": "unpruned", **base})
-        print(json.dumps(results[-1]))
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "scores"}))
         for level in (args.sft_levels if sft else args.levels).split(","):
             methods = DEPTH_METHODS if level.startswith("layers") else args.methods.split(",")
             for method in methods:
@@ -147,9 +166,9 @@ def main() -> None:
                        "prune_seconds": report.get("seconds"),
                        "mlp_rel_error_mean": report.get("mlp_rel_error_mean"),
                        "attn_rel_error_mean": report.get("attn_rel_error_mean"),
-                       **evaluate(str(out), blocks, auc_ex, mtok)}
+                       **evaluate(str(out), blocks, auc_ex, mtok, ref_scores)}
                 results.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k not in ("arch", "prune_seconds")}))
+                print(json.dumps({k: v for k, v in row.items() if k not in ("arch", "prune_seconds", "scores")}))
                 write(args, results, log)
         if not sft and args.redistill_steps > 0 and "mlp50" in args.levels.split(","):
             # before the fine-tuned teacher's rows: the recovery figure matters more than more rows
@@ -194,11 +213,12 @@ def _fmt(v, spec: str) -> str:
 
 
 def print_table(results) -> None:
-    print(f"{'model':12s} {'level':9s} {'method':22s} {'ppl':>8s} {'AUC':>7s} {'non-emb M':>9s} {'prefill s':>9s} "
+    print(f"{'model':12s} {'level':9s} {'method':22s} {'ppl':>8s} {'AUC':>7s} {'KL':>7s} {'corr':>6s} {'non-emb M':>9s} {'prefill s':>9s} "
           f"{'prune s':>8s} {'peak MiB':>8s} {'mlp err':>8s} {'attn err':>8s}")
     for r in results:
         auc = f"{r['auc']:.4f}" if "auc" in r else "-"
         print(f"{r['model']:12s} {r['level']:9s} {r['method']:22s} {r['perplexity']:8.2f} {auc:>7s} "
+              f"{_fmt(r.get('score_kl'), '7.4f'):>7s} {_fmt(r.get('score_corr'), '6.3f'):>6s} "
               f"{r['params']['non_embedding'] / 1e6:9.2f} {r['prefill_s']:9.3f} {_fmt(r.get('prune_wall_s'), '8.1f'):>8s} "
               f"{_fmt(r.get('prune_peak_rss_mib'), '8.0f'):>8s} {_fmt(r.get('mlp_rel_error_mean'), '8.4f'):>8s} "
               f"{_fmt(r.get('attn_rel_error_mean'), '8.4f'):>8s}")

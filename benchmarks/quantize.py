@@ -22,6 +22,8 @@ Size: bytes of the safetensors file(s); the bf16 reference is the model's unique
 Speed (torch.set_num_threads(2), one process, variants interleaved rep by rep, medians):
 prefill tokens/s of the decoder on a batch of 16 x 128 tokens (no KV cache), and decode tokens/s of
 ``slimlm.serve.engine.generate`` (batch 1, KV cache, greedy): (n − 1) / (t(n new tokens) − t(1 new token)).
+``int8-unshared`` (speed only) is the same int8 export with every layer quantizing its own input, so
+the gain of sibling sharing (slimlm.quantize.linear.share_input_quantization) is measured interleaved.
 The machine is shared: os.getloadavg() is recorded before and after; ``--speed-only`` re-runs only the
 timing (re-using the exports of a previous run) and merges it into the JSON.
 """
@@ -47,6 +49,7 @@ from slimlm.models import load_model, load_tokenizer, param_counts, resolve_mode
 from slimlm.quantize.api import QuantConfig, quantize_model  # noqa: E402
 from slimlm.quantize.calibrate import calibration_blocks  # noqa: E402
 from slimlm.quantize.export import export_quantized  # noqa: E402
+from slimlm.quantize.linear import Int8Linear  # noqa: E402
 
 WORK = Path("runs/bench/quantize")
 SFT_TEACHER = Path("runs/bench/quality/teacher-sft/model")
@@ -68,7 +71,9 @@ SLIMLM = {
     "int4-gptq-g32-act": dict(scheme="int4", method="gptq", group_size=32, act_order=True),
 }
 BASELINES = ("ao-dynamic-qint8", "torchao-int8-dyn", "torchao-int8-wo")
-SPEED = ("fp32", "fp8", "int8", "int8+head", "int4-gptq-g128", *BASELINES)
+# speed only: the int8 export with every layer quantizing its own input (the A/B for sibling sharing)
+UNSHARED = "int8-unshared"
+SPEED = ("fp32", "fp8", "int8", UNSHARED, "int8+head", "int4-gptq-g128", *BASELINES)
 
 
 def loadavg() -> list[float]:
@@ -223,6 +228,11 @@ def speed(mname: str, info: dict, args, results: dict) -> None:
     for vname in SPEED:
         if vname == "fp32":
             models[vname] = load_model(info["path"])
+        elif vname == UNSHARED:
+            models[vname] = load_model(WORK / mname / "int8")
+            for m in models[vname].modules():
+                if isinstance(m, Int8Linear):
+                    m.input_role = None
         elif vname in SLIMLM:
             path = WORK / mname / vname
             if not (path / "config.json").exists():

@@ -1,0 +1,86 @@
+"""Does quantization really move ranking AUC, and how far? A paired diagnostic on one fine-tuned model.
+
+    python benchmarks/quantize_auc.py [--model runs/bench/quality/teacher-sft/model] [--limit 200]
+                                      [--calib movielens-ranking] [--out runs/bench/int8_auc.json]
+
+Every variant is quantized in memory (no export, so every tensor left in float stays fp32) and scores the same
+MovieLens test rows. For each variant against fp32: ΔAUC with a paired bootstrap 95% interval (1,000
+resamples of the rows, both models scored on the same resample), the correlation of the two models'
+P(pos) and their mean absolute difference. Variants: int8; int8 leaving down_proj in float (the layer with
+the widest activations); int8 with SmoothQuant calibrated on ``--calib``; fp8 (dynamic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="runs/bench/quality/teacher-sft/model")
+    ap.add_argument("--limit", type=int, default=200, help="MovieLens test rows (whole users, seeded)")
+    ap.add_argument("--calib", default="movielens-ranking", help="SmoothQuant calibration data")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--resamples", type=int, default=1000)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/int8_auc.json"))
+    args = ap.parse_args()
+
+    from slimlm.evaluate import evaluate_ranking, roc_auc
+    from slimlm.models import load_model, load_tokenizer
+    from slimlm.quantize.api import QuantConfig, quantize_model
+    from slimlm.quantize.calibrate import calibration_blocks
+    from slimlm.tasks import load_ranking_task
+
+    torch.set_num_threads(2)
+    tok = load_tokenizer(args.model)
+    examples = load_ranking_task("movielens-ranking", None, "test", args.limit, 0)
+    y = np.array([e.label for e in examples])
+    calib = calibration_blocks(tok, args.calib, args.calib_samples, 256)
+    variants = {
+        "fp32": None,
+        "int8": QuantConfig(scheme="int8"),
+        "int8-no-down": QuantConfig(scheme="int8", ignore=["lm_head", "re:.*down_proj$"]),
+        "int8-smooth": QuantConfig(scheme="int8", smooth=True),
+        "fp8": QuantConfig(scheme="fp8"),
+    }
+    scores: dict[str, np.ndarray] = {}
+    for name, cfg in variants.items():
+        t = time.perf_counter()
+        model = load_model(args.model)
+        if cfg is not None:
+            quantize_model(model, cfg, calib if cfg.needs_calibration else None)
+        scores[name] = np.asarray(evaluate_ranking(model, tok, examples)[1])
+        print(f"{name:14s} AUC {roc_auc(y, scores[name]):.4f}  ({time.perf_counter() - t:.0f} s)", flush=True)
+
+    rng = np.random.default_rng(0)
+    resamples = [rng.integers(0, len(y), len(y)) for _ in range(args.resamples)]
+    resamples = [i for i in resamples if 0 < y[i].sum() < len(i)]  # both classes present
+    base = scores["fp32"]
+    rows = {}
+    for name, p in scores.items():
+        if name == "fp32":
+            continue
+        deltas = [roc_auc(y[i], p[i]) - roc_auc(y[i], base[i]) for i in resamples]
+        rows[name] = {"auc": roc_auc(y, p), "delta_auc": roc_auc(y, p) - roc_auc(y, base),
+                      "delta_ci95": [float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))],
+                      "score_corr": float(np.corrcoef(p, base)[0, 1]), "mean_abs_diff": float(np.abs(p - base).mean())}
+        print(name, json.dumps(rows[name]), flush=True)
+    summary = {"model": args.model, "limit": args.limit, "calib": args.calib, "fp32_auc": roc_auc(y, base),
+               "fp32_score_std": float(base.std()), "fp32_score_range": [float(base.min()), float(base.max())],
+               "variants": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(tmp, args.out)
+    print(f"results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
