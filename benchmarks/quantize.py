@@ -148,7 +148,7 @@ def make_exports(mname: str, info: dict, args, results: dict, only: tuple[str, .
     tok = load_tokenizer(info["path"])
     calib = None
     for vname, fields in SLIMLM.items():
-        if (only is not None and vname not in only) or (args.variants and vname not in args.variants):
+        if only is not None and vname not in only:
             continue
         out = WORK / mname / vname
         if (out / "config.json").exists() and not args.fresh:
@@ -324,7 +324,7 @@ def main() -> None:
     models = model_paths(args.models.split(","))
     for mname, info in models.items():
         if not args.speed_only:
-            make_exports(mname, info, args, results)
+            make_exports(mname, info, args, results, only=args.variants or None)
             quality(mname, info, args, results)
         if mname != "teacher-sft" and not args.variants:  # teacher-sft: the teacher's architecture and speed
             speed(mname, info, args, results)

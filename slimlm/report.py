@@ -17,8 +17,8 @@ The numbers in the model table, per evaluated model m against the reference mode
 A ratio to a chance-level score means nothing, so the reference is the recipe's starting teacher unless
 that teacher is at chance (a 95 % interval reaching AUC 0.5 or exact match 0) or was not evaluated: then
 it is the first evaluated fine-tuned teacher (a ``distill`` stage with ``mode: sft`` trained from
-``teacher``) that is not at chance, if there is one. ``reference=NAME`` picks it explicitly. The report says which reference it used, why,
-and marks retention "n/a" where the reference is at chance.
+``teacher``) that is not at chance, if there is one. ``reference=NAME`` picks it explicitly. The report
+says which reference it used, why, and marks retention "n/a" where the reference is at chance.
 
 Plots use matplotlib's object API on the Agg canvas (no pyplot, no global backend switch), imported only
 when a report is written.

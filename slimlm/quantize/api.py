@@ -37,6 +37,7 @@ from slimlm.quantize.calibrate import (
 )
 from slimlm.quantize.gptq import gptq_int4
 from slimlm.quantize.linear import (
+    SIBLINGS,
     Fp8Linear,
     Int4Linear,
     Int8Linear,
@@ -171,11 +172,12 @@ def _smooth_groups(model: nn.Module) -> list[tuple[str, nn.Module, list[nn.Linea
     family = getattr(model.config, "model_type", "?")
     if family not in FAMILIES:
         raise SlimlmError(f"--smooth knows the layer structure of {', '.join(FAMILIES)}; this model is {family!r}")
+    attn_in, mlp_in = SIBLINGS  # the layers that read the attention / MLP norm's output
     groups = []
     for layer in model.get_decoder().layers:
         attn, mlp = layer.self_attn, layer.mlp
-        groups.append(("norm", layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]))
-        groups.append(("norm", layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]))
+        groups.append(("norm", layer.input_layernorm, [getattr(attn, n) for n in attn_in]))
+        groups.append(("norm", layer.post_attention_layernorm, [getattr(mlp, n) for n in mlp_in]))
         groups.append(("rows", mlp.up_proj, [mlp.down_proj]))
     return groups
 

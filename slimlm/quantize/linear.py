@@ -165,6 +165,7 @@ class Int8Linear(QuantizedLinear):
         return self._finish(y, x)
 
 
+# layers of a Llama-family block that read the same tensor: the attention input, the MLP input
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from slimlm.quantize import linear as L
 from slimlm.quantize import schemes as S
 from slimlm.quantize.api import QuantConfig, quantize_linear
-from slimlm.quantize import linear as L
 from slimlm.quantize.linear import (
     Fp8Linear,
     Int4Linear,
