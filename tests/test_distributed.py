@@ -69,8 +69,9 @@ def test_two_process_gloo_matches_single_process(run_dir, single, strategy):
     assert a.keys() == b.keys()  # the same checkpoint layout (tied head stored once)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=2e-5)
-    # a different global batch would train differently: the comparison can fail
-    assert not torch.allclose(load_file(str(single.parent / "student" / "model.safetensors"))[k], a[k])
+    # the comparison can fail: training moved the weights far beyond its tolerance (every tensor checked)
+    init = load_file(str(single.parent / "student" / "model.safetensors"))
+    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 100 * 2e-5
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])

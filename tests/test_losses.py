@@ -37,13 +37,14 @@ from slimlm.distill.losses import (
 RTOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 IGNORE = -100
 
-# (divergence, LossConfig kwargs): every divergence, JSD at three β, the skews at two α.
+# (divergence, LossConfig kwargs): every divergence, JSD at three β, the skews at two α (skew KL also at 0).
 DIVS = [
     ("forward_kl", {}),
     ("reverse_kl", {}),
     ("jsd", {"beta": 0.1}),
     ("jsd", {"beta": 0.5}),
     ("jsd", {"beta": 0.9}),
+    ("skew_kl", {"alpha": 0.0}),  # the α = 0 endpoint: plain forward KL
     ("skew_kl", {"alpha": 0.1}),
     ("skew_kl", {"alpha": 0.5}),
     ("skew_reverse_kl", {"alpha": 0.1}),
@@ -148,19 +149,26 @@ def cfg_for(kind: str, kw: dict, **more) -> LossConfig:
 # --------------------------------------------------------------------------- plain kd_loss vs naive
 
 
+# (kd_weight, ce_weight): KD alone, and a mix with a KD weight other than 1 (so a dropped or squared
+# kd_weight factor in a loss or its hand-written gradient fails).
+WEIGHTS = [(1.0, 0.0), (0.4, 0.3)]
+WEIGHT_IDS = ["kd1-ce0", "kd0.4-ce0.3"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
+@pytest.mark.parametrize(("kd_weight", "ce_weight"), WEIGHTS, ids=WEIGHT_IDS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize(("kind", "kw"), DIVS, ids=DIV_IDS)
-def test_kd_loss_matches_naive(kind, kw, temperature, ce_weight, dtype):
+def test_kd_loss_matches_naive(kind, kw, temperature, kd_weight, ce_weight, dtype):
     zs, zt, labels = make_logits(37, 101, dtype)
     zs.requires_grad_(True)
-    cfg = cfg_for(kind, kw, temperature=temperature, ce_weight=ce_weight)
+    cfg = cfg_for(kind, kw, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight)
     loss = kd_loss(zs, zt, labels, cfg)
     loss.backward()
 
     ref_zs = zs.detach().double().requires_grad_(True)
-    ref = naive_loss(ref_zs, zt, labels, kind, temperature=temperature, ce_weight=ce_weight, **kw)
+    ref = naive_loss(ref_zs, zt, labels, kind, temperature=temperature, kd_weight=kd_weight,
+                     ce_weight=ce_weight, **kw)
     ref.backward()
     assert_close(loss, ref, dtype, "loss")
     assert_close(zs.grad, ref_zs.grad, dtype, "grad student logits")
@@ -193,10 +201,12 @@ def run_naive(t: dict, labels, kind, **kw):
     return ref, {k: x.grad for k, x in student.items()}
 
 
-def check_chunked(t, labels, kind, kw, dtype, chunk_size, temperature=1.0, ce_weight=0.0, grads_too=True):
-    cfg = cfg_for(kind, kw, temperature=temperature, ce_weight=ce_weight)
+def check_chunked(t, labels, kind, kw, dtype, chunk_size, temperature=1.0, ce_weight=0.0, grads_too=True,
+                  kd_weight=1.0):
+    cfg = cfg_for(kind, kw, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight)
     loss, grads = run_chunked(t, labels, cfg, chunk_size)
-    ref, ref_grads = run_naive(t, labels, kind, temperature=temperature, ce_weight=ce_weight, **kw)
+    ref, ref_grads = run_naive(t, labels, kind, temperature=temperature, kd_weight=kd_weight,
+                               ce_weight=ce_weight, **kw)
     assert grads.keys() == ref_grads.keys()
     assert_close(loss, ref, dtype, "loss")
     for k in grads:
@@ -205,12 +215,13 @@ def check_chunked(t, labels, kind, kw, dtype, chunk_size, temperature=1.0, ce_we
             assert_close(grads[k], ref_grads[k], dtype, f"grad {k}")
 
 
-@pytest.mark.parametrize("ce_weight", [0.0, 0.3])
+@pytest.mark.parametrize(("kd_weight", "ce_weight"), WEIGHTS, ids=WEIGHT_IDS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize(("kind", "kw"), DIVS, ids=DIV_IDS)
-def test_chunked_matches_naive_every_divergence(kind, kw, temperature, ce_weight):
+def test_chunked_matches_naive_every_divergence(kind, kw, temperature, kd_weight, ce_weight):
     t, labels = make_hidden(37, 101, 24, 40, torch.float64, bias=True)
-    check_chunked(t, labels, kind, kw, torch.float64, chunk_size=5, temperature=temperature, ce_weight=ce_weight)
+    check_chunked(t, labels, kind, kw, torch.float64, chunk_size=5, temperature=temperature,
+                  kd_weight=kd_weight, ce_weight=ce_weight)
 
 
 # (N, V, H_S, H_T, chunk size, bias): an odd shape with chunks of 1, 5 and more than N, a power-of-two
@@ -227,7 +238,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=["N{}-V{}-H{}-{}-C{}-{}".format(*c[:5], "b" if c[5] else "nob") for c in CASES])
-@pytest.mark.parametrize(("kind", "kw"), [DIVS[0], DIVS[3], DIVS[9]], ids=[DIV_IDS[0], DIV_IDS[3], DIV_IDS[9]])
+@pytest.mark.parametrize(("kind", "kw"), [DIVS[0], DIVS[3], DIVS[-1]], ids=[DIV_IDS[0], DIV_IDS[3], DIV_IDS[-1]])
 def test_chunked_shapes_and_chunk_sizes(kind, kw, case):
     n, v, hs, ht, chunk_size, bias = case
     t, labels = make_hidden(n, v, hs, ht, torch.float64, seed=n + chunk_size, bias=bias)

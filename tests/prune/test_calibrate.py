@@ -100,6 +100,11 @@ def test_baseline_scores_and_partitions():
     s = torch.tensor([0.1, 0.9, 0.5, 0.4, 0.8, 0.2])
     assert baselines.top_groups(s, 3) == [1, 2, 4]
     assert baselines.top_groups(s, 3, part=torch.tensor([0, 0, 1, 1, 2, 2])) == [1, 2, 4]
+    # scores where the best 3 overall ([0, 1, 4]) differ from the best one per partition ([0, 3, 4])
+    s = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.5, 0.4])
+    assert baselines.top_groups(s, 3) == [0, 1, 4]
+    assert baselines.top_groups(s, 3, part=torch.tensor([0, 0, 1, 1, 2, 2])) == [0, 3, 4]
+    assert baselines.top_groups(s, 4, part=torch.tensor([0, 1, 0, 1, 0, 1])) == [0, 1, 4, 5]
     assert baselines.top_groups(torch.ones(4), 2) == [0, 1]  # ties -> lower index
 
 

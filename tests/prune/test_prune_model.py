@@ -142,35 +142,60 @@ def test_baselines_equal_masked_original(method, tiny_tok):
     if method == "magnitude":  # the largest-norm down_proj columns
         norms = model.model.layers[0].mlp.down_proj.weight.norm(dim=0)
         assert mlp[0] == sorted(torch.argsort(norms, descending=True)[:48].tolist())
+    else:  # the highest input energy, measured by hooks on the model as pruned so far (heads, then MLP)
+        hd, full_mlp, full_heads = arch_facts(model.config).head_dim, list(range(80)), list(range(6))
+        for i in range(3):
+            seen = masked_oracle(model, mlp=mlp[:i] + [full_mlp] * (3 - i), heads=heads[:i] + [full_heads] * (3 - i))
+            per_head = gram(seen, seen.model.layers[i].self_attn.o_proj, calib).diagonal().reshape(6, hd).sum(1)
+            assert heads[i] == [g * 2 + int(per_head[2 * g:2 * g + 2].argmax()) for g in range(3)], i
+            seen = masked_oracle(model, mlp=mlp[:i] + [full_mlp] * (3 - i),
+                                 heads=heads[:i + 1] + [full_heads] * (2 - i))
+            energy = gram(seen, seen.model.layers[i].mlp.down_proj, calib).diagonal()  # Σ x² per column
+            assert mlp[i] == sorted(torch.argsort(energy, descending=True)[:48].tolist()), i
 
 
 def test_osscar_refits_are_the_closed_form_on_layerwise_statistics(tiny_tok):
-    """Layer 0's refit uses the Gram of the original model's down_proj inputs; layer 1's uses inputs that
-    pass through the *pruned* layer 0 (the oracle re-derives both with plain hooks on full forward passes)."""
+    """Each layer's o_proj refit uses the Gram of its inputs on the model pruned so far, and its down_proj
+    refit the Gram of inputs that already pass through this layer's pruned attention; layer 1 sees the
+    *pruned* layer 0 (the oracle re-derives every Gram with plain hooks on full forward passes)."""
     model = tiny_model("llama", seed=5, vocab_size=len(tiny_tok), **GQA)
     calib = [torch.randint(3, len(tiny_tok), (3, 16), generator=torch.Generator().manual_seed(s)) for s in range(2)]
-    cfg = PruneConfig(method="osscar", mlp_keep=32, multiple=8, damping=0.05)
+    cfg = PruneConfig(method="osscar", mlp_keep=32, heads_keep=4, head_mode="kv", multiple=8, damping=0.05)
     small, report = prune_model(model, calib, cfg)
+    hd = arch_facts(model.config).head_dim
     hybrid = copy.deepcopy(model)  # grows layer by layer into the masked+refit model
     for i in range(3):
-        grams = []
-        h = hybrid.model.layers[i].mlp.down_proj.register_forward_pre_hook(
-            lambda _m, a, grams=grams: grams.append(a[0].reshape(-1, a[0].shape[-1]).double().T @ a[0].reshape(-1, a[0].shape[-1]).double()))
-        with torch.no_grad():
-            for ids in calib:
-                hybrid(ids)
-        h.remove()
-        H = sum(grams)
-        kept = report["layers"][i]["mlp"]["kept"]
-        G, _ = osscar.damped(H, 0.05)
-        W = model.model.layers[i].mlp.down_proj.weight.double()
-        want = osscar.refit(G, W, kept, 1)
-        got = small.model.layers[i].mlp.down_proj.weight.double()
-        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5)
-        with torch.no_grad():
-            w = hybrid.model.layers[i].mlp.down_proj.weight
-            w.zero_()
-            w[:, kept] = want.float()
+        for name, kept, m in (("o_proj", report["layers"][i]["attn"]["kept_kv_heads"], 2 * hd),
+                              ("down_proj", report["layers"][i]["mlp"]["kept"], 1)):
+            parent = "self_attn" if name == "o_proj" else "mlp"
+            linear = getattr(getattr(hybrid.model.layers[i], parent), name)
+            H = gram(hybrid, linear, calib)
+            G, _ = osscar.damped(H, 0.05)
+            W = getattr(getattr(model.model.layers[i], parent), name).weight.double()
+            want = osscar.refit(G, W, kept, m)
+            got = getattr(getattr(small.model.layers[i], parent), name).weight.double()
+            torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5, msg=f"layer {i} {name}")
+            cols = [g * m + j for g in kept for j in range(m)]
+            with torch.no_grad():
+                linear.weight.zero_()
+                linear.weight[:, cols] = want.float()
+    assert len(report["layers"][0]["attn"]["kept_kv_heads"]) == 2
+
+
+def gram(model, linear, calib) -> torch.Tensor:
+    """XᵀX of ``linear``'s inputs over the calibration batches (float64), by a forward hook."""
+    grams = []
+
+    def hook(_m, a):
+        x = a[0].reshape(-1, a[0].shape[-1]).double()
+        grams.append(x.T @ x)
+
+    h = linear.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        for ids in calib:
+            model(ids)
+    h.remove()
+    return sum(grams)
 
 
 def test_nothing_pruned_is_identity(tiny_tok):

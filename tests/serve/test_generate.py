@@ -121,7 +121,7 @@ def test_seeded_sampling_does_not_depend_on_batch_neighbours(model):
 
     alone = run([])
     assert run(prompts(5)) == alone
-    assert len({tuple(run([]))}) == 1 and alone == run([])
+    assert alone == run([])  # the same seed gives the same sample on a second run
     other = [Generation(p, SamplingParams(max_tokens=8, temperature=1.0, seed=s)) for s in range(4)]
     batch = DecodeBatch(model)
     batch.add(other)
@@ -217,7 +217,8 @@ def test_bf16_model_generates_and_scores_close_to_fp32():
     p16 = label_probs_shared_prefix(m16, prefix, suffixes, (10, 11, 12))
     np.testing.assert_allclose(p16, p32, atol=0.05)
     out = generate(m16, prompts(8), max_new_tokens=4, temperature=0)
-    assert [len(o) for o in out] == [4] * 4 and all(0 <= t < VOCAB for o in out for t in o)
+    # batched, padded, KV-cached bf16 greedy equals the no-cache oracle on the same bf16 model
+    assert out == [greedy_reference(m16, p, 4) for p in prompts(8)]
 
 
 def test_label_probs_over_a_label_set_match_full_vocab_softmax(model):

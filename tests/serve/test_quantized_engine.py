@@ -10,10 +10,8 @@ import pytest
 from conftest import greedy_reference
 
 from slimlm.models import tiny_model
+from slimlm.quantize import api, export
 from slimlm.serve.engine import generate, label_probs_full, label_probs_shared_prefix
-
-api = pytest.importorskip("slimlm.quantize.api")
-
 
 pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 
@@ -45,7 +43,6 @@ def test_quantized_model_scores_and_generates(cfg):
 def test_server_serves_an_exported_int8_directory(tmp_path, tiny_tok):
     """An INT8 compressed-tensors directory (slimlm quantize's output) served over HTTP: scores equal the
     engine's whole-prompt scores on the same loaded model, greedy text equals the engine's."""
-    export = pytest.importorskip("slimlm.quantize.export")
     import httpx
 
     from slimlm.models import load_model

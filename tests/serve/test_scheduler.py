@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-import torch
 from conftest import greedy_reference
 
 from slimlm import SlimlmError
@@ -142,7 +141,6 @@ def test_queue_limit_and_close(model, tiny_tok):
         sched.submit([1], SamplingParams())
     with pytest.raises(SlimlmError):
         Scheduler(model, tiny_tok, max_batch=0)
-    assert torch.is_tensor(next(model.parameters()))
 
 
 def test_a_stepwise_call_interleaves_with_decode_steps(model, tiny_tok):
