@@ -56,7 +56,7 @@ def main() -> None:
         run([*slimlm, "baseline", "movielens-ranking", "--model", model, "--out", str(f)])
         results[f"baseline_{model}"] = json.loads(f.read_text())
     f = work / "teacher_text.json"
-    run([*slimlm, "eval", "teacher", "--task", "text", "--out", str(f)])
+    run([*slimlm, "eval", "teacher", "--task", "text", "--split", "all", "--out", str(f)])
     results["teacher_perplexity"] = json.loads(f.read_text())
     f = work / "teacher_ranking.json"
     cmd = [*slimlm, "eval", "teacher", "--task", "movielens-ranking", "--split", "test", "--out", str(f)]

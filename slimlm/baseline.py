@@ -16,8 +16,9 @@ import time
 
 import numpy as np
 
+from slimlm import SlimlmError
 from slimlm.evaluate import ranking_metrics
-from slimlm.tasks.movielens import GENRES, MovieLens, Row, SplitConfig, build_rows, load_movielens
+from slimlm.tasks.movielens import GENRES, SPLITS, MovieLens, Row, SplitConfig, build_rows, load_movielens
 
 MODELS = ("gbdt", "logistic")
 
@@ -65,6 +66,10 @@ def run_baseline(model: str = "gbdt", split: str = "test", *, data_dir=None, cfg
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    if model not in MODELS:  # both checked before any data is read
+        raise SlimlmError(f"unknown baseline model {model!r}; expected one of {', '.join(MODELS)}")
+    if split not in SPLITS:
+        raise SlimlmError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     t0 = time.perf_counter()
     ml = load_movielens(data_dir)
     rows = build_rows(ml, cfg)
@@ -77,15 +82,11 @@ def run_baseline(model: str = "gbdt", split: str = "test", *, data_dir=None, cfg
                                              validation_fraction=0.1, random_state=seed)
         clf.fit(x_tr, y_tr)
         p = clf.predict_proba(x_ev)[:, 1]
-    elif model == "logistic":
+    else:  # logistic
         means = np.nanmean(x_tr, axis=0)
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
         clf.fit(_impute(x_tr, means), y_tr)
         p = clf.predict_proba(_impute(x_ev, means))[:, 1]
-    else:
-        from slimlm import SlimlmError
-
-        raise SlimlmError(f"unknown baseline model {model!r}; expected one of {', '.join(MODELS)}")
     metrics = ranking_metrics(y_ev, p)
     metrics.update({"model": model, "split": split, "train_rows": len(y_tr),
                     "seconds": round(time.perf_counter() - t0, 2)})

@@ -111,7 +111,7 @@ def evaluate_model(model_name: str, task: str, *, data: Path | None = None, spli
     examples = load_ranking_task(task, data, split, limit, seed) if task in RANKING_TASKS else None
     texts = generative = None
     if task == "text":
-        from slimlm.tasks.text import read_texts, text_blocks
+        from slimlm.tasks.text import read_texts, split_blocks
 
         texts = read_texts(data)  # read (and validate) the data before spending time on the model
     if task == "arithmetic":
@@ -139,7 +139,7 @@ def evaluate_model(model_name: str, task: str, *, data: Path | None = None, spli
             metrics = evaluate_generation(model, tokenizer, generative, batch_size=batch_size, rule="number",
                                           progress=lambda n: bar.advance(tid, n))
     else:
-        blocks = text_blocks(tokenizer, texts, block_size, max_blocks=limit)
+        blocks = split_blocks(tokenizer, texts, block_size, split, limit)
         with progress_bar() as bar:
             tid = bar.add_task("perplexity", total=len(blocks))
             metrics = perplexity(model, blocks, progress=lambda n: bar.advance(tid, n))
@@ -163,7 +163,8 @@ def eval_cmd(
     data: Annotated[Path | None, typer.Option(help="Task data: MovieLens dir, ranking .jsonl/.parquet, or "
                                                    "text .txt/.jsonl/.parquet, arithmetic spec such as "
                                                    "terms=2-3,digits=1 (default: built-in).")] = None,
-    split: Annotated[str, typer.Option(help="train | val | test")] = "test",
+    split: Annotated[str, typer.Option(help="train | val | test; text also 'all' (every block: a corpus "
+                                            "no model trained on)")] = "test",
     limit: Annotated[int | None, typer.Option(help="Evaluate at most N examples (whole groups, seeded).")] = None,
     batch_size: int = 16,
     seed: int = 0,
@@ -297,11 +298,14 @@ def init_student(
 
     if (layers is None) == (keep is None):
         raise SlimlmError("give exactly one of --layers N or --keep I,J,...")
-    source = load_model(model)
+    if layers is not None and layers < 1:
+        raise SlimlmError(f"--layers must be at least 1, got {layers}")
     try:
-        indices = evenly_spaced(source.config.num_hidden_layers, layers) if layers else [int(x) for x in keep.split(",")]
+        wanted = None if keep is None else [int(x) for x in keep.split(",")]
     except ValueError:
         raise SlimlmError(f"--keep must be comma-separated integers, got {keep!r}") from None
+    source = load_model(model)
+    indices = evenly_spaced(source.config.num_hidden_layers, layers) if wanted is None else wanted
     student = keep_layers(source, indices)
     save_model(student, load_tokenizer(model), out_dir, extra={"slimlm_init.json": {"source": str(model),
                                                                                   "kept_layers": indices}})
@@ -403,10 +407,10 @@ def serve(
                                                 "KEY' on /v1/ routes (or set SLIMLM_API_KEY).")] = None,
     model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: directory name).")] = None,
     device: str = "cpu",
-    max_batch: Annotated[int, typer.Option(help="Sequences decoded together.")] = 8,
-    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted (413 beyond).")] = 4096,
-    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
-    max_candidates: Annotated[int, typer.Option(help="Candidates per /v1/score request (413 beyond).")] = 1024,
+    max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together.")] = 8,
+    max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Longest prompt accepted (413 beyond).")] = 4096,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 512,
+    max_candidates: Annotated[int, typer.Option(min=1, help="Candidates per /v1/score request (413 beyond).")] = 1024,
 ) -> None:
     """Serve a model: /v1/score (ranking), OpenAI-compatible /v1/completions and /v1/chat/completions."""
     from slimlm.serve.server import ServeConfig, is_loopback, run_server

@@ -23,13 +23,20 @@ from slimlm.tasks.completion import CompletionExample, render
 from slimlm.tasks.ranking import DEFAULT_LABELS, RankingExample, label_token_ids, tokenize_ranking
 
 
+def _check_two_classes(y: np.ndarray) -> None:
+    if len(y) == 0:
+        raise SlimlmError("AUC needs scored examples; this set is empty (check the split and limit)")
+    if y.min() == y.max():
+        raise SlimlmError(f"AUC needs both positive and negative labels; these {len(y)} examples are all "
+                          f"{'positive' if y.max() else 'negative'} (check the split and limit)")
+
+
 def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
     """Area under the ROC curve (scikit-learn); ties count half. Needs both classes present."""
     from sklearn.metrics import roc_auc_score
 
     y = np.asarray(labels)
-    if y.min() == y.max():
-        raise SlimlmError("AUC needs both positive and negative labels; this set has only one class")
+    _check_two_classes(y)
     return float(roc_auc_score(y, np.asarray(scores)))
 
 
@@ -40,6 +47,7 @@ def bootstrap_auc(labels: Sequence[int], scores: Sequence[float], *, n: int = 10
     (Σ ranks of positives − P(P+1)/2) / (P·N), which equals sklearn's roc_auc_score, ties included."""
     from scipy.stats import rankdata
 
+    _check_two_classes(np.asarray(labels))  # else no resample has both classes and the loop never ends
     y, s = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
     rows = len(y)
     rng = np.random.default_rng(seed)
@@ -268,9 +276,9 @@ def evaluate_dir(path: str | Path, task, *, split: str = "test", limit: int | No
         metrics["candidates_per_s"] = len(examples) / (time.perf_counter() - t0)
         probe_tokens = tokenizer(examples[0].prefix + examples[0].suffix)["input_ids"]
     elif task.name == "text":
-        from slimlm.tasks.text import read_texts, text_blocks
+        from slimlm.tasks.text import read_texts, split_blocks
 
-        blocks = text_blocks(tokenizer, read_texts(task.data), 512, max_blocks=limit)
+        blocks = split_blocks(tokenizer, read_texts(task.data), 512, split, limit)
         metrics = perplexity(model, blocks, progress=progress)
         probe_tokens = blocks[0]
     elif task.name == "arithmetic":

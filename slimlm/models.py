@@ -99,7 +99,9 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def _check_model_dir(path: Path) -> None:
+def check_model_dir(path: str | Path) -> None:
+    """A local Hugging Face model directory with safetensors weights, or a one-line SlimlmError."""
+    path = resolve_model(path)
     if not path.is_dir():
         raise SlimlmError(f"{path}: not a directory (expected a Hugging Face model directory)")
     if not (path / "config.json").is_file():
@@ -110,6 +112,18 @@ def _check_model_dir(path: Path) -> None:
             raise SlimlmError(f"{path}: only pickle weights ({pickled[0]}); slimlm loads safetensors only "
                               "(convert with transformers: model.save_pretrained(dir) in a trusted environment)")
         raise SlimlmError(f"{path}: no *.safetensors weights")
+
+
+def check_device(device: str | torch.device) -> None:
+    """A device this machine has (``cpu``, ``cuda``, ``cuda:1``, ...), or a one-line SlimlmError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SlimlmError(f"device {str(device)!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SlimlmError(f"device {str(device)!r}: this machine has no CUDA GPU available to torch")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SlimlmError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s)")
 
 
 def resolve_model(name_or_path: str | Path) -> Path:
@@ -133,8 +147,9 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars report progress; a loading bar per model is noise
+    check_device(device)
     path = resolve_model(path)
-    _check_model_dir(path)
+    check_model_dir(path)
     from slimlm.quantize.export import is_compressed_tensors_dir, load_quantized
 
     if is_compressed_tensors_dir(path):  # quantized checkpoints run on slimlm's own quantized modules
@@ -159,10 +174,15 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = resolve_model(path)
-    if (path / "tokenizer.json").is_file() and not trust_remote_code:
-        tok = PreTrainedTokenizerFast.from_pretrained(path)
-    else:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not path.is_dir():  # else transformers would take it for a Hub repo id and try to download it
+        raise SlimlmError(f"{path}: not a directory (expected a Hugging Face model directory)")
+    try:
+        if (path / "tokenizer.json").is_file() and not trust_remote_code:
+            tok = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise SlimlmError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0][:200]})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

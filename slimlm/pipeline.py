@@ -149,6 +149,10 @@ def plan(recipe: Recipe) -> list[dict[str, Any]]:
             inputs["teacher"] = _resolve(recipe, st.teacher or "teacher", earlier, st.name, "teacher")
             if (st.teacher or "teacher") in quantized:
                 raise SlimlmError(f"{where}: teacher {st.teacher!r} is quantized; distil from an unquantized teacher")
+        if st.kind == "evaluate" and recipe.task.name == "completion":  # fail now, not after hours of training
+            raise SlimlmError(f"{where}: evaluating task 'completion' in a pipeline is not supported yet "
+                              "(ranking, text and arithmetic are); the distill stages report exact match on "
+                              "the held-out val rows during training")
         if st.kind == "evaluate":
             refs = st.models or ["teacher", *[n for n, s in earlier.items() if s.kind in MODEL_STAGES]]
             inputs["models"] = {r: _resolve(recipe, r, earlier, st.name, "models") for r in refs}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,13 @@ import pytest
 import torch
 
 from slimlm.models import FAMILIES, save_tiny_model, tiny_tokenizer
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (for servers and process groups in tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 # --------------------------------------------------------------------------- tiny models
 

@@ -26,6 +26,7 @@ from slimlm.tasks.arithmetic import (
     split_of,
 )
 from slimlm.tasks.completion import IGNORE_INDEX, CompletionExample, render, tokenize_completion
+from slimlm.tasks.files import holdout_indices
 
 pytestmark = pytest.mark.one_thread  # tiny models: see tests/conftest.py
 
@@ -235,13 +236,16 @@ def test_trainer_reports_exact_match_of_the_saved_model(models, tmp_path):
 
 def test_completion_file_gets_exact_match_too(models, tmp_path):
     data = tmp_path / "c.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": w}) + "\n" for w in ("yes", "no", "dog")))
+    words = [f"w{i}" for i in range(40)]
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": w}) + "\n" for w in words))
     cfg = DistillConfig.model_validate({
         "mode": "sft", "student": str(models / "student"), "out": str(tmp_path / "run"),
         "task": {"name": "completion", "data": str(data), "eval_limit": 2}, "batch_size": 2, "max_steps": 1,
         "eval_every": 0, "save_every": 0, "tensorboard": False})
     examples, rule, _ = generation_eval_set(cfg, load_tokenizer(models / "student"))
     assert rule == "exact" and len(examples) == 2
+    # evaluated on the held-out val rows, never on rows it trains on
+    assert {ex.response for ex in examples} == {words[i] for i in holdout_indices(40, "val")}
     final = json.loads((train(cfg) / "metrics.json").read_text())
     assert final["eval_exact_match"] in (0.0, 0.5, 1.0) and "eval_kl" not in final  # sft: no teacher
 

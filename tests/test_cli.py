@@ -29,9 +29,14 @@ def test_eval_text_and_info(tiny_model_dirs, tmp_path):
     (tmp_path / "t.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
     out = tmp_path / "ppl.json"
     res = runner.invoke(app, ["eval", str(tiny_model_dirs["llama"]), "--task", "text", "--data",
-                              str(tmp_path / "t.txt"), "--out", str(out)])
+                              str(tmp_path / "t.txt"), "--split", "all", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["metrics"]["perplexity"] > 1
+    # one block of text has no held-out test block: a clear error, not a perplexity over training text
+    res = runner.invoke(app, ["eval", str(tiny_model_dirs["llama"]), "--task", "text", "--data",
+                              str(tmp_path / "t.txt"), "--out", str(tmp_path / "none.json")])
+    assert res.exit_code != 0 and "none for split 'test'" in res.output
+    assert not (tmp_path / "none.json").exists()
     res = runner.invoke(app, ["info", str(tiny_model_dirs["qwen3"])])
     assert res.exit_code == 0 and '"head_dim": 32' in res.output
 
@@ -42,6 +47,12 @@ def test_eval_text_and_info(tiny_model_dirs, tmp_path):
     (["eval", "MODEL", "--task", "ranking"], "--task ranking needs --data"),
     (["eval", "MODEL", "--split", "dev"], "unknown split 'dev'"),
     (["baseline", "other-task"], "no baseline for task 'other-task'"),
+    (["baseline", "movielens-ranking", "--split", "tset"], "unknown split 'tset'"),
+    (["baseline", "movielens-ranking", "--model", "svm"], "unknown baseline model 'svm'"),
+    (["eval", "MODEL", "--device", "gpu0"], "device 'gpu0': not a torch device"),
+    (["init-student", "MODEL", "--layers", "0", "--out", "never"], "--layers must be at least 1"),
+    (["init-student", "MODEL", "--keep", "0,x", "--out", "never"], "--keep must be comma-separated integers"),
+    (["serve", "MODEL", "--max-batch", "0"], "--max-batch"),
 ])
 def test_user_errors_are_one_line_exit_2(tiny_model_dirs, ml_synth, args, message):
     args = [a.replace("MODEL", str(tiny_model_dirs["llama"])) for a in args]

@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import synth_movielens, write_movielens
+from conftest import free_port, synth_movielens, write_movielens
 from safetensors.torch import load_file
 
 from slimlm.models import save_tiny_model
 
 STOPPER = Path(__file__).with_name("dist_stop.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +38,7 @@ def _distill(root, out, extra, nproc=1, stop_after=None):
         cmd = [sys.executable, *entry, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--master_addr=127.0.0.1", f"--master_port={_free_port()}", *entry, *args]
+               "--master_addr=127.0.0.1", f"--master_port={free_port()}", *entry, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out

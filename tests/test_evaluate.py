@@ -29,8 +29,14 @@ def test_auc_hand_computed(labels, scores, want):
 
 
 def test_auc_needs_both_classes():
-    with pytest.raises(SlimlmError, match="one class"):
+    with pytest.raises(SlimlmError, match="all positive"):
         roc_auc([1, 1, 1], [0.1, 0.2, 0.3])
+    # the bootstrap (which ranking_metrics runs first) refuses too, rather than redrawing forever
+    with pytest.raises(SlimlmError, match="all negative"):
+        ranking_metrics([0, 0], [0.1, 0.2])
+    with pytest.raises(SlimlmError, match="empty"):
+        ranking_metrics([], [])
+    assert bootstrap_auc([1, 0], [0.9, 0.1], n=50) == (1.0, 1.0)  # two rows, both classes: fine
 
 
 def test_log_loss_hand_computed():

@@ -116,6 +116,8 @@ def test_a_changed_finished_stage_is_an_error_not_a_silent_rerun(recipe_world):
     (lambda t: t["stages"].append({"name": "kd", "kind": "init", "config": {"layers": 1}}), "used twice"),
     (lambda t: t["stages"].append({"name": "e2", "kind": "evaluate", "models": ["eval"]}),
      "'eval' is a evaluate stage, which makes no model"),
+    (lambda t: t.update(task={"name": "completion", "data": "c.jsonl"}),
+     "evaluating task 'completion' in a pipeline is not supported yet"),
 ])
 def test_bad_recipes_fail_before_any_work(recipe_world, mutate, message):
     root, data = recipe_world

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
+from slimlm import SlimlmError
 from slimlm.models import tiny_tokenizer
 from slimlm.tasks.completion import IGNORE_INDEX, CompletionExample, load_completion_file, tokenize_completion
-from slimlm.tasks.files import RowError
-from slimlm.tasks.text import read_texts, text_blocks
+from slimlm.tasks.files import HOLDOUT, RowError, holdout_indices
+from slimlm.tasks.text import read_texts, split_blocks, text_blocks
 
 
 def write_jsonl(path, rows):
@@ -86,3 +87,62 @@ def test_completion_without_chat_template():
     n_prompt = enc["labels"].count(IGNORE_INDEX)
     assert tok.decode(enc["input_ids"][:n_prompt]) == "Hello\n"
     assert tok.decode(enc["labels"][n_prompt:]) == "world<|im_end|>"
+
+
+@pytest.mark.parametrize("n", [0, 2, 3, 40, 1001])
+def test_holdout_partitions_rows_the_same_way_every_time(n):
+    parts = {s: holdout_indices(n, s) for s in ("train", "val", "test")}
+    assert sorted(sum(parts.values(), [])) == list(range(n))  # disjoint and complete
+    assert all(p == sorted(p) for p in parts.values())
+    k = max(1, round(HOLDOUT * n)) if n >= 3 else 0
+    assert len(parts["val"]) == len(parts["test"]) == k
+    assert parts == {s: holdout_indices(n, s) for s in parts}  # fixed, whatever the training seed
+    assert holdout_indices(n, "all") == list(range(n))
+    with pytest.raises(SlimlmError, match="unknown split 'dev'"):
+        holdout_indices(n, "dev")
+
+
+def test_completion_splits_by_field_or_holdout(tmp_path):
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(40)]
+    f = write_jsonl(tmp_path / "c.jsonl", rows)
+    got = {s: [ex.prompt_messages[0]["content"] for ex in load_completion_file(f, s)] for s in ("train", "val", "test")}
+    assert sorted(sum(got.values(), []), key=lambda q: int(q[1:])) == [f"q{i}" for i in range(40)]
+    assert len(got["val"]) == len(got["test"]) == 2
+    assert got["test"] == [f"q{i}" for i in holdout_indices(40, "test")]
+    # a split field wins; rows without one are train
+    marked = write_jsonl(tmp_path / "m.jsonl", [{**rows[0], "split": "val"}, rows[1], {**rows[2], "split": "test"}])
+    assert [ex.response for ex in load_completion_file(marked, "val")] == ["a0"]
+    assert [ex.response for ex in load_completion_file(marked, "train")] == ["a1"]
+    assert len(load_completion_file(marked)) == 3
+    bad = write_jsonl(tmp_path / "b.jsonl", [{**rows[0], "split": "dev"}])
+    with pytest.raises(RowError, match=r"b\.jsonl:1: field 'split' must be train or val or test"):
+        load_completion_file(bad, "train")
+    with pytest.raises(RowError, match="no rows with split 'test'"):
+        load_completion_file(write_jsonl(tmp_path / "two.jsonl", rows[:2]), "test")
+
+
+def test_text_split_blocks_are_disjoint(tiny_tok):
+    text = " ".join(f"word{i}" for i in range(3000))
+    blocks = text_blocks(tiny_tok, [text], 16)
+    parts = {s: split_blocks(tiny_tok, [text], 16, s) for s in ("train", "val", "test")}
+    assert sorted(map(tuple, sum(parts.values(), []))) == sorted(map(tuple, blocks))
+    assert parts["val"] == [blocks[i] for i in holdout_indices(len(blocks), "val")]
+    assert split_blocks(tiny_tok, [text], 16, "train", limit=3) == parts["train"][:3]
+    assert split_blocks(tiny_tok, [text], 16, "all") == blocks
+
+
+@pytest.mark.parametrize("name", ["text", "completion"])
+def test_training_and_held_out_sequences_never_overlap(name, tiny_tok, tmp_path):
+    """What the trainer trains on (split train) and validates on (eval_split val) are disjoint."""
+    from slimlm.config import TaskConfig
+    from slimlm.distill.data import build_sequences
+
+    if name == "text":
+        (tmp_path / "d.txt").write_text(" ".join(f"word{i}" for i in range(3000)))
+        task = TaskConfig(name="text", data=str(tmp_path / "d.txt"), max_length=16)
+    else:
+        write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(60)])
+        task = TaskConfig(name="completion", data=str(tmp_path / "d.jsonl"), max_length=64)
+    train = {s.input_ids for s in build_sequences(task, tiny_tok, "train", None)}
+    val = {s.input_ids for s in build_sequences(task, tiny_tok, "val", None)}
+    assert val and train and not train & val

@@ -156,6 +156,8 @@ def test_resume_is_exact(setup, tmp_path, mode):
     train(cfg, stop_after=3)
     assert json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())["step"] == 3
     assert not (tmp_path / "split" / "model").exists()
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # a log line torn by the kill
+        f.write('{"step": 4, "loss": 0.')
     train(cfg)
     a = load_file(str(full / "model" / "model.safetensors"))
     b = load_file(str(tmp_path / "split" / "model" / "model.safetensors"))
@@ -196,6 +198,30 @@ def test_config_errors(tmp_path):
         load_config(DistillConfig, f)
     cfg = load_config(DistillConfig, None, ["mode=sft", "student=s", "out=o", "optim.lr=3e-4", "optim.betas=[0.8, 0.9]"])
     assert cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.8, 0.9)
+
+
+def test_a_run_directory_refuses_other_settings(setup, tmp_path):
+    """Resuming (or re-running a finished run) with settings that change the result is an error naming the
+    key; operational settings (evaluation cadence, device, ...) may change on resume."""
+    root, data = setup
+    cfg = config(root, data, tmp_path / "run", max_steps=2)
+    train(cfg, stop_after=1)
+    with pytest.raises(SlimlmError, match=r"other settings \(optim\.lr: 0\.001 -> 0\.002\)"):
+        train(config(root, data, tmp_path / "run", max_steps=2, optim={"lr": 2e-3}))
+    train(config(root, data, tmp_path / "run", max_steps=2, eval_every=1, save_every=1))  # resumes, finishes
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+    with pytest.raises(SlimlmError, match=r"max_steps: 2 -> 3"):  # finished: not silently "done" either
+        train(config(root, data, tmp_path / "run", max_steps=3))
+
+
+def test_bad_model_paths_fail_before_anything_is_written(setup, tmp_path):
+    root, data = setup
+    for key, message in (("student", r"student: .*nope: not a directory"), ("teacher", r"teacher: .*no config\.json")):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        bad = str(tmp_path / "nope") if key == "student" else str(tmp_path / "empty")
+        with pytest.raises(SlimlmError, match=message):
+            train(config(root, data, tmp_path / f"out-{key}", **{key: bad}))
+        assert not (tmp_path / f"out-{key}").exists()
 
 
 def test_offloaded_optimizer_is_bit_identical_on_cpu(setup, tmp_path):

@@ -55,7 +55,7 @@ def build_sequences(task: TaskConfig, tokenizer, split: str, limit: int | None, 
     elif task.name == "completion":
         if task.data is None:
             raise SlimlmError("task 'completion' needs task.data (a .jsonl or .parquet file)")
-        examples = load_completion_file(task.data)
+        examples = load_completion_file(task.data, split)
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(examples))[:limit] if limit else range(len(examples))
         for i in order:
@@ -70,9 +70,9 @@ def build_sequences(task: TaskConfig, tokenizer, split: str, limit: int | None, 
             ids, labels = _truncate_left(enc["input_ids"], enc["labels"], task.max_length)
             out.append(Seq(tuple(ids), tuple(labels), _prompt_len(labels)))
     elif task.name == "text":
-        from slimlm.tasks.text import read_texts, text_blocks
+        from slimlm.tasks.text import read_texts, split_blocks
 
-        for block in text_blocks(tokenizer, read_texts(task.data), task.max_length, max_blocks=limit):
+        for block in split_blocks(tokenizer, read_texts(task.data), task.max_length, split, limit):
             out.append(Seq(tuple(block), (IGNORE_INDEX, *block[1:]), 1))
     else:
         raise SlimlmError(f"unknown task {task.name!r}")

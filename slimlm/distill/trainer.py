@@ -46,7 +46,7 @@ from slimlm.distill.losses import LossConfig, check_vocab, normalize
 from slimlm.distill.offload import OffloadAdamW
 from slimlm.distill.teacher import TeacherCache, write_teacher_cache
 from slimlm.io import atomic_write_json, atomic_write_text
-from slimlm.models import load_model, load_tokenizer, save_model
+from slimlm.models import check_model_dir, load_model, load_tokenizer, save_model
 from slimlm.tasks import RANKING_TASKS, load_ranking_task
 from slimlm.tasks.completion import IGNORE_INDEX
 
@@ -148,7 +148,7 @@ def generation_eval_set(cfg: DistillConfig, tokenizer) -> tuple[list, str, int] 
 
         examples, rule = arithmetic_examples(task.eval_split, task.eval_limit, task.data), "number"
     elif task.name == "completion" and task.data is not None:
-        rows = load_completion_file(task.data)
+        rows = load_completion_file(task.data, task.eval_split)
         order = np.random.default_rng(cfg.seed).permutation(len(rows))[:task.eval_limit]
         examples, rule = [rows[int(i)] for i in order], "exact"
     else:
@@ -190,17 +190,57 @@ def evaluate_student(module: DistillModule, tokenizer, cfg: DistillConfig, eval_
     return out
 
 
+# settings that may change between an interrupted run and its resume without changing what it computes
+RESUMABLE_CHANGES = ("out", "device", "parallel", "eval_every", "save_every", "log_every", "tensorboard",
+                     "gradient_checkpointing", "offload_optimizer")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_run(out: Path, cfg: DistillConfig) -> None:
+    """Refuse to resume (or to report as done) a run directory made with other settings: the result would
+    silently mix the two. Keys the earlier config lacks (a newer slimlm) and :data:`RESUMABLE_CHANGES` pass."""
+    import yaml
+
+    f = out / "config.yaml"
+    if not f.is_file():
+        return
+    try:
+        before = _flat(yaml.safe_load(f.read_text()) or {})
+    except yaml.YAMLError:
+        raise SlimlmError(f"{f}: unreadable; delete {out} to start the run afresh") from None
+    now = _flat(cfg.model_dump(mode="json"))
+    diff = [k for k in now if k in before and now[k] != before[k] and k.split(".")[0] not in RESUMABLE_CHANGES]
+    if diff:
+        shown = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in diff[:3]) + (" ..." if len(diff) > 3 else "")
+        raise SlimlmError(f"{out} holds a run with other settings ({shown}); use a new out= or delete {out}")
+
+
 def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = None,
           stop_after: int | None = None) -> Path:
     """Run (or resume) one distillation stage; return ``cfg.out``. ``stop_after`` ends the process's
     work after that many optimizer steps as if interrupted (for resume tests)."""
     out = Path(cfg.out)
+    check_same_run(out, cfg)
     if (out / "model" / "config.json").exists() and (out / "metrics.json").exists():
         return out  # finished earlier: nothing to do
     dist, device = init_distributed(cfg.parallel, cfg.device)
     if cfg.offload_optimizer and dist.strategy == "fsdp2":
         raise SlimlmError("offload_optimizer works with a single process or parallel=ddp; under fsdp2 the "
                           "optimizer state is already sharded over the ranks")
+    needs_teacher = cfg.teacher is not None and not (
+        cfg.teacher_signal == "cached" and (Path(cfg.teacher_cache) / "index.json").exists())
+    for role, path in (("student", cfg.student), ("teacher", cfg.teacher if needs_teacher else None)):
+        if path is not None:  # before anything is written under out/
+            try:
+                check_model_dir(path)
+            except SlimlmError as e:
+                raise SlimlmError(f"{role}: {e}") from None
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
@@ -391,7 +431,14 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log rows past the checkpoint we resume from (they will be produced again)."""
     if not path.exists():
         return
-    rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    rows = []
+    for ln in path.read_text().splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            continue  # a line cut off when the process was killed mid-write
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            rows.append(ln)
     atomic_write_text(path, "".join(r + "\n" for r in rows))
 
 
@@ -407,6 +454,10 @@ def _log(log, writer, row: dict) -> None:
 def _tensorboard(path: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is a dependency, but a user may run without it
+    except ImportError:  # a dependency, but an environment may lack it: say so rather than log nothing
+        import warnings
+
+        warnings.warn("tensorboard is not installed: no TensorBoard logs (metrics.jsonl has the same rows; "
+                      "pip install tensorboard, or set tensorboard=false)", stacklevel=2)
         return None
     return SummaryWriter(str(path))

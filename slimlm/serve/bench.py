@@ -78,9 +78,15 @@ async def _load(url: str, kind: str, requests: int, concurrency: int, duration: 
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout,
                                  limits=httpx.Limits(max_connections=concurrency)) as client:
         if model is None and kind != "score":
-            r = await client.get("/v1/models")
-            r.raise_for_status()
-            model = r.json()["data"][0]["id"]
+            try:
+                r = await client.get("/v1/models")
+                r.raise_for_status()
+                model = r.json()["data"][0]["id"]
+            except httpx.HTTPStatusError as e:
+                raise SlimlmError(f"{url}/v1/models: HTTP {e.response.status_code} (wrong --api-key?)") from None
+            except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+                raise SlimlmError(f"{url}: no slimlm server answering /v1/models ({type(e).__name__}); start "
+                                  "`slimlm serve`, or pass --model") from None
         start = time.perf_counter()
         deadline = start + duration
         counter = iter(range(requests))

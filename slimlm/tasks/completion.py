@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimlm.tasks.files import RowError, field, iter_records
+from slimlm import SlimlmError
+from slimlm.tasks.files import HOLDOUT, SPLITS, RowError, field, holdout_indices, iter_records
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -35,9 +36,14 @@ class CompletionExample:
         return self.messages[-1]["content"]
 
 
-def load_completion_file(path: str | Path) -> list[CompletionExample]:
-    out = []
+def load_completion_file(path: str | Path, split: str | None = None) -> list[CompletionExample]:
+    """The rows of a completion file; with ``split``, only those of that split: by the rows' optional
+    ``split`` field (``train`` / ``val`` / ``test``; a row without one is ``train``) when any row has it,
+    else by the fixed 90/5/5 hold-out of :func:`slimlm.tasks.files.holdout_indices`."""
+    out, splits = [], []
     for line, row in iter_records(path):
+        splits.append(field(path, line, row, "split", str, default=None, check=lambda v: v in SPLITS,
+                            expect=" or ".join(SPLITS)))
         if "messages" in row:
             msgs = field(path, line, row, "messages", list, check=bool, expect="a non-empty list")
             clean = []
@@ -56,7 +62,18 @@ def load_completion_file(path: str | Path) -> list[CompletionExample]:
                                           {"role": "assistant", "content": response})))
     if not out:
         raise RowError(f"{path}: no rows")
-    return out
+    if split is None or split == "all":
+        return out
+    if any(splits):
+        if split not in SPLITS:
+            raise SlimlmError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        kept = [ex for ex, s in zip(out, splits, strict=True) if (s or "train") == split]
+    else:
+        kept = [out[i] for i in holdout_indices(len(out), split)]
+    if not kept:
+        raise RowError(f"{path}: no rows with split '{split}' (give rows a \"split\" field, or add rows: "
+                       f"without one, {100 * HOLDOUT:.0f}% each are held out for val and test)")
+    return kept
 
 
 def render(example: CompletionExample, tokenizer) -> tuple[str, str]:

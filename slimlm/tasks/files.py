@@ -64,3 +64,24 @@ def field(path: str | Path, line: int, row: dict[str, Any], name: str, kind: typ
         want = expect or (kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind))
         raise RowError(f"{path}:{line}: field '{name}' must be {want}, got {value!r:.60}")
     return value
+
+
+SPLITS = ("train", "val", "test")
+HOLDOUT = 0.05  # the share of rows each of val and test get in a source without its own splits
+
+
+def holdout_indices(n: int, split: str) -> list[int]:
+    """Ascending indices of the rows (or text blocks) of ``split`` among ``n`` in a source without its own
+    splits: a fixed permutation (seed 0, whatever the training seed) gives 5% to ``test``, the next 5% to
+    ``val`` (at least one row each once there are 3 or more) and the rest to ``train``, so a model is
+    never validated or tested on rows it trained on. ``all`` is every row (a corpus used only to evaluate)."""
+    import numpy as np
+
+    if split == "all":
+        return list(range(n))
+    if split not in SPLITS:
+        raise SlimlmError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)} (or 'all')")
+    k = max(1, round(HOLDOUT * n)) if n >= 3 else 0
+    perm = np.random.default_rng(0).permutation(n)
+    part = {"test": perm[:k], "val": perm[k:2 * k], "train": perm[2 * k:]}[split]
+    return sorted(int(i) for i in part)

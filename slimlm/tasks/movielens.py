@@ -123,7 +123,7 @@ class Row:
 def _read_atomic(path: Path, want: dict[str, type]) -> list[tuple[int, dict]]:
     """Read a RecBole atomic file (tab-separated, header ``name:type``): (line number, dict of ``want``)."""
     if not path.is_file():
-        raise SlimlmError(f"{path}: no such file (run `slimlm fetch` or pass --data-dir)")
+        raise SlimlmError(f"{path}: no such file (run `slimlm fetch`, or pass the MovieLens directory as --data / task.data)")
     rows = []
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\n").split("\t")

@@ -56,7 +56,7 @@ def label_token_ids(tokenizer, labels: tuple[str, str] = DEFAULT_LABELS) -> tupl
         enc = tokenizer(text, add_special_tokens=False).input_ids
         if len(enc) != 1:
             raise SlimlmError(f"label {text!r} is {len(enc)} tokens for this tokenizer; "
-                              "ranking labels must be single tokens (choose other --labels)")
+                              "ranking labels must be single tokens of the model's tokenizer")
         ids.append(enc[0])
     if ids[0] == ids[1]:
         raise SlimlmError(f"labels {labels!r} map to the same token")

@@ -56,3 +56,17 @@ def text_blocks(tokenizer, texts: list[str], block_size: int = 512, max_blocks: 
     blocks = [stream[i:i + block_size] for i in range(0, len(stream), block_size)]
     blocks = [b for b in blocks if len(b) >= 2]
     return blocks[:max_blocks] if max_blocks else blocks
+
+
+def split_blocks(tokenizer, texts: list[str], block_size: int, split: str, limit: int | None = None) -> list[list[int]]:
+    """The blocks of ``split`` (the fixed hold-out of :func:`slimlm.tasks.files.holdout_indices` over all
+    blocks; ``all`` = every block), in text order, at most ``limit``."""
+    from slimlm.tasks.files import HOLDOUT, holdout_indices
+
+    blocks = text_blocks(tokenizer, texts, block_size)
+    chosen = [blocks[i] for i in holdout_indices(len(blocks), split)][:limit or None]
+    if not chosen:
+        raise SlimlmError(f"the text has {len(blocks)} blocks of {block_size} tokens: none for split '{split}' "
+                          f"({100 * HOLDOUT:.0f}% each are held out for val and test once there are 3 or more; "
+                          f"split 'all' takes every block)")
+    return chosen

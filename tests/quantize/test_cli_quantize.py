@@ -26,7 +26,7 @@ def test_quantize_int8_then_eval_and_refuse_requantizing(tiny_model_dirs, tmp_pa
     assert isinstance(load_model(out).model.layers[0].mlp.up_proj, Int8Linear)
     (tmp_path / "t.txt").write_text(PROSE)
     res = runner.invoke(app, ["eval", str(out), "--task", "text", "--data", str(tmp_path / "t.txt"),
-                              "--out", str(tmp_path / "ppl.json")])
+                              "--split", "all", "--out", str(tmp_path / "ppl.json")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "ppl.json").read_text())["metrics"]["perplexity"] > 1
     res = runner.invoke(app, ["quantize", str(out), "--scheme", "int4", "--out", str(tmp_path / "again")])

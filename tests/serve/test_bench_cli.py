@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 import pytest
+from conftest import free_port
 from typer.testing import CliRunner
 
 from slimlm.cli import app
@@ -57,16 +57,15 @@ def test_bench_serve_time_limit_and_refusals(model_dir, tmp_path):
         assert bad["errors"] == 3 and "404" in bad["error_examples"][0]
     for args, msg in [(["--url", "http://10.1.2.3:8000"], "loopback"), (["--url", "http://example.com"], "loopback"),
                       (["--model", str(model_dir), "--requests", "0"], "requests"),
-                      (["--model", str(model_dir), "--kind", "embed"], "kind")]:
+                      (["--model", str(model_dir), "--kind", "embed"], "kind"),
+                      (["--url", f"http://127.0.0.1:{free_port()}"], "no slimlm server answering")]:
         res = runner.invoke(app, ["bench-serve", *args, "--out", str(tmp_path / "x.json")])
         assert res.exit_code == 2 and msg in res.output, res.output
     assert not (tmp_path / "x.json").exists()
 
 
 def test_serve_command_starts_on_loopback_and_stops(model_dir):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "SLIMLM_API_KEY": "k1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "slimlm", "serve", str(model_dir), "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
