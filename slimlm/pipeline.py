@@ -18,7 +18,8 @@ previous model-producing stage, ``teacher`` of a distill stage to the recipe's t
 
 Stage ``NAME`` writes ``OUT/NAME/`` (model-producing stages: ``OUT/NAME/model``) and, last, an atomic
 ``OUT/NAME/stage.json`` holding its fingerprint and metrics. Re-running the recipe skips a stage whose
-``stage.json`` has the same fingerprint (its resolved config and its inputs' fingerprints); a stage
+``stage.json`` has the same fingerprint (its resolved settings that differ from the defaults and its
+inputs' fingerprints, so a newer slimlm with more settings still accepts it); a stage
 that was interrupted runs again — distill stages continue from their own checkpoint, one-shot stages
 (prune, quantize) start over — and earlier outputs are never touched. A finished stage whose recipe
 entry changed is an error (delete its directory to redo it), not a silent re-run.
@@ -197,9 +198,13 @@ def _stage_config(recipe: Recipe, st: Stage, where: str):
 # --------------------------------------------------------------------------- running
 
 
-def _fingerprint(step: dict[str, Any], input_prints: list[str]) -> str:
-    blob = json.dumps({"kind": step["kind"], "config": step["config"].model_dump(mode="json"),
-                       "inputs": step["inputs"], "upstream": input_prints}, sort_keys=True)
+def _fingerprint(step: dict[str, Any], input_prints: list[str], *, legacy: bool = False) -> str:
+    """What a finished stage is compared by: its kind, inputs, upstream fingerprints and the settings
+    that differ from the defaults — so a newer slimlm that adds a setting (with a default) still accepts
+    the stages an older one finished. ``legacy``: every setting (how slimlm <= 0.1.0 fingerprinted)."""
+    config = step["config"].model_dump(mode="json", exclude_defaults=not legacy)
+    blob = json.dumps({"kind": step["kind"], "config": config, "inputs": step["inputs"],
+                       "upstream": input_prints}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -229,7 +234,7 @@ def run(recipe: Recipe, progress: Progress | None = None, command: list[str] | N
         marker = stage_dir / "stage.json"
         if marker.exists():
             prev = json.loads(marker.read_text())
-            if prev.get("fingerprint") == fp:
+            if prev.get("fingerprint") in (fp, _fingerprint(step, prints(refs), legacy=True)):
                 say(f"{name}: done earlier, skipped")
                 done[name] = prev
                 continue

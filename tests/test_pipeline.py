@@ -9,7 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from slimlm import SlimlmError
-from slimlm.pipeline import builtin_recipes, load_recipe, run
+from slimlm.pipeline import builtin_recipes, load_recipe, plan, run
 
 
 def recipe(root, data, out, stages=None) -> dict:
@@ -105,6 +105,34 @@ def test_a_changed_finished_stage_is_an_error_not_a_silent_rerun(recipe_world):
     tree["stages"][0]["config"]["layers"] = 2
     with pytest.raises(SlimlmError, match="different recipe entry"):
         run(load_recipe(write(root / "r3.yaml", tree)))
+
+
+def test_fingerprints_survive_new_settings_and_accept_older_markers(recipe_world):
+    """A setting added later (with a default) does not make finished stages look changed, and a stage
+    finished by an older slimlm (fingerprint over every setting) is still recognised."""
+    from pydantic import Field
+
+    from slimlm.config import PruneConfig
+    from slimlm.pipeline import _fingerprint
+
+    class Newer(PruneConfig):
+        added_later: int = Field(3, ge=0)
+
+    step = {"kind": "prune", "inputs": {"from": "teacher"}, "config": PruneConfig(mlp_keep=0.5)}
+    newer = {**step, "config": Newer(mlp_keep=0.5)}
+    assert _fingerprint(newer, []) == _fingerprint(step, [])
+    assert _fingerprint({**step, "config": PruneConfig(mlp_keep=0.25)}, []) != _fingerprint(step, [])
+    assert _fingerprint(newer, [], legacy=True) != _fingerprint(step, [], legacy=True)
+
+    root, data = recipe_world
+    tree = recipe(root, data, "legacy", stages=[{"name": "student", "kind": "init", "config": {"layers": 1}}])
+    r = load_recipe(write(root / "r4.yaml", tree))
+    run(r)
+    marker = root / "legacy" / "student" / "stage.json"
+    prev = json.loads(marker.read_text())
+    prev["fingerprint"] = _fingerprint(plan(r)[0], [], legacy=True)  # as slimlm <= 0.1.0 wrote it
+    marker.write_text(json.dumps(prev))
+    assert run(load_recipe(write(root / "r4.yaml", tree)))["student"]["fingerprint"] == prev["fingerprint"]
 
 
 @pytest.mark.parametrize("mutate, message", [
