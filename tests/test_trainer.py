@@ -17,6 +17,7 @@ from slimlm.distill.losses import LossConfig, normalize
 from slimlm.distill.trainer import (
     DistillModule,
     TrainingDiverged,
+    evaluate_student,
     lr_factor,
     on_policy_batch,
     tokens_per_second,
@@ -119,6 +120,30 @@ def test_train_with_grad_accum_equals_one_big_batch(setup, tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
     start = load_file(str(root / "student" / "model.safetensors"))
     assert any(not torch.allclose(wa[k], start[k]) for k in wa)  # the comparison is of trained weights
+
+
+def test_held_out_kl_reuses_the_frozen_teachers_states(setup, tiny_tok):
+    """The periodic evaluation keeps the teacher's held-out hidden states: later calls run only the
+    student, and the KL equals the live computation."""
+    root, data = setup
+    cfg = config(root, data, root / "unused", batch_size=3)
+    module = DistillModule(tiny_model("llama", seed=2, vocab_size=len(tiny_tok)),
+                           tiny_model("llama", seed=1, vocab_size=len(tiny_tok)), LossConfig(), len(tiny_tok), 5)
+    g = torch.Generator().manual_seed(0)
+    seqs = []
+    for i in range(7):
+        ids = torch.randint(3, len(tiny_tok), (6 + i,), generator=g).tolist()
+        seqs.append(Seq(tuple(ids), (-100,) * (2 + i % 3) + tuple(ids[2 + i % 3:]), 2 + i % 3))
+    calls = []
+    module.teacher.get_decoder().register_forward_hook(lambda *_: calls.append(1))
+    live = evaluate_student(module, tiny_tok, cfg, seqs, None, "cpu")["eval_kl"]
+    assert len(calls) == 3  # 7 sequences in batches of 3
+    memo: list = []
+    first = evaluate_student(module, tiny_tok, cfg, seqs, None, "cpu", teacher_memo=memo)["eval_kl"]
+    second = evaluate_student(module, tiny_tok, cfg, seqs, None, "cpu", teacher_memo=memo)["eval_kl"]
+    assert len(calls) == 6 and len(memo) == 3  # the second memo call ran no teacher pass
+    assert first == second == pytest.approx(live, rel=1e-6) and live > 0
+    assert sum(len(m) for m in memo) == sum(len(s.input_ids) - s.prompt_len for s in seqs)
 
 
 def test_sft_loss_is_response_cross_entropy():

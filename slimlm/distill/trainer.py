@@ -82,12 +82,22 @@ class DistillModule(torch.nn.Module):
         self.student, self.teacher = student, teacher
         self.loss, self.vocab, self.chunk_size = loss, vocab, chunk_size
 
+    @torch.no_grad()
+    def teacher_rows(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        """The teacher's final hidden states at the batch's target rows (labels shifted as in forward)."""
+        t = self.teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state
+        keep = labels[:, 1:].reshape(-1) != self.loss.ignore_index
+        return t[:, :-1].reshape(-1, t.shape[-1])[keep]
+
     def forward(self, input_ids, attention_mask, labels, mode: str = "kd", loss: LossConfig | None = None,
-                cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                teacher_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Summed loss over the batch's target tokens (divide by the window's count outside).
 
         ``mode`` "sft" is cross-entropy only (no teacher); "kd" uses ``loss`` (default: the stage's)
-        against the live teacher, or against ``cached`` (ids, logprobs, tail) rows when given."""
+        against the live teacher, or against ``cached`` (ids, logprobs, tail) rows when given, or against
+        ``teacher_rows`` (:meth:`teacher_rows` of this batch, computed earlier) through the teacher's head."""
         hidden = self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                             use_cache=False).last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
@@ -101,13 +111,17 @@ class DistillModule(torch.nn.Module):
             return fused_linear_cached_kd_loss(h, head.weight, y, loss or self.loss, teacher_ids=ids,
                                                teacher_logprobs=logprobs, teacher_tail=tail, student_bias=head.bias,
                                                vocab_size=self.vocab, chunk_size=self.chunk_size)
-        with torch.no_grad():
-            t_hidden = self.teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                                  use_cache=False).last_hidden_state
+        if teacher_rows is not None:  # only the target rows are read by the loss
+            t_flat = teacher_rows.new_zeros(h.shape[0], teacher_rows.shape[-1])
+            t_flat[y != self.loss.ignore_index] = teacher_rows
+        else:
+            with torch.no_grad():
+                t_hidden = self.teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                                      use_cache=False).last_hidden_state
+            t_flat = t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1])
         t_head = self.teacher.get_output_embeddings()
         return fused_linear_kd_loss(h, head.weight, y, loss or self.loss, student_bias=head.bias,
-                                    teacher_hidden=t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1]),
-                                    teacher_weight=t_head.weight, teacher_bias=t_head.bias,
+                                    teacher_hidden=t_flat, teacher_weight=t_head.weight, teacher_bias=t_head.bias,
                                     vocab_size=self.vocab, chunk_size=self.chunk_size)
 
 
@@ -157,21 +171,38 @@ def generation_eval_set(cfg: DistillConfig, tokenizer) -> tuple[list, str, int] 
     return examples, rule, max(16, longest + 4)
 
 
+EVAL_TEACHER_BUDGET = 512 * 2**20  # bytes of teacher hidden states kept for the held-out KL
+
+
 @torch.no_grad()
 def evaluate_student(module: DistillModule, tokenizer, cfg: DistillConfig, eval_seqs: list[Seq],
                      ranking_eval, device, generation_eval: tuple[list, str, int] | None = None,
-                     ) -> dict[str, float]:
+                     teacher_memo: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Held-out teacher->student forward KL per target token (if a teacher is loaded) and the task metric:
-    AUC / log-loss for ranking, ``eval_exact_match`` of greedy answers for generative tasks."""
+    AUC / log-loss for ranking, ``eval_exact_match`` of greedy answers for generative tasks.
+
+    ``teacher_memo``: a list that keeps the frozen teacher's hidden states at the held-out targets between
+    calls (filled by the first, when they fit :data:`EVAL_TEACHER_BUDGET`), so later evaluations run the
+    student only; the KL is the same number either way."""
     student = module.student
     student.eval()
     out: dict[str, float] = {}
     kl_cfg = LossConfig(divergence="forward_kl")
     if module.teacher is not None and eval_seqs:
+        n_rows = sum(sum(y != IGNORE_INDEX for y in s.labels[1:]) for s in eval_seqs)
+        width = module.teacher.get_output_embeddings().weight
+        memo = teacher_memo if teacher_memo is not None and \
+            n_rows * width.shape[1] * width.element_size() <= EVAL_TEACHER_BUDGET else None
         total, count = 0.0, 0
-        for i in range(0, len(eval_seqs), cfg.batch_size):
+        for j, i in enumerate(range(0, len(eval_seqs), cfg.batch_size)):
             b = collate(eval_seqs[i:i + cfg.batch_size], tokenizer.pad_token_id, device)
-            total += float(module(b["input_ids"], b["attention_mask"], b["labels"], mode="kd", loss=kl_cfg))
+            rows = None
+            if memo is not None:
+                if j == len(memo):
+                    memo.append(module.teacher_rows(b["input_ids"], b["attention_mask"], b["labels"]))
+                rows = memo[j]
+            total += float(module(b["input_ids"], b["attention_mask"], b["labels"], mode="kd", loss=kl_cfg,
+                                  teacher_rows=rows))
             count += window_targets([b])
         out["eval_kl"] = total / max(count, 1)
     if ranking_eval is not None:
@@ -250,6 +281,7 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     train_seqs = build_sequences(cfg.task, tokenizer, cfg.task.split, cfg.task.limit, cfg.seed)
     eval_seqs = build_sequences(cfg.task, tokenizer, cfg.task.eval_split, cfg.task.eval_limit, cfg.seed)
+    eval_teacher: list[torch.Tensor] = []  # the teacher's held-out hidden states, kept between evaluations
     ranking_eval = (load_ranking_task(cfg.task.name, cfg.task.data, cfg.task.eval_split, cfg.task.eval_limit, cfg.seed)
                     if cfg.task.name in RANKING_TASKS else None)
     generation_eval = generation_eval_set(cfg, tokenizer)
@@ -371,7 +403,7 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             with gathered(wrapped, dist):
                 row.update(evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device,
-                                            generation_eval))
+                                            generation_eval, eval_teacher))
         evaluated = any(k in row for k in ("eval_kl", "eval_auc", "eval_exact_match"))
         if log and (step % cfg.log_every == 0 or evaluated):
             _log(log, writer, row)
@@ -388,7 +420,7 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     # -- finish ----------------------------------------------------------------------------------
     with gathered(wrapped, dist):
         final = {"step": step, **evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device,
-                                                  generation_eval)}
+                                                  generation_eval, eval_teacher)}
     state_dict = full_state_dict(student, dist)  # every rank takes part in the gather
     if dist.main:
         _log(log, writer, final)
