@@ -752,14 +752,23 @@ def _render(run: dict, tmp: Path, reference: str | None) -> list[str]:
         if st["kind"] == "evaluate":
             inputs = ", ".join(st.get("planned_models") or []) or None
         rows.append([f"`{st['name']}`", stage_label(st), inputs or MISSING, st["status"],
-                     _seconds(_num(rec.get("seconds"))), _stage_note(st)])
+                     _seconds(stage_seconds(rec)), _stage_note(st)])
     lines += _table(["stage", "kind", "input", "status", "wall time", "notes"], rows, right={4})
-    total = sum(_num((s.get("record") or {}).get("seconds")) or 0 for s in stages)
+    total = sum(stage_seconds(s.get("record") or {}) or 0 for s in stages)
     lines += ["", f"Wall time of the finished stages: {_seconds(total)} (from each stage.json; a stage skipped on a "
-              "re-run keeps the time of the run that made it).", ""]
+              "re-run keeps the time of the run that made it; a distill stage that was interrupted and resumed "
+              "counts every run of it, each up to its last checkpoint).", ""]
 
     lines += _render_reproduce(run, tmp)
     return lines
+
+
+def stage_seconds(record: dict) -> float | None:
+    """A finished stage's wall time: its stage.json ``seconds`` (the run that finished it), or for a
+    distill stage the trainer's ``train_seconds`` over all its runs when that is longer (it was resumed)."""
+    own = _num(record.get("seconds"))
+    total = _num((record.get("metrics") or {}).get("train_seconds"))
+    return max(own, total) if own is not None and total is not None else own
 
 
 def _ref_name(ref: Any) -> Any:

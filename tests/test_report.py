@@ -36,6 +36,15 @@ def test_auc_at_chance(metrics, expected):
     assert at_chance(AUC, metrics) is expected
 
 
+def test_stage_seconds_count_every_run_of_a_resumed_stage():
+    from slimlm.report import stage_seconds
+
+    assert stage_seconds({"seconds": 30.0, "metrics": {"train_seconds": 500.0}}) == 500.0  # resumed
+    assert stage_seconds({"seconds": 30.0, "metrics": {"train_seconds": 25.0}}) == 30.0  # loading included
+    assert stage_seconds({"seconds": 12.5, "metrics": {"auc": 0.7}}) == 12.5
+    assert stage_seconds({}) is None
+
+
 def test_retention_and_chance_for_other_metrics():
     assert retention(0.686, 0.7, AUC) == pytest.approx(0.98)
     assert retention(20.0, 10.0, PPL) == pytest.approx(0.5)  # perplexity doubled: half as good

@@ -179,7 +179,8 @@ def test_resume_is_exact(setup, tmp_path, mode):
     full = train(config(root, data, tmp_path / "full", mode=mode))
     cfg = config(root, data, tmp_path / "split", mode=mode)
     train(cfg, stop_after=3)
-    assert json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())["step"] == 3
+    first_run = json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())
+    assert first_run["step"] == 3 and first_run["train_seconds"] > 0
     assert not (tmp_path / "split" / "model").exists()
     with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # a log line torn by the kill
         f.write('{"step": 4, "loss": 0.')
@@ -191,6 +192,8 @@ def test_resume_is_exact(setup, tmp_path, mode):
         assert torch.equal(a[k], b[k]), k
     rows = [json.loads(x) for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))  # no duplicated steps after resume
+    # the stage's wall time counts both runs
+    assert json.loads((tmp_path / "split" / "metrics.json").read_text())["train_seconds"] >= first_run["train_seconds"]
     # re-running a finished stage does nothing
     before = (tmp_path / "split" / "metrics.jsonl").read_text()
     train(cfg)

@@ -327,6 +327,7 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
 
     # -- resume ----------------------------------------------------------------------------------
     step, ckpt = 0, out / "checkpoint"
+    seconds_before, t_start = 0.0, time.perf_counter()  # wall time of the earlier runs of this stage
     order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed, rank=dist.rank, world=dist.world)
     if (ckpt / "state.json").exists():
         fsdp2 = dist.strategy == "fsdp2"  # every rank reads the full state, then keeps its own shards
@@ -335,7 +336,7 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
             load_full_train_state(student, optimizer, state.pop("model_state"), state.pop("optimizer_state"))
         if isinstance(optimizer, OffloadAdamW):
             optimizer.resync()  # the masters must start from the restored weights
-        step = state["step"]
+        step, seconds_before = state["step"], state.get("train_seconds", 0.0)
         order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed, state["epoch"], state["cursor"],
                            rank=dist.rank, world=dist.world)
         if dist.main:
@@ -348,7 +349,8 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
         model_state, optimizer_state = full_train_state(student, optimizer, dist)  # FSDP2: gathered
         rngs = gather_states(rng_state(generators), dist)  # each rank samples its own on-policy stream
         if dist.main:
-            save_checkpoint(ckpt, student, optimizer, scheduler, {"step": step, **order.state()}, generators,
+            save_checkpoint(ckpt, student, optimizer, scheduler, {"step": step, **order.state(),
+                            "train_seconds": seconds_before + time.perf_counter() - t_start}, generators,
                             model_state=model_state, optimizer_state=optimizer_state, rank_rngs=rngs)
         barrier(dist)
 
@@ -428,6 +430,8 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
         if writer is not None:
             writer.close()
         save_model(student, tokenizer, out / "model", state_dict=state_dict)
+        # wall time over every run of the stage, resumes included (up to the last checkpoint of each)
+        final["train_seconds"] = round(seconds_before + time.perf_counter() - t_start, 1)
         atomic_write_json(out / "metrics.json", final)
     barrier(dist)
     return out
