@@ -169,3 +169,25 @@ def test_load_model_unreadable_config(tmp_path, tiny_model_dirs):
     with pytest.raises(SlimlmError) as e:
         load_model(d)
     assert str(d / "config.json") in str(e.value)
+
+
+def test_load_tokenizer_errors_are_one_line_and_never_reach_the_hub(tmp_path):
+    from slimlm.models import load_tokenizer
+
+    with pytest.raises(SlimlmError, match=r"org/some-model: not a directory"):  # not taken for a Hub repo id
+        load_tokenizer("org/some-model")
+    (tmp_path / "m").mkdir()
+    tiny_config("llama").save_pretrained(tmp_path / "m")  # a config, but no tokenizer files
+    with pytest.raises(SlimlmError, match=r"m: cannot load a tokenizer"):
+        load_tokenizer(tmp_path / "m")
+
+
+def test_devices_are_checked_before_loading(tiny_model_dirs):
+    from slimlm.models import check_device
+
+    check_device("cpu")
+    with pytest.raises(SlimlmError, match="not a torch device"):
+        load_model(tiny_model_dirs["llama"], device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SlimlmError, match="no CUDA GPU"):
+            check_device("cuda:0")
