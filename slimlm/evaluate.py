@@ -40,15 +40,16 @@ def roc_auc(labels: Sequence[int], scores: Sequence[float]) -> float:
     return float(roc_auc_score(y, np.asarray(scores)))
 
 
-def bootstrap_auc(labels: Sequence[int], scores: Sequence[float], *, n: int = 1000, seed: int = 0,
-                  level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the AUC over resampled rows (resamples with one class are dropped
-    and redrawn). Vectorised over resamples: each AUC is the Mann-Whitney statistic from average ranks,
-    (Σ ranks of positives − P(P+1)/2) / (P·N), which equals sklearn's roc_auc_score, ties included."""
+def _bootstrap_aucs(labels: Sequence[int], score_sets: Sequence[Sequence[float]], n: int, seed: int) -> np.ndarray:
+    """AUCs of every score set on the same ``n`` resamples of the rows, [n, sets] (resamples with one
+    class are dropped and redrawn). Vectorised over resamples: each AUC is the Mann-Whitney statistic
+    from average ranks, (Σ ranks of positives − P(P+1)/2) / (P·N), which equals sklearn's
+    roc_auc_score, ties included."""
     from scipy.stats import rankdata
 
     _check_two_classes(np.asarray(labels))  # else no resample has both classes and the loop never ends
-    y, s = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    sets = [np.asarray(s, dtype=np.float64) for s in score_sets]
     rows = len(y)
     rng = np.random.default_rng(seed)
     per_draw = max(1, min(n, 4_000_000 // max(rows, 1)))  # resamples per batch: bounded memory
@@ -59,12 +60,28 @@ def bootstrap_auc(labels: Sequence[int], scores: Sequence[float], *, n: int = 10
         yy = y[idx]
         pos = yy.sum(1)
         keep = (pos > 0) & (pos < rows)
-        yy, pos = yy[keep], pos[keep]
-        ranks = rankdata(s[idx[keep]], axis=1)
-        aucs.append(((ranks * yy).sum(1) - pos * (pos + 1) / 2) / (pos * (rows - pos)))
+        yy, pos, idx = yy[keep], pos[keep], idx[keep]
+        aucs.append(np.stack([((rankdata(s[idx], axis=1) * yy).sum(1) - pos * (pos + 1) / 2) / (pos * (rows - pos))
+                              for s in sets], axis=1))
         got += len(pos)
-    lo, hi = np.quantile(np.concatenate(aucs)[:n], [(1 - level) / 2, (1 + level) / 2])
+    return np.concatenate(aucs)[:n]
+
+
+def bootstrap_auc(labels: Sequence[int], scores: Sequence[float], *, n: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUC over resampled rows."""
+    lo, hi = np.quantile(_bootstrap_aucs(labels, [scores], n, seed)[:, 0], [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
+
+
+def paired_auc_delta(labels: Sequence[int], scores: Sequence[float], reference: Sequence[float], *,
+                     n: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """AUC(scores) − AUC(reference) on the same rows, with a paired percentile bootstrap interval (both
+    scored on each resample): far tighter than comparing two separate intervals, since the rows' own
+    difficulty cancels."""
+    d = _bootstrap_aucs(labels, [scores, reference], n, seed)
+    lo, hi = np.quantile(d[:, 0] - d[:, 1], [(1 - level) / 2, (1 + level) / 2])
+    return roc_auc(labels, scores) - roc_auc(labels, reference), float(lo), float(hi)
 
 
 def log_loss(labels: Sequence[int], p: Sequence[float], eps: float = 1e-7) -> float:
@@ -257,8 +274,8 @@ def evaluate_dir(path: str | Path, task, *, split: str = "test", limit: int | No
                  seed: int = 0, speed_probe: bool = True, progress=None) -> dict:
     """Everything the report shows for one model directory: parameters, bytes on disk, the task metric
     (ranking AUC / log-loss, perplexity for the text task, exact match for arithmetic), ranking
-    candidates/s, and (optionally)
-    prefill / decode speed. ``task`` is a :class:`slimlm.config.TaskConfig`."""
+    candidates/s, and (optionally) prefill / decode speed; for ranking also ``scores`` (labels and P(pos)
+    per example). ``task`` is a :class:`slimlm.config.TaskConfig`."""
     import time
 
     from slimlm.models import load_model, load_tokenizer, param_counts, resolve_model
@@ -272,8 +289,10 @@ def evaluate_dir(path: str | Path, task, *, split: str = "test", limit: int | No
     t0 = time.perf_counter()
     if task.name in RANKING_TASKS:
         examples = load_ranking_task(task.name, task.data, split, limit, seed)
-        metrics, _ = evaluate_ranking(model, tokenizer, examples, batch_size=batch_size, progress=progress)
+        metrics, p = evaluate_ranking(model, tokenizer, examples, batch_size=batch_size, progress=progress)
         metrics["candidates_per_s"] = len(examples) / (time.perf_counter() - t0)
+        # per-example scores (same examples, same order for every model of a run): paired comparisons
+        result["scores"] = {"labels": [int(ex.label) for ex in examples], "p": [round(float(x), 7) for x in p]}
         probe_tokens = tokenizer(examples[0].prefix + examples[0].suffix)["input_ids"]
     elif task.name == "text":
         from slimlm.tasks.text import read_texts, split_blocks

@@ -292,11 +292,14 @@ def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage
               say: Progress) -> dict[str, Any]:
     from slimlm.evaluate import evaluate_dir
 
-    results = {}
+    results, scores = {}, {}
     for ref, path in models.items():
         say(f"evaluating {ref}")
         results[ref] = evaluate_dir(path, recipe.task, split=cfg.split, limit=cfg.limit, batch_size=cfg.batch_size,
                                     seed=recipe.seed, speed_probe=cfg.speed)
+        if "scores" in results[ref]:  # per-example scores go beside the results (the report pairs models)
+            scores[ref] = results[ref].pop("scores")
+            atomic_write_json(stage_dir / "scores.json", scores)
         atomic_write_json(stage_dir / "results.json", results)  # partial results survive an interruption
     return results
 

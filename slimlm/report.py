@@ -6,6 +6,7 @@ What it reads (every piece optional; whatever is there is reported, whatever is 
   written by :func:`record_invocation` when ``slimlm run`` starts;
 - ``OUT/NAME/stage.json`` of each finished stage: wall seconds, inputs, metrics (for an evaluate stage
   ``{model ref: slimlm.evaluate.evaluate_dir(...)}``); an unfinished evaluate stage's ``results.json``;
+  a ranking evaluate stage's ``scores.json`` (per-example P(pos) of each model: paired ΔAUC vs the reference);
 - distill stages: ``metrics.jsonl`` (training curves) and ``config.yaml`` (the resolved stage config).
 
 The numbers in the model table, per evaluated model m against the reference model r:
@@ -247,6 +248,8 @@ def read_run(run_dir: str | Path, recipe_path: str | Path | None = None) -> dict
             if not isinstance(results, dict):
                 results = _read_json(d / "results.json")  # partial results of an interrupted evaluation
             stage["results"] = results if isinstance(results, dict) else {}
+            scores = _read_json(d / "scores.json")  # per-example ranking scores, for paired comparisons
+            stage["scores"] = scores if isinstance(scores, dict) else {}
             stage["planned_models"] = planned + [r for r in stage["results"] if r not in planned]
         if kind == "distill":
             stage["curves"] = _read_jsonl(d / "metrics.jsonl")
@@ -763,6 +766,22 @@ def _render(run: dict, tmp: Path, reference: str | None) -> list[str]:
     return lines
 
 
+def paired_deltas(scores: dict, reference: str | None) -> dict[str, tuple[float, float, float]]:
+    """{model: (AUC − reference AUC, 95% low, high)} from the evaluate stage's per-example scores, for every
+    model scored on the same rows as the reference (same labels in the same order)."""
+    ref = scores.get(reference) if reference else None
+    if not isinstance(ref, dict) or not ref.get("p"):
+        return {}
+    from slimlm.evaluate import paired_auc_delta
+
+    out = {}
+    for name, sc in scores.items():
+        if name != reference and isinstance(sc, dict) and sc.get("labels") == ref["labels"] \
+                and len(sc.get("p") or []) == len(ref["p"]):
+            out[name] = paired_auc_delta(ref["labels"], sc["p"], ref["p"])
+    return out
+
+
 def stage_seconds(record: dict) -> float | None:
     """A finished stage's wall time: its stage.json ``seconds`` (the run that finished it), or for a
     distill stage the trainer's ``train_seconds`` over all its runs when that is longer (it was resumed)."""
@@ -809,10 +828,12 @@ def _render_evaluation(ev: dict, run: dict, tmp: Path, reference: str | None) ->
     where = [f"split `{cfg['split']}`" if cfg.get("split") else None,
              f"{ns.pop()} examples" if len(ns) == 1 else None, ev["status"] if ev["status"] != "done" else None]
     lines = [f"## {title}" + (f" ({', '.join(w for w in where if w)})" if any(where) else ""), ""]
+    paired = paired_deltas(ev.get("scores") or {}, ref) if metric is not None and metric.key == "auc" else {}
     header = ["model", "stage", "params", "non-emb params", "disk MiB",
               f"{metric.label}{' (95% CI)' if any(_ci(metric, r['metrics']) for r in rows) else ''}" if metric
               else "metric",
-              "retention", "prefill tok/s", "decode tok/s", "cand/s", "prefill ×", "decode ×", "cand/s ×"]
+              "retention", *(["ΔAUC vs reference, paired (95% CI)"] if paired else []),
+              "prefill tok/s", "decode tok/s", "cand/s", "prefill ×", "decode ×", "cand/s ×"]
     table = []
     for r in rows:
         name = f"**{r['model']}**" if r["reference"] else r["model"]
@@ -832,13 +853,20 @@ def _render_evaluation(ev: dict, run: dict, tmp: Path, reference: str | None) ->
         elif r["retention"] is None and r["value"] is not None and ref is not None and r["model"] != ref:
             ret = "n/a"
         cands = _rate(r["candidates"]) + ("†" if r["candidates_from_eval"] else "")
+        delta = paired.get(r["model"])
+        delta_cell = ["—" if r["reference"] else MISSING if delta is None else
+                      f"{delta[0]:+.4f} ({delta[1]:+.3f}–{delta[2]:+.3f})"] if paired else []
         table.append([name, r["kind"], _count(r["params_total"]), _count(r["params_non_embedding"]), _mib(r["disk_mib"]),
-                      value, ret, _rate(r["prefill"]), _rate(r["decode"]), cands, _times(r["speedup"]["prefill"]),
-                      _times(r["speedup"]["decode"]), _times(r["speedup"]["candidates"])])
+                      value, ret, *delta_cell, _rate(r["prefill"]), _rate(r["decode"]), cands,
+                      _times(r["speedup"]["prefill"]), _times(r["speedup"]["decode"]), _times(r["speedup"]["candidates"])])
     lines += _table(header, table, right=range(2, len(header)))
     lines += ["", f"- Reference (**bold**): {why}. Retention = metric / reference metric"
               + (" (perplexity: reference / metric)" if metric and not metric.higher_is_better else "")
               + "; ×: speed / reference speed."]
+    if paired:
+        lines.append("- ΔAUC vs reference: the two models scored on the same test rows, with a paired bootstrap "
+                     "(1,000 resamples of the rows, both AUCs on each): the interval of the difference, far narrower "
+                     "than the two AUC intervals side by side.")
     chance = [r["model"] for r in rows if r["at_chance"]]
     if chance and metric is not None:
         lines.append(f"- At chance ({metric.label} 95% interval reaching {metric.chance:g}, or no better): "

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from slimlm import SlimlmError
-from slimlm.evaluate import bootstrap_auc, evaluate_ranking, log_loss, perplexity, ranking_metrics, roc_auc
+from slimlm.evaluate import (
+    bootstrap_auc,
+    evaluate_ranking,
+    log_loss,
+    paired_auc_delta,
+    perplexity,
+    ranking_metrics,
+    roc_auc,
+)
 from slimlm.models import tiny_model
 from slimlm.serve import engine
 from slimlm.tasks.ranking import RankingExample, label_token_ids, tokenize_ranking
@@ -55,6 +63,25 @@ def test_bootstrap_resample_aucs_equal_sklearn_with_ties():
     ref = [roc_auc_score(y[i], s[i]) for i in idx if 0 < y[i].sum() < 200]
     want = np.quantile(ref, [0.025, 0.975])
     assert bootstrap_auc(y, s, n=40, seed=5) == pytest.approx(tuple(want), abs=1e-12)
+
+
+def test_paired_auc_delta_equals_sklearn_on_the_same_resamples():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 150)
+    a = np.round(y * 0.4 + rng.random(150), 2)
+    b = np.round(y * 0.3 + rng.random(150), 2)
+    idx = np.random.default_rng(7).integers(0, 150, (50, 150))
+    diffs = [roc_auc_score(y[i], a[i]) - roc_auc_score(y[i], b[i]) for i in idx if 0 < y[i].sum() < 150]
+    delta, lo, hi = paired_auc_delta(y, a, b, n=50, seed=7)
+    assert delta == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b), abs=1e-12)
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])), abs=1e-12)
+    # a model against itself: exactly zero; pairing makes the interval much narrower than the marginal one
+    assert paired_auc_delta(y, a, a, n=200) == (0.0, 0.0, 0.0)
+    lo_a, hi_a = bootstrap_auc(y, a, n=200)
+    _, lo_d, hi_d = paired_auc_delta(y, a, a + 0.05 * rng.random(150), n=200)
+    assert hi_d - lo_d < (hi_a - lo_a) / 2
 
 
 def test_bootstrap_interval_brackets_auc_and_is_seeded():

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from slimlm import SlimlmError
 from slimlm.cli import app
+from slimlm.evaluate import paired_auc_delta, roc_auc
 from slimlm.pipeline import load_recipe
 from slimlm.report import METRICS, at_chance, model_rows, read_run, retention, write_report
 
@@ -329,7 +330,18 @@ def test_a_tiny_real_recipe_writes_a_report_whose_commands_reproduce_its_stages(
     # `slimlm report` rewrites it; bad directories fail with one line and exit code 2
     res = runner.invoke(app, ["report", str(out), "--reference", "int8"])
     assert res.exit_code == 0 and res.output.strip().endswith("report.md"), res.output
-    assert "the named reference `int8`" in (out / "report" / "report.md").read_text()
+    md = (out / "report" / "report.md").read_text()
+    assert "the named reference `int8`" in md
+    # per-example scores beside the results; the report pairs each model with the reference on them
+    scores = json.loads((out / "eval" / "scores.json").read_text())
+    assert set(scores) == {"teacher", "int8"} and scores["teacher"]["labels"] == scores["int8"]["labels"]
+    assert "scores" not in evals["int8"]
+    for name in scores:
+        assert roc_auc(scores[name]["labels"], scores[name]["p"]) == pytest.approx(evals[name]["metrics"]["auc"], abs=1e-6)
+    delta = paired_auc_delta(scores["int8"]["labels"], scores["teacher"]["p"], scores["int8"]["p"])
+    rows = table(md, "## Evaluation")
+    assert rows["teacher"]["ΔAUC vs reference, paired (95% CI)"] == f"{delta[0]:+.4f} ({delta[1]:+.3f}–{delta[2]:+.3f})"
+    assert rows["int8"]["ΔAUC vs reference, paired (95% CI)"] == "—"
     res = runner.invoke(app, ["report", str(out), "--reference", "teacher-sft"])  # trained, never evaluated
     assert res.exit_code == 2 and "'teacher-sft' is not an evaluated model" in res.output
     res = runner.invoke(app, ["report", str(tmp_path / "nowhere")])
