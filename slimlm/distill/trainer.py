@@ -39,6 +39,7 @@ from slimlm.distill.dist import (
     init_distributed,
     load_full_train_state,
     no_sync,
+    shutdown,
     sum_int,
     wrap,
 )
@@ -261,6 +262,13 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     if (out / "model" / "config.json").exists() and (out / "metrics.json").exists():
         return out  # finished earlier: nothing to do
     dist, device = init_distributed(cfg.parallel, cfg.device)
+    try:
+        return _train(cfg, out, dist, device, progress, stop_after)
+    finally:  # a process group left to the interpreter's exit can abort a rank ("terminate called ...")
+        shutdown(dist)
+
+
+def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) -> Path:
     if cfg.offload_optimizer and dist.strategy == "fsdp2":
         raise SlimlmError("offload_optimizer works with a single process or parallel=ddp; under fsdp2 the "
                           "optimizer state is already sharded over the ranks")
