@@ -18,7 +18,8 @@ import numpy as np
 
 from slimlm import SlimlmError
 from slimlm.evaluate import ranking_metrics
-from slimlm.tasks.movielens import GENRES, SPLITS, MovieLens, Row, SplitConfig, build_rows, load_movielens
+from slimlm.tasks.files import check_split
+from slimlm.tasks.movielens import GENRES, MovieLens, Row, SplitConfig, build_rows, load_movielens
 
 MODELS = ("gbdt", "logistic")
 
@@ -68,8 +69,7 @@ def run_baseline(model: str = "gbdt", split: str = "test", *, data_dir=None, cfg
 
     if model not in MODELS:  # both checked before any data is read
         raise SlimlmError(f"unknown baseline model {model!r}; expected one of {', '.join(MODELS)}")
-    if split not in SPLITS:
-        raise SlimlmError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    check_split(split)
     t0 = time.perf_counter()
     ml = load_movielens(data_dir)
     rows = build_rows(ml, cfg)

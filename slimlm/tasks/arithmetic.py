@@ -32,8 +32,8 @@ from functools import lru_cache
 
 from slimlm import SlimlmError
 from slimlm.tasks.completion import CompletionExample
+from slimlm.tasks.files import SPLITS, check_split  # noqa: F401  (SPLITS: the splits this task has)
 
-SPLITS = ("train", "val", "test")
 SPLIT_SEEDS = {"train": 11_000_000, "val": 22_000_000, "test": 33_000_000}
 DEFAULT_SIZES = {"train": 4096, "val": 256, "test": 500}
 # percent of the question space per split, by hash bucket (out of 100)
@@ -114,8 +114,7 @@ def _problems(split: str, n: int, spec: ArithmeticSpec) -> tuple[tuple[str, str]
 
 def arithmetic_examples(split: str, limit: int | None = None, data: str | None = None) -> list[CompletionExample]:
     """The first ``limit`` examples of ``split`` (default :data:`DEFAULT_SIZES`) as one-turn chats."""
-    if split not in SPLITS:
-        raise SlimlmError(f"arithmetic: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    check_split(split, source="arithmetic")
     if limit is not None and limit < 1:
         raise SlimlmError(f"arithmetic: limit must be >= 1, got {limit}")
     spec = parse_spec(data)

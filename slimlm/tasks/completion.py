@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimlm import SlimlmError
-from slimlm.tasks.files import HOLDOUT, SPLITS, RowError, field, holdout_indices, iter_records
+from slimlm.tasks.files import HOLDOUT, SPLITS, RowError, check_split, field, holdout_indices, iter_records
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -62,11 +61,12 @@ def load_completion_file(path: str | Path, split: str | None = None) -> list[Com
                                           {"role": "assistant", "content": response})))
     if not out:
         raise RowError(f"{path}: no rows")
-    if split is None or split == "all":
+    if split is None:
+        return out
+    check_split(split, allow_all=True)
+    if split == "all":
         return out
     if any(splits):
-        if split not in SPLITS:
-            raise SlimlmError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         kept = [ex for ex, s in zip(out, splits, strict=True) if (s or "train") == split]
     else:
         kept = [out[i] for i in holdout_indices(len(out), split)]

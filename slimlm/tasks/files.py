@@ -70,6 +70,14 @@ SPLITS = ("train", "val", "test")
 HOLDOUT = 0.05  # the share of rows each of val and test get in a source without its own splits
 
 
+def check_split(split: str, *, allow_all: bool = False, source: str = "") -> None:
+    """One of :data:`SPLITS` (or ``all`` where a whole source may be read), else a one-line SlimlmError."""
+    if split not in SPLITS and not (allow_all and split == "all"):
+        also = " (or 'all')" if allow_all else ""
+        raise SlimlmError(f"{source + ': ' if source else ''}unknown split {split!r}; expected one of "
+                          f"{', '.join(SPLITS)}{also}")
+
+
 def holdout_indices(n: int, split: str) -> list[int]:
     """Ascending indices of the rows (or text blocks) of ``split`` among ``n`` in a source without its own
     splits: a fixed permutation (seed 0, whatever the training seed) gives 5% to ``test``, the next 5% to
@@ -77,10 +85,9 @@ def holdout_indices(n: int, split: str) -> list[int]:
     never validated or tested on rows it trained on. ``all`` is every row (a corpus used only to evaluate)."""
     import numpy as np
 
+    check_split(split, allow_all=True)
     if split == "all":
         return list(range(n))
-    if split not in SPLITS:
-        raise SlimlmError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)} (or 'all')")
     k = max(1, round(HOLDOUT * n)) if n >= 3 else 0
     perm = np.random.default_rng(0).permutation(n)
     part = {"test": perm[:k], "val": perm[k:2 * k], "train": perm[2 * k:]}[split]

@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slimlm import SlimlmError
+from slimlm.tasks.files import SPLITS, check_split
 from slimlm.tasks.ranking import RankingExample
 
-SPLITS = ("train", "val", "test")
 GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
           "Western", "unknown")
@@ -294,8 +294,7 @@ def movielens_examples(split: str = "test", *, data_dir: str | Path | None = Non
                        cfg: SplitConfig = SplitConfig(), limit: int | None = None,
                        seed: int = 0) -> list[RankingExample]:
     """The ranking examples of one split, optionally subsampled by whole groups (deterministic)."""
-    if split not in SPLITS:
-        raise SlimlmError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    check_split(split)
     ml = load_movielens(data_dir)
     rows = build_rows(ml, cfg)[split]
     return subsample(to_examples(rows, ml.items), limit, seed)
