@@ -84,12 +84,15 @@ class DistillModule(torch.nn.Module):
         self.loss, self.vocab, self.chunk_size = loss, vocab, chunk_size
 
     @torch.no_grad()
-    def teacher_rows(self, input_ids, attention_mask, labels) -> torch.Tensor:
-        """The teacher's final hidden states at the batch's target rows (labels shifted as in forward)."""
+    def _teacher_hidden(self, input_ids, attention_mask) -> torch.Tensor:
+        """The teacher's final hidden states at every position that predicts a next token, [B·(T−1), H_T]."""
         t = self.teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                        use_cache=False).last_hidden_state
-        keep = labels[:, 1:].reshape(-1) != self.loss.ignore_index
-        return t[:, :-1].reshape(-1, t.shape[-1])[keep]
+        return t[:, :-1].reshape(-1, t.shape[-1])
+
+    def teacher_rows(self, input_ids, attention_mask, labels) -> torch.Tensor:
+        """The teacher's final hidden states at the batch's target rows (labels shifted as in forward)."""
+        return self._teacher_hidden(input_ids, attention_mask)[labels[:, 1:].reshape(-1) != self.loss.ignore_index]
 
     def forward(self, input_ids, attention_mask, labels, mode: str = "kd", loss: LossConfig | None = None,
                 cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
@@ -116,10 +119,7 @@ class DistillModule(torch.nn.Module):
             t_flat = teacher_rows.new_zeros(h.shape[0], teacher_rows.shape[-1])
             t_flat[y != self.loss.ignore_index] = teacher_rows
         else:
-            with torch.no_grad():
-                t_hidden = self.teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                                      use_cache=False).last_hidden_state
-            t_flat = t_hidden[:, :-1].reshape(-1, t_hidden.shape[-1])
+            t_flat = self._teacher_hidden(input_ids, attention_mask)
         t_head = self.teacher.get_output_embeddings()
         return fused_linear_kd_loss(h, head.weight, y, loss or self.loss, student_bias=head.bias,
                                     teacher_hidden=t_flat, teacher_weight=t_head.weight, teacher_bias=t_head.bias,
@@ -175,6 +175,16 @@ def generation_eval_set(cfg: DistillConfig, tokenizer) -> tuple[list, str, int] 
 EVAL_TEACHER_BUDGET = 512 * 2**20  # bytes of teacher hidden states kept for the held-out KL
 
 
+def eval_teacher_memo(teacher, eval_seqs: list[Seq]) -> list[torch.Tensor] | None:
+    """An empty memo for :func:`evaluate_student` when the teacher's hidden states at the held-out targets
+    fit :data:`EVAL_TEACHER_BUDGET` (else None: every evaluation runs the teacher)."""
+    if teacher is None:
+        return None
+    n_rows = sum(sum(y != IGNORE_INDEX for y in s.labels[1:]) for s in eval_seqs)
+    width = teacher.get_output_embeddings().weight
+    return [] if n_rows * width.shape[1] * width.element_size() <= EVAL_TEACHER_BUDGET else None
+
+
 @torch.no_grad()
 def evaluate_student(module: DistillModule, tokenizer, cfg: DistillConfig, eval_seqs: list[Seq],
                      ranking_eval, device, generation_eval: tuple[list, str, int] | None = None,
@@ -183,17 +193,14 @@ def evaluate_student(module: DistillModule, tokenizer, cfg: DistillConfig, eval_
     AUC / log-loss for ranking, ``eval_exact_match`` of greedy answers for generative tasks.
 
     ``teacher_memo``: a list that keeps the frozen teacher's hidden states at the held-out targets between
-    calls (filled by the first, when they fit :data:`EVAL_TEACHER_BUDGET`), so later evaluations run the
-    student only; the KL is the same number either way."""
+    calls (filled by the first; see :func:`eval_teacher_memo`), so later evaluations run the student only;
+    the KL is the same number either way."""
     student = module.student
     student.eval()
     out: dict[str, float] = {}
     kl_cfg = LossConfig(divergence="forward_kl")
     if module.teacher is not None and eval_seqs:
-        n_rows = sum(sum(y != IGNORE_INDEX for y in s.labels[1:]) for s in eval_seqs)
-        width = module.teacher.get_output_embeddings().weight
-        memo = teacher_memo if teacher_memo is not None and \
-            n_rows * width.shape[1] * width.element_size() <= EVAL_TEACHER_BUDGET else None
+        memo = teacher_memo
         total, count = 0.0, 0
         for j, i in enumerate(range(0, len(eval_seqs), cfg.batch_size)):
             b = collate(eval_seqs[i:i + cfg.batch_size], tokenizer.pad_token_id, device)
@@ -289,7 +296,6 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     train_seqs = build_sequences(cfg.task, tokenizer, cfg.task.split, cfg.task.limit, cfg.seed)
     eval_seqs = build_sequences(cfg.task, tokenizer, cfg.task.eval_split, cfg.task.eval_limit, cfg.seed)
-    eval_teacher: list[torch.Tensor] = []  # the teacher's held-out hidden states, kept between evaluations
     ranking_eval = (load_ranking_task(cfg.task.name, cfg.task.data, cfg.task.eval_split, cfg.task.eval_limit, cfg.seed)
                     if cfg.task.name in RANKING_TASKS else None)
     generation_eval = generation_eval_set(cfg, tokenizer)
@@ -312,6 +318,7 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
     vocab = check_vocab(student.get_output_embeddings().weight.shape[0],
                         teacher.get_output_embeddings().weight.shape[0] if teacher is not None else None,
                         len(tokenizer))
+    eval_teacher = eval_teacher_memo(teacher, eval_seqs)  # the held-out KL's teacher states, kept between evaluations
     loss_cfg = LossConfig(**cfg.loss.model_dump(exclude={"chunk_size"}))
     module = DistillModule(student, teacher, loss_cfg, vocab, cfg.loss.chunk_size)
     wrapped = wrap(module, dist, device)  # DDP / FSDP2 / itself; the optimizer must see the wrapped params
