@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench/int8_auc.json"))
     args = ap.parse_args()
 
-    from slimlm.evaluate import evaluate_ranking, roc_auc
+    from slimlm.evaluate import evaluate_ranking, paired_auc_delta, roc_auc
     from slimlm.models import load_model, load_tokenizer
     from slimlm.quantize.api import QuantConfig, quantize_model
     from slimlm.quantize.calibrate import calibration_blocks
@@ -59,17 +59,13 @@ def main() -> None:
         scores[name] = np.asarray(evaluate_ranking(model, tok, examples)[1])
         print(f"{name:14s} AUC {roc_auc(y, scores[name]):.4f}  ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    rng = np.random.default_rng(0)
-    resamples = [rng.integers(0, len(y), len(y)) for _ in range(args.resamples)]
-    resamples = [i for i in resamples if 0 < y[i].sum() < len(i)]  # both classes present
     base = scores["fp32"]
     rows = {}
     for name, p in scores.items():
         if name == "fp32":
             continue
-        deltas = [roc_auc(y[i], p[i]) - roc_auc(y[i], base[i]) for i in resamples]
-        rows[name] = {"auc": roc_auc(y, p), "delta_auc": roc_auc(y, p) - roc_auc(y, base),
-                      "delta_ci95": [float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))],
+        delta, lo, hi = paired_auc_delta(y, p, base, n=args.resamples, seed=0)
+        rows[name] = {"auc": roc_auc(y, p), "delta_auc": delta, "delta_ci95": [lo, hi],
                       "score_corr": float(np.corrcoef(p, base)[0, 1]), "mean_abs_diff": float(np.abs(p - base).mean())}
         print(name, json.dumps(rows[name]), flush=True)
     summary = {"model": args.model, "limit": args.limit, "calib": args.calib, "fp32_auc": roc_auc(y, base),
