@@ -99,11 +99,15 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def _require_dir(path: Path) -> None:
+    if not path.is_dir():  # else transformers would take the path for a Hub repo id and try to download it
+        raise SlimlmError(f"{path}: not a directory (expected a Hugging Face model directory)")
+
+
 def check_model_dir(path: str | Path) -> None:
     """A local Hugging Face model directory with safetensors weights, or a one-line SlimlmError."""
     path = resolve_model(path)
-    if not path.is_dir():
-        raise SlimlmError(f"{path}: not a directory (expected a Hugging Face model directory)")
+    _require_dir(path)
     if not (path / "config.json").is_file():
         raise SlimlmError(f"{path}: no config.json (expected a Hugging Face model directory)")
     if not any(path.glob("*.safetensors")):
@@ -174,8 +178,7 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = resolve_model(path)
-    if not path.is_dir():  # else transformers would take it for a Hub repo id and try to download it
-        raise SlimlmError(f"{path}: not a directory (expected a Hugging Face model directory)")
+    _require_dir(path)
     try:
         if (path / "tokenizer.json").is_file() and not trust_remote_code:
             tok = PreTrainedTokenizerFast.from_pretrained(path)

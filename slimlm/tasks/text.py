@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from slimlm import SlimlmError
-from slimlm.tasks.files import field, iter_records
+from slimlm.tasks.files import HOLDOUT, field, holdout_indices, iter_records
 
 BUILTIN = ("lcet10",)
 
@@ -61,8 +61,6 @@ def text_blocks(tokenizer, texts: list[str], block_size: int = 512, max_blocks: 
 def split_blocks(tokenizer, texts: list[str], block_size: int, split: str, limit: int | None = None) -> list[list[int]]:
     """The blocks of ``split`` (the fixed hold-out of :func:`slimlm.tasks.files.holdout_indices` over all
     blocks; ``all`` = every block), in text order, at most ``limit``."""
-    from slimlm.tasks.files import HOLDOUT, holdout_indices
-
     blocks = text_blocks(tokenizer, texts, block_size)
     chosen = [blocks[i] for i in holdout_indices(len(blocks), split)][:limit or None]
     if not chosen:
