@@ -257,7 +257,8 @@ def run(recipe: Recipe, progress: Progress | None = None, command: list[str] | N
 
             metrics = quantize_dir(model_dir(inputs["from"]), stage_dir / "model", cfg)
         else:
-            metrics = _evaluate(recipe, {r: model_dir(p) for r, p in inputs["models"].items()}, cfg, stage_dir, say)
+            metrics = _evaluate(recipe, {r: model_dir(p) for r, p in inputs["models"].items()}, cfg, stage_dir, say,
+                                fp)
         record = {"name": name, "kind": kind, "fingerprint": fp, "seconds": round(time.perf_counter() - t0, 1),
                   "inputs": {k: v for k, v in inputs.items()}, "metrics": metrics}
         atomic_write_json(marker, record)
@@ -289,11 +290,18 @@ def _init(source: str, out_dir: Path, cfg: InitConfig) -> dict[str, Any]:
 
 
 def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage_dir: Path,
-              say: Progress) -> dict[str, Any]:
+              say: Progress, fingerprint: str) -> dict[str, Any]:
+    """Evaluate each model, writing results as they come; a re-run of an interrupted stage keeps the
+    models it already evaluated (same stage fingerprint, same model directory) and does the rest."""
     from slimlm.evaluate import evaluate_dir
+    from slimlm.models import resolve_model
 
-    results, scores = {}, {}
+    results, scores = _partial_evaluation(stage_dir, fingerprint)
+    atomic_write_json(stage_dir / "partial.json", {"fingerprint": fingerprint})
     for ref, path in models.items():
+        if ref in results and results[ref].get("model") == str(resolve_model(path)):  # scores.json is written first
+            say(f"evaluating {ref}: done earlier, kept")
+            continue
         say(f"evaluating {ref}")
         results[ref] = evaluate_dir(path, recipe.task, split=cfg.split, limit=cfg.limit, batch_size=cfg.batch_size,
                                     seed=recipe.seed, speed_probe=cfg.speed)
@@ -302,6 +310,19 @@ def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage
             atomic_write_json(stage_dir / "scores.json", scores)
         atomic_write_json(stage_dir / "results.json", results)  # partial results survive an interruption
     return results
+
+
+def _partial_evaluation(stage_dir: Path, fingerprint: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Results and scores an interrupted run of this same stage left, or empty ones."""
+    try:
+        if json.loads((stage_dir / "partial.json").read_text()).get("fingerprint") != fingerprint:
+            return {}, {}
+        results = json.loads((stage_dir / "results.json").read_text())
+        scores_file = stage_dir / "scores.json"
+        scores = json.loads(scores_file.read_text()) if scores_file.exists() else {}
+    except (OSError, ValueError):
+        return {}, {}
+    return results, scores
 
 
 def builtin_recipes() -> dict[str, Path]:

@@ -98,6 +98,32 @@ def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(recipe_world
     assert second["eval"]["metrics"]["kd"]["metrics"]["auc"] == first["eval"]["metrics"]["kd"]["metrics"]["auc"]
 
 
+def test_an_interrupted_evaluate_stage_keeps_the_models_it_finished(recipe_world):
+    root, data = recipe_world
+    path = write(root / "r4.yaml", recipe(root, data, "evalresume"))
+    first = run(load_recipe(path))
+    ev = root / "evalresume" / "eval"
+    # interrupted while evaluating kd: teacher-sft's results (marked with a sentinel) are on disk, kd's not
+    (ev / "stage.json").unlink()
+    results = json.loads((ev / "results.json").read_text())
+    results["teacher-sft"]["eval_seconds"] = -1.0
+    del results["kd"]
+    (ev / "results.json").write_text(json.dumps(results))
+    said = []
+    second = run(load_recipe(path), progress=said.append)
+    assert "evaluating teacher-sft: done earlier, kept" in said and "evaluating kd" in said
+    evals = second["eval"]["metrics"]
+    assert list(evals) == ["teacher-sft", "kd"] and evals["teacher-sft"]["eval_seconds"] == -1.0
+    assert evals["kd"]["metrics"]["auc"] == first["eval"]["metrics"]["kd"]["metrics"]["auc"]
+    assert set(json.loads((ev / "scores.json").read_text())) == {"teacher-sft", "kd"}
+    # left by a run with other settings (another fingerprint): everything is evaluated again
+    (ev / "stage.json").unlink()
+    (ev / "partial.json").write_text(json.dumps({"fingerprint": "other"}))
+    said.clear()
+    third = run(load_recipe(path), progress=said.append)
+    assert "evaluating teacher-sft" in said and third["eval"]["metrics"]["teacher-sft"]["eval_seconds"] >= 0
+
+
 def test_a_changed_finished_stage_is_an_error_not_a_silent_rerun(recipe_world):
     root, data = recipe_world
     tree = recipe(root, data, "changed", stages=[{"name": "student", "kind": "init", "config": {"layers": 1}}])
