@@ -59,9 +59,9 @@ def _impute(x: np.ndarray, means: np.ndarray) -> np.ndarray:
     return x
 
 
-def run_baseline(model: str = "gbdt", split: str = "test", *, data_dir=None, cfg: SplitConfig = SplitConfig(),
-                 seed: int = 0) -> dict:
-    """Fit on the train split, evaluate on ``split``; return metrics plus timing."""
+def baseline_predictions(model: str = "gbdt", split: str = "test", *, data_dir=None,
+                         cfg: SplitConfig = SplitConfig(), seed: int = 0) -> tuple[list[Row], np.ndarray, int]:
+    """Fit on the train split; return ``split``'s rows, P(like) for each, and the number of train rows."""
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -70,12 +70,13 @@ def run_baseline(model: str = "gbdt", split: str = "test", *, data_dir=None, cfg
     if model not in MODELS:  # both checked before any data is read
         raise SlimlmError(f"unknown baseline model {model!r}; expected one of {', '.join(MODELS)}")
     check_split(split)
-    t0 = time.perf_counter()
     ml = load_movielens(data_dir)
     rows = build_rows(ml, cfg)
     occupations = sorted({u.occupation for u in ml.users.values()})
     x_tr, y_tr = features(rows["train"], ml, occupations), np.array([r.label for r in rows["train"]])
-    x_ev, y_ev = features(rows[split], ml, occupations), np.array([r.label for r in rows[split]])
+    x_ev = features(rows[split], ml, occupations)
+    if len(set(y_tr.tolist())) < 2:
+        raise SlimlmError(f"the train split has {len(y_tr)} rows of one class only: no baseline can be fitted")
     if model == "gbdt":
         clf = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.05, max_leaf_nodes=31,
                                              categorical_features=[2], early_stopping=True,
@@ -87,7 +88,15 @@ def run_baseline(model: str = "gbdt", split: str = "test", *, data_dir=None, cfg
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
         clf.fit(_impute(x_tr, means), y_tr)
         p = clf.predict_proba(_impute(x_ev, means))[:, 1]
-    metrics = ranking_metrics(y_ev, p)
-    metrics.update({"model": model, "split": split, "train_rows": len(y_tr),
+    return rows[split], p, len(y_tr)
+
+
+def run_baseline(model: str = "gbdt", split: str = "test", *, data_dir=None, cfg: SplitConfig = SplitConfig(),
+                 seed: int = 0) -> dict:
+    """Fit on the train split, evaluate on ``split``; return metrics plus timing."""
+    t0 = time.perf_counter()
+    rows, p, train_rows = baseline_predictions(model, split, data_dir=data_dir, cfg=cfg, seed=seed)
+    metrics = ranking_metrics([r.label for r in rows], p)
+    metrics.update({"model": model, "split": split, "train_rows": train_rows,
                     "seconds": round(time.perf_counter() - t0, 2)})
     return metrics

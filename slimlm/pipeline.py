@@ -303,8 +303,11 @@ def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage
             say(f"evaluating {ref}: done earlier, kept")
             continue
         say(f"evaluating {ref}")
+        t0 = time.perf_counter()
         results[ref] = evaluate_dir(path, recipe.task, split=cfg.split, limit=cfg.limit, batch_size=cfg.batch_size,
                                     seed=recipe.seed, speed_probe=cfg.speed)
+        # load, scoring and speed probes: the report adds these up, so a resumed stage counts every run of it
+        results[ref]["wall_seconds"] = round(time.perf_counter() - t0, 2)
         if "scores" in results[ref]:  # per-example scores go beside the results (the report pairs models)
             scores[ref] = results[ref].pop("scores")
             atomic_write_json(stage_dir / "scores.json", scores)

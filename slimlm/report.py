@@ -6,7 +6,8 @@ What it reads (every piece optional; whatever is there is reported, whatever is 
   written by :func:`record_invocation` when ``slimlm run`` starts;
 - ``OUT/NAME/stage.json`` of each finished stage: wall seconds, inputs, metrics (for an evaluate stage
   ``{model ref: slimlm.evaluate.evaluate_dir(...)}``); an unfinished evaluate stage's ``results.json``;
-  a ranking evaluate stage's ``scores.json`` (per-example P(pos) of each model: paired ΔAUC vs the reference);
+  a ranking evaluate stage's ``scores.json`` (per-example P(pos) of each model: paired ΔAUC vs the reference,
+  and, for the built-in MovieLens task, vs the classic logistic baseline refitted on the same rows);
 - distill stages: ``metrics.jsonl`` (training curves) and ``config.yaml`` (the resolved stage config).
 
 The numbers in the model table, per evaluated model m against the reference model r:
@@ -473,9 +474,10 @@ def _figure(panels: int, width: float = 5.0, height: float = 3.8):
 
 
 def plot_quality(rows: list[dict], metric: Metric, path: Path, axes_spec: list[tuple[str, str, bool]],
-                 title: str) -> bool:
+                 title: str, baseline: tuple[str, float] | None = None) -> bool:
     """Scatter the task metric (y) against each (row key, x label, log x) panel; one labelled point per
-    model, the reference starred. Returns False (and writes nothing) when no model has both numbers."""
+    model, the reference starred; ``baseline`` = (label, value) draws a dashed line. Returns False (and
+    writes nothing) when no model has both numbers."""
     have = [[r for r in rows if r["value"] is not None and r["metric"] == metric and (r[k] or 0) > 0]
             for k, _, _ in axes_spec]
     if not any(have):
@@ -491,8 +493,11 @@ def plot_quality(rows: list[dict], metric: Metric, path: Path, axes_spec: list[t
         for (x, y), names, below in _label_groups([(r[key], r["value"], r["model"]) for r in points], logx):
             ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, -11 if below else 4),
                         fontsize=8)
+        if baseline is not None:
+            ax.axhline(baseline[1], color="tab:brown", linestyle="--", linewidth=1, label=baseline[0])
         if metric.chance is not None:
             ax.axhline(metric.chance, color="grey", linestyle=":", linewidth=1, label="chance")
+        if baseline is not None or metric.chance is not None:
             ax.legend(loc="best", fontsize=8)
         if logx:
             ax.set_xscale("log")
@@ -760,7 +765,8 @@ def _render(run: dict, tmp: Path, reference: str | None) -> list[str]:
     total = sum(stage_seconds(s.get("record") or {}) or 0 for s in stages)
     lines += ["", f"Wall time of the finished stages: {_seconds(total)} (from each stage.json; a stage skipped on a "
               "re-run keeps the time of the run that made it; a distill stage that was interrupted and resumed "
-              "counts every run of it, each up to its last checkpoint).", ""]
+              "counts every run of it, each up to its last checkpoint; an evaluate stage, every model it "
+              "finished).", ""]
 
     lines += _render_reproduce(run, tmp)
     return lines
@@ -782,11 +788,70 @@ def paired_deltas(scores: dict, reference: str | None) -> dict[str, tuple[float,
     return out
 
 
+BASELINE_MODEL = "logistic"
+
+
+def classic_baseline(ev: dict, run: dict, model: str = BASELINE_MODEL) -> dict | None:
+    """The classic baseline on exactly the rows an evaluate stage scored (built-in MovieLens task only):
+    ``{"model", "n", "auc", "ci", "deltas": {model ref: (AUC − baseline AUC, 95% low, high)}}``, each delta
+    a paired bootstrap on the same rows. None when it does not apply (another task, no per-example scores).
+    The baseline is refitted on the train split (seconds), the same fit as ``slimlm baseline``."""
+    recipe = run.get("recipe") or {}
+    task, scores, cfg = recipe.get("task") or {}, ev.get("scores") or {}, ev.get("config") or {}
+    if task.get("name", "movielens-ranking") != "movielens-ranking" or not scores:
+        return None
+    from slimlm.baseline import baseline_predictions
+    from slimlm.evaluate import bootstrap_auc, paired_auc_delta, roc_auc
+    from slimlm.tasks.movielens import example_id, movielens_examples
+
+    split, data = cfg.get("split", "test"), task.get("data")
+    rows, p, _ = baseline_predictions(model, split, data_dir=data)
+    by_id = {example_id(r): float(x) for r, x in zip(rows, p, strict=True)}
+    examples = movielens_examples(split, data_dir=data, limit=cfg.get("limit"), seed=recipe.get("seed", 0))
+    labels = [int(ex.label) for ex in examples]
+    base = [by_id[ex.id] for ex in examples]
+    deltas = {name: paired_auc_delta(labels, sc["p"], base) for name, sc in scores.items()
+              if isinstance(sc, dict) and sc.get("labels") == labels and len(sc.get("p") or []) == len(labels)}
+    if not deltas:
+        raise SlimlmError(f"no model's scores are on the {len(labels)} rows the recipe's split `{split}` gives now")
+    return {"model": model, "n": len(labels), "auc": roc_auc(labels, base), "ci": bootstrap_auc(labels, base),
+            "deltas": deltas}
+
+
+def _render_baseline(base: dict | None, error: str | None, rows: list[dict], split: str | None) -> list[str]:
+    if error is not None:
+        return ["### Against the classic baseline", "", f"Not computed: {error}", ""]
+    if base is None:
+        return []
+    lo, hi = base["ci"]
+    cmd = f"slimlm baseline movielens-ranking --model {base['model']}" + (f" --split {split}" if split else "")
+    lines = ["### Against the classic baseline", "",
+             f"{base['model'].capitalize()} regression on hand-built user / item / history features, fitted on the "
+             f"train split and scored on the same {base['n']:,} rows (`{cmd}` gives it on the whole split): "
+             f"AUC {base['auc']:.4f} ({lo:.3f}–{hi:.3f}). ΔAUC = model − baseline on the same rows, paired bootstrap (1,000 resamples).", ""]
+    table = []
+    for r in rows:
+        d = base["deltas"].get(r["model"])
+        if d is None:
+            continue
+        verdict = "above" if d[1] > 0 else "below" if d[2] < 0 else "not distinguishable (the interval holds 0)"
+        name = f"**{r['model']}**" if r["reference"] else r["model"]
+        table.append([name, _metric_text(r["metric"], r["metrics"]) if r["metric"] else MISSING,
+                      f"{d[0]:+.4f} ({d[1]:+.3f}–{d[2]:+.3f})", verdict])
+    return lines + _table(["model", "AUC (95% CI)", f"ΔAUC vs {base['model']}, paired (95% CI)", "at 95%"],
+                          table, right={1, 2}) + [""]
+
+
 def stage_seconds(record: dict) -> float | None:
-    """A finished stage's wall time: its stage.json ``seconds`` (the run that finished it), or for a
-    distill stage the trainer's ``train_seconds`` over all its runs when that is longer (it was resumed)."""
+    """A finished stage's wall time: its stage.json ``seconds`` (the run that finished it), or when that is
+    longer (the stage was interrupted and resumed) the time over all its runs: a distill stage's trainer
+    ``train_seconds``, an evaluate stage's per-model ``wall_seconds`` added up."""
     own = _num(record.get("seconds"))
-    total = _num((record.get("metrics") or {}).get("train_seconds"))
+    metrics = record.get("metrics") or {}
+    total = _num(metrics.get("train_seconds"))
+    if record.get("kind") == "evaluate":
+        walls = [_num(r.get("wall_seconds")) for r in metrics.values() if isinstance(r, dict)]
+        total = sum(w for w in walls if w is not None) if any(w is not None for w in walls) else None
     return max(own, total) if own is not None and total is not None else own
 
 
@@ -883,6 +948,13 @@ def _render_evaluation(ev: dict, run: dict, tmp: Path, reference: str | None) ->
         lines.append("- Missing (not evaluated: the stage " + ("did not finish" if ev["status"] != "done" else
                      "holds no result") + "): " + ", ".join(f"`{m}`" for m in missing) + ".")
     lines.append("")
+    base = error = None
+    if metric is not None and metric.key == "auc":
+        try:
+            base = classic_baseline(ev, run)
+        except (SlimlmError, OSError, ValueError, KeyError) as e:  # the report never fails for want of a baseline
+            error = str(e) or type(e).__name__
+    lines += _render_baseline(base, error, rows, cfg.get("split"))
     if metric is not None:
         rank = metric.key == "auc"
         speed_axes = [("candidates" if rank else "decode", "ranking candidates/s" if rank else "decode tokens/s", True),
@@ -890,7 +962,8 @@ def _render_evaluation(ev: dict, run: dict, tmp: Path, reference: str | None) ->
         size_axes = [("params_non_embedding", "non-embedding parameters", True), ("disk_mib", "disk (MiB)", True)]
         for stem, axes, what in (("quality-vs-speed", speed_axes, "speed"), ("quality-vs-size", size_axes, "size")):
             png = f"{stem}-{ev['name']}.png"
-            if plot_quality(rows, metric, tmp / png, axes, f"{metric.label} vs {what} ({ev['name']})"):
+            if plot_quality(rows, metric, tmp / png, axes, f"{metric.label} vs {what} ({ev['name']})",
+                            (f"{base['model']} baseline", base["auc"]) if base else None):
                 lines += [f"![{metric.label} vs {what}]({png})", ""]
             else:
                 lines += [f"No model has both {metric.label} and {what} figures: no {what} plot.", ""]

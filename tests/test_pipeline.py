@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from slimlm import SlimlmError
 from slimlm.pipeline import builtin_recipes, load_recipe, plan, run
+from slimlm.report import stage_seconds
 
 
 def recipe(root, data, out, stages=None) -> dict:
@@ -107,6 +108,7 @@ def test_an_interrupted_evaluate_stage_keeps_the_models_it_finished(recipe_world
     (ev / "stage.json").unlink()
     results = json.loads((ev / "results.json").read_text())
     results["teacher-sft"]["eval_seconds"] = -1.0
+    results["teacher-sft"]["wall_seconds"] = 1000.0  # as if the first run had spent that long on it
     del results["kd"]
     (ev / "results.json").write_text(json.dumps(results))
     said = []
@@ -116,6 +118,9 @@ def test_an_interrupted_evaluate_stage_keeps_the_models_it_finished(recipe_world
     assert list(evals) == ["teacher-sft", "kd"] and evals["teacher-sft"]["eval_seconds"] == -1.0
     assert evals["kd"]["metrics"]["auc"] == first["eval"]["metrics"]["kd"]["metrics"]["auc"]
     assert set(json.loads((ev / "scores.json").read_text())) == {"teacher-sft", "kd"}
+    # the stage's time counts both runs: the kept model's and the resumed run's
+    assert evals["kd"]["wall_seconds"] > 0 and second["eval"]["seconds"] < 1000
+    assert stage_seconds(second["eval"]) == pytest.approx(1000.0 + evals["kd"]["wall_seconds"])
     # left by a run with other settings (another fingerprint): everything is evaluated again
     (ev / "stage.json").unlink()
     (ev / "partial.json").write_text(json.dumps({"fingerprint": "other"}))

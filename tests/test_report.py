@@ -13,10 +13,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from slimlm import SlimlmError
+from slimlm.baseline import baseline_predictions, run_baseline
 from slimlm.cli import app
 from slimlm.evaluate import paired_auc_delta, roc_auc
 from slimlm.pipeline import load_recipe
 from slimlm.report import METRICS, at_chance, model_rows, read_run, retention, write_report
+from slimlm.tasks.movielens import example_id, movielens_examples
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 AUC, EXACT, PPL = (next(m for m in METRICS if m.key == k) for k in ("auc", "exact_match", "perplexity"))
@@ -342,6 +344,30 @@ def test_a_tiny_real_recipe_writes_a_report_whose_commands_reproduce_its_stages(
     rows = table(md, "## Evaluation")
     assert rows["teacher"]["ΔAUC vs reference, paired (95% CI)"] == f"{delta[0]:+.4f} ({delta[1]:+.3f}–{delta[2]:+.3f})"
     assert rows["int8"]["ΔAUC vs reference, paired (95% CI)"] == "—"
+    # ... and with the classic baseline, refitted and scored on exactly the rows the stage scored
+    base_rows, base_p, _ = baseline_predictions("logistic", "val", data_dir=data)
+    assert roc_auc([r.label for r in base_rows], base_p) == pytest.approx(run_baseline("logistic", "val", data_dir=data)["auc"])
+    scored = movielens_examples("val", data_dir=data, limit=6, seed=0)
+    assert [ex.label for ex in scored] == scores["int8"]["labels"]
+    by_id = dict(zip([example_id(r) for r in base_rows], base_p, strict=True))
+    base = [by_id[ex.id] for ex in scored]
+    assert f"AUC {roc_auc(scores['int8']['labels'], base):.4f} (" in md
+    rows = table(md, "### Against the classic baseline")
+    assert list(rows) == ["teacher", "int8"]
+    for name in rows:
+        d = paired_auc_delta(scores[name]["labels"], scores[name]["p"], base)
+        assert rows[name]["ΔAUC vs logistic, paired (95% CI)"] == f"{d[0]:+.4f} ({d[1]:+.3f}–{d[2]:+.3f})"
+        assert rows[name]["at 95%"] == ("above" if d[1] > 0 else "below" if d[2] < 0 else
+                                        "not distinguishable (the interval holds 0)")
+    # no baseline data any more: the report says why and is still written
+    run_json = json.loads((out / "run.json").read_text())
+    run_json["recipe"]["task"]["data"] = str(tmp_path / "gone")
+    (out / "run.json").write_text(json.dumps(run_json))
+    res = runner.invoke(app, ["report", str(out), "--reference", "int8"])
+    assert res.exit_code == 0, res.output
+    md = (out / "report" / "report.md").read_text()
+    section = md[md.index("### Against the classic baseline"):].splitlines()
+    assert section[2].startswith("Not computed: ") and "gone" in section[2]
     res = runner.invoke(app, ["report", str(out), "--reference", "teacher-sft"])  # trained, never evaluated
     assert res.exit_code == 2 and "'teacher-sft' is not an evaluated model" in res.output
     res = runner.invoke(app, ["report", str(tmp_path / "nowhere")])

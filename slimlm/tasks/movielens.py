@@ -243,12 +243,17 @@ def render_suffix(row: Row) -> str:
     return f"Candidate: {_movie(row.item)}. {stats}\nWill the user like it? Answer:"
 
 
+def example_id(row: Row) -> str:
+    """The ranking example's id for a row: the same for the prompt and for the classic baseline's score."""
+    return f"{row.split}-u{row.user.id}-i{row.item.id}-t{row.timestamp}"
+
+
 def to_examples(rows: list[Row], items: dict[int, Item]) -> list[RankingExample]:
     """Render rows as ranking examples (prefix/suffix/label); the group is the user and prompt point."""
     out = []
     for row in rows:
         out.append(RankingExample(
-            id=f"{row.split}-u{row.user.id}-i{row.item.id}-t{row.timestamp}",
+            id=example_id(row),
             group=f"u{row.user.id}-{row.split}" if row.split != "train" else f"u{row.user.id}-p{row.position}",
             prefix=render_prefix(row, items),
             suffix=render_suffix(row),
