@@ -84,6 +84,20 @@ def paired_auc_delta(labels: Sequence[int], scores: Sequence[float], reference: 
     return roc_auc(labels, scores) - roc_auc(labels, reference), float(lo), float(hi)
 
 
+def paired_mean_delta(values: Sequence[float], reference: Sequence[float], *, n: int = 1000, seed: int = 0,
+                      level: float = 0.95) -> tuple[float, float, float]:
+    """mean(values) − mean(reference) over the same examples (e.g. 0/1 exact-match hits of two models on the
+    same questions), with a paired percentile bootstrap interval: each resample draws examples, both
+    models' outcomes together."""
+    a, b = np.asarray(values, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise SlimlmError(f"paired comparison needs two equally long, non-empty lists (got {a.shape} and {b.shape})")
+    d = a - b
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))
+    lo, hi = np.quantile(d[idx].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return float(d.mean()), float(lo), float(hi)
+
+
 def log_loss(labels: Sequence[int], p: Sequence[float], eps: float = 1e-7) -> float:
     """Mean binary cross-entropy, with probabilities clipped to [eps, 1 - eps]."""
     y = np.asarray(labels, dtype=np.float64)
@@ -158,7 +172,7 @@ def answer_matches(output: str, reference: str, rule: str = "exact") -> bool:
 
 def evaluate_generation(model, tokenizer, examples: Sequence[CompletionExample], *, max_new_tokens: int = 16,
                         batch_size: int = 16, rule: str = "exact", samples: int = 5,
-                        progress=None) -> dict:
+                        progress=None, per_example: bool = False) -> dict:
     """Exact-match accuracy of greedy answers: each example's prompt (chat template, as in training) is
     continued by up to ``max_new_tokens`` tokens (stopping at EOS) with the engine's batched KV-cache
     decode, and the decoded text is compared to the reference response by :func:`answer_matches`.
@@ -166,8 +180,9 @@ def evaluate_generation(model, tokenizer, examples: Sequence[CompletionExample],
     Returns ``exact_match`` (fraction correct) with its Wilson 95 % interval ``exact_match_ci95``, ``n``,
     ``correct``, ``rule``, ``max_new_tokens``, ``truncated`` (outputs that hit ``max_new_tokens`` without
     EOS) and the first ``samples`` (prompt, output, reference, correct) for a look at what the model
-    writes. An output cut by ``max_new_tokens`` is judged as written, so choose it above the longest
-    answer (the trainer uses the longest reference + 4 tokens, at least 16)."""
+    writes; with ``per_example``, also ``hits`` (1/0 per example, in order: for paired comparisons). An
+    output cut by ``max_new_tokens`` is judged as written, so choose it above the longest answer (the
+    trainer uses the longest reference + 4 tokens, at least 16)."""
     if not examples:
         raise SlimlmError("generation evaluation needs at least one example")
     for ex in examples:  # a bad rule or a number-less reference fails before any generation
@@ -183,7 +198,7 @@ def evaluate_generation(model, tokenizer, examples: Sequence[CompletionExample],
         if progress:
             progress(len(part))
     hits = [answer_matches(g.text, ex.response, rule) for g, ex in zip(outputs, examples, strict=True)]
-    return {
+    out = {
         "exact_match": sum(hits) / len(hits),
         "exact_match_ci95": list(wilson_interval(sum(hits), len(hits))),
         "n": len(hits),
@@ -194,6 +209,9 @@ def evaluate_generation(model, tokenizer, examples: Sequence[CompletionExample],
         "samples": [{"prompt": ex.prompt_messages[-1]["content"], "output": g.text, "reference": ex.response,
                      "correct": h} for ex, g, h in list(zip(examples, outputs, hits, strict=True))[:samples]],
     }
+    if per_example:
+        out["hits"] = [int(h) for h in hits]
+    return out
 
 
 @torch.inference_mode()
@@ -275,7 +293,7 @@ def evaluate_dir(path: str | Path, task, *, split: str = "test", limit: int | No
     """Everything the report shows for one model directory: parameters, bytes on disk, the task metric
     (ranking AUC / log-loss, perplexity for the text task, exact match for arithmetic), ranking
     candidates/s, and (optionally) prefill / decode speed; for ranking also ``scores`` (labels and P(pos)
-    per example). ``task`` is a :class:`slimlm.config.TaskConfig`."""
+    per example), for arithmetic ``scores`` = ``{"correct": 1/0 per question}``. ``task`` is a :class:`slimlm.config.TaskConfig`."""
     import time
 
     from slimlm.models import load_model, load_tokenizer, param_counts, resolve_model
@@ -305,7 +323,8 @@ def evaluate_dir(path: str | Path, task, *, split: str = "test", limit: int | No
 
         examples = arithmetic_examples(split, limit, task.data)
         metrics = evaluate_generation(model, tokenizer, examples, batch_size=batch_size, rule="number",
-                                      progress=progress)
+                                      progress=progress, per_example=True)
+        result["scores"] = {"correct": metrics.pop("hits")}  # same questions, same order for every model
         probe_tokens = tokenizer(examples[0].prompt_messages[-1]["content"])["input_ids"]
     else:
         raise SlimlmError(f"evaluating task {task.name!r} in a pipeline is not supported yet (ranking, text and arithmetic are)")

@@ -772,19 +772,24 @@ def _render(run: dict, tmp: Path, reference: str | None) -> list[str]:
     return lines
 
 
-def paired_deltas(scores: dict, reference: str | None) -> dict[str, tuple[float, float, float]]:
-    """{model: (AUC − reference AUC, 95% low, high)} from the evaluate stage's per-example scores, for every
-    model scored on the same rows as the reference (same labels in the same order)."""
+def paired_deltas(scores: dict, reference: str | None, metric: str = "auc") -> dict[str, tuple[float, float, float]]:
+    """{model: (metric − reference metric, 95% low, high)} from the evaluate stage's per-example scores, for
+    every model scored on the same examples as the reference: ``auc`` from ranking scores (same labels in
+    the same order), ``exact_match`` from per-question hits (same number of questions)."""
     ref = scores.get(reference) if reference else None
-    if not isinstance(ref, dict) or not ref.get("p"):
+    if not isinstance(ref, dict):
         return {}
-    from slimlm.evaluate import paired_auc_delta
+    from slimlm.evaluate import paired_auc_delta, paired_mean_delta
 
     out = {}
     for name, sc in scores.items():
-        if name != reference and isinstance(sc, dict) and sc.get("labels") == ref["labels"] \
+        if name == reference or not isinstance(sc, dict):
+            continue
+        if metric == "auc" and ref.get("p") and sc.get("labels") == ref.get("labels") \
                 and len(sc.get("p") or []) == len(ref["p"]):
             out[name] = paired_auc_delta(ref["labels"], sc["p"], ref["p"])
+        elif metric == "exact_match" and ref.get("correct") and len(sc.get("correct") or []) == len(ref["correct"]):
+            out[name] = paired_mean_delta(sc["correct"], ref["correct"])
     return out
 
 
@@ -893,11 +898,12 @@ def _render_evaluation(ev: dict, run: dict, tmp: Path, reference: str | None) ->
     where = [f"split `{cfg['split']}`" if cfg.get("split") else None,
              f"{ns.pop()} examples" if len(ns) == 1 else None, ev["status"] if ev["status"] != "done" else None]
     lines = [f"## {title}" + (f" ({', '.join(w for w in where if w)})" if any(where) else ""), ""]
-    paired = paired_deltas(ev.get("scores") or {}, ref) if metric is not None and metric.key == "auc" else {}
+    paired = paired_deltas(ev.get("scores") or {}, ref, metric.key) if metric is not None else {}
     header = ["model", "stage", "params", "non-emb params", "disk MiB",
               f"{metric.label}{' (95% CI)' if any(_ci(metric, r['metrics']) for r in rows) else ''}" if metric
               else "metric",
-              "retention", *(["ΔAUC vs reference, paired (95% CI)"] if paired else []),
+              "retention", *([f"Δ{'' if metric.key == 'auc' else ' '}{metric.label} vs reference, paired (95% CI)"]
+                             if paired else []),
               "prefill tok/s", "decode tok/s", "cand/s", "prefill ×", "decode ×", "cand/s ×"]
     table = []
     for r in rows:
@@ -928,10 +934,14 @@ def _render_evaluation(ev: dict, run: dict, tmp: Path, reference: str | None) ->
     lines += ["", f"- Reference (**bold**): {why}. Retention = metric / reference metric"
               + (" (perplexity: reference / metric)" if metric and not metric.higher_is_better else "")
               + "; ×: speed / reference speed."]
-    if paired:
+    if paired and metric.key == "auc":
         lines.append("- ΔAUC vs reference: the two models scored on the same test rows, with a paired bootstrap "
                      "(1,000 resamples of the rows, both AUCs on each): the interval of the difference, far narrower "
                      "than the two AUC intervals side by side.")
+    elif paired:
+        lines.append(f"- Δ {metric.label} vs reference: the two models on the same questions, with a paired bootstrap "
+                     "(1,000 resamples of the questions, both models' answers on each): the interval of the "
+                     "difference, narrower than the two intervals side by side.")
     chance = [r["model"] for r in rows if r["at_chance"]]
     if chance and metric is not None:
         lines.append(f"- At chance ({metric.label} 95% interval reaching {metric.chance:g}, or no better): "

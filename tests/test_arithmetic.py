@@ -14,9 +14,16 @@ from slimlm.cli import app
 from slimlm.config import DistillConfig
 from slimlm.distill.data import build_sequences
 from slimlm.distill.trainer import generation_eval_set, train
-from slimlm.evaluate import answer_matches, evaluate_generation, first_number, wilson_interval
+from slimlm.evaluate import (
+    answer_matches,
+    evaluate_generation,
+    first_number,
+    paired_mean_delta,
+    wilson_interval,
+)
 from slimlm.models import load_model, load_tokenizer, save_tiny_model
 from slimlm.pipeline import builtin_recipes, load_recipe, run
+from slimlm.report import write_report
 from slimlm.serve import engine
 from slimlm.tasks.arithmetic import (
     SPLITS,
@@ -189,8 +196,9 @@ def test_evaluate_generation_equals_direct_greedy_decode(tiny_model_dirs):
     assert res["truncated"] == sum(tok.eos_token_id not in t for t in direct)
     wrong = [CompletionExample((ex.messages[0], {"role": "assistant", "content": ex.response + " #" if i % 2 else ex.response}))
              for i, ex in enumerate(own)]
-    res = evaluate_generation(model, tok, wrong, max_new_tokens=6, batch_size=4)
+    res = evaluate_generation(model, tok, wrong, max_new_tokens=6, batch_size=4, per_example=True)
     assert res["correct"] == 5 and res["exact_match"] == 0.5
+    assert res["hits"] == [1, 0] * 5  # in the examples' order: every other reference was changed
     lo, hi = res["exact_match_ci95"]
     assert lo < 0.5 < hi
 
@@ -284,6 +292,20 @@ def test_tiny_generative_pipeline_end_to_end(models, tmp_path):
     for r in evals.values():
         assert r["metrics"]["n"] == 4 and 0.0 <= r["metrics"]["exact_match"] <= 1.0
     assert evals["kd"]["params"]["non_embedding"] < evals["teacher-sft"]["params"]["non_embedding"]
+    # per-question hits beside the results; the report pairs two-stage with the reference (here kd) on them
+    scores = json.loads((tmp_path / "run" / "eval" / "scores.json").read_text())
+    for name, r in evals.items():
+        assert "scores" not in r and len(scores[name]["correct"]) == 4
+        assert sum(scores[name]["correct"]) == r["metrics"]["correct"]
+    md = write_report(tmp_path / "run", reference="kd").read_text()
+    d = paired_mean_delta(scores["two-stage"]["correct"], scores["kd"]["correct"])
+    row = next(ln for ln in md.splitlines() if ln.startswith("| two-stage |"))
+    assert "Δ exact match vs reference, paired (95% CI)" in md and f"| {d[0]:+.4f} ({d[1]:+.3f}–{d[2]:+.3f}) |" in row
+    # tiny models answer nothing right, so give them known hits: model − reference, not the other way
+    scores["kd"]["correct"], scores["two-stage"]["correct"] = [0, 0, 1, 0], [1, 1, 1, 0]
+    (tmp_path / "run" / "eval" / "scores.json").write_text(json.dumps(scores))
+    md = write_report(tmp_path / "run", reference="kd").read_text()
+    assert "| +0.5000 (+" in next(ln for ln in md.splitlines() if ln.startswith("| two-stage |"))
 
 
 def test_builtin_arithmetic_recipe_validates():

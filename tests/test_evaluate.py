@@ -14,6 +14,7 @@ from slimlm.evaluate import (
     evaluate_ranking,
     log_loss,
     paired_auc_delta,
+    paired_mean_delta,
     perplexity,
     ranking_metrics,
     roc_auc,
@@ -82,6 +83,21 @@ def test_paired_auc_delta_equals_sklearn_on_the_same_resamples():
     lo_a, hi_a = bootstrap_auc(y, a, n=200)
     _, lo_d, hi_d = paired_auc_delta(y, a, a + 0.05 * rng.random(150), n=200)
     assert hi_d - lo_d < (hi_a - lo_a) / 2
+
+
+def test_paired_mean_delta_matches_the_normal_approximation_and_refuses_unpaired_lists():
+    rng = np.random.default_rng(5)
+    a = (rng.random(2000) < 0.45).astype(int)  # two models' 0/1 hits on the same questions, correlated
+    b = np.where(rng.random(2000) < 0.8, a, (rng.random(2000) < 0.35).astype(int))
+    delta, lo, hi = paired_mean_delta(a, b, n=2000, seed=1)
+    d = a - b
+    assert delta == pytest.approx(d.mean(), abs=1e-12)
+    half = 1.959964 * d.std(ddof=1) / math.sqrt(len(d))  # large n: the bootstrap interval ~ the normal one
+    assert lo == pytest.approx(d.mean() - half, abs=0.004) and hi == pytest.approx(d.mean() + half, abs=0.004)
+    assert paired_mean_delta(a, a) == (0.0, 0.0, 0.0)
+    assert paired_mean_delta([1, 1, 1], [0, 0, 0]) == (1.0, 1.0, 1.0)
+    with pytest.raises(SlimlmError, match="equally long"):
+        paired_mean_delta([1, 0], [1])
 
 
 def test_bootstrap_interval_brackets_auc_and_is_seeded():
