@@ -100,24 +100,14 @@ def evaluate_model(model_name: str, task: str, *, data: Path | None = None, spli
                    limit: int | None = None, batch_size: int = 16, seed: int = 0, device: str = "cpu",
                    labels: tuple[str, str] = (" Yes", " No"), block_size: int = 512) -> dict:
     """Load a model, run one task's evaluation with a progress bar, and return the results dict."""
-    from slimlm.evaluate import evaluate_ranking, perplexity
+    from slimlm.evaluate import load_task_data, run_task
     from slimlm.models import load_model, load_tokenizer, param_counts, resolve_model
-    from slimlm.tasks import RANKING_TASKS, load_ranking_task
 
     if task not in TASKS:
         raise SlimlmError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if task == "ranking" and data is None:
         raise SlimlmError("--task ranking needs --data FILE (.jsonl or .parquet; schema in the README)")
-    examples = load_ranking_task(task, data, split, limit, seed) if task in RANKING_TASKS else None
-    texts = generative = None
-    if task == "text":
-        from slimlm.tasks.text import read_texts, split_blocks
-
-        texts = read_texts(data)  # read (and validate) the data before spending time on the model
-    if task == "arithmetic":
-        from slimlm.tasks.arithmetic import arithmetic_examples
-
-        generative = arithmetic_examples(split, limit, None if data is None else str(data))
+    td = load_task_data(task, data, split=split, limit=limit, seed=seed)  # bad data fails before the model loads
     path = resolve_model(model_name)
     t0 = time.perf_counter()
     model = load_model(path, device=device)
@@ -126,23 +116,14 @@ def evaluate_model(model_name: str, task: str, *, data: Path | None = None, spli
     result: dict = {"model": str(path), "task": task, "split": split, "load_seconds": round(load_s, 2),
                     "params": param_counts(model)}
     t1 = time.perf_counter()
-    if examples is not None:
-        with progress_bar() as bar:
-            tid = bar.add_task(f"scoring {split}", total=len(examples))
-            metrics, _ = evaluate_ranking(model, tokenizer, examples, batch_size=batch_size, labels=labels,
-                                          progress=lambda n: bar.advance(tid, n))
-    elif generative is not None:
-        from slimlm.evaluate import evaluate_generation
+    with progress_bar() as bar:
+        def start(what: str, total: int):
+            tid = bar.add_task(what, total=total)
+            return lambda n: bar.advance(tid, n)
 
-        with progress_bar() as bar:
-            tid = bar.add_task(f"generating {split}", total=len(generative))
-            metrics = evaluate_generation(model, tokenizer, generative, batch_size=batch_size, rule="number",
-                                          progress=lambda n: bar.advance(tid, n))
-    else:
-        blocks = split_blocks(tokenizer, texts, block_size, split, limit)
-        with progress_bar() as bar:
-            tid = bar.add_task("perplexity", total=len(blocks))
-            metrics = perplexity(model, blocks, progress=lambda n: bar.advance(tid, n))
+        metrics, _, _ = run_task(model, tokenizer, td, batch_size=batch_size, labels=labels, block_size=block_size,
+                                 progress=start)
+    metrics.pop("candidates_per_s", None)  # throughput belongs to `slimlm bench`, not to a quality figure
     result["metrics"] = metrics
     result["eval_seconds"] = round(time.perf_counter() - t1, 2)
     result["peak_rss_mib"] = round(peak_rss_mib(), 1)

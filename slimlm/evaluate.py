@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
@@ -288,46 +289,87 @@ def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len:
             "candidates_per_s": candidates / rank_s}
 
 
+EVAL_TASKS = ("movielens-ranking", "ranking", "text", "arithmetic")
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task's evaluation data, read and checked before any model is loaded: ranking examples,
+    arithmetic questions, or the documents of a text corpus (cut into blocks with the model's tokenizer)."""
+
+    name: str
+    split: str
+    limit: int | None
+    items: list
+
+
+def load_task_data(name: str, data: str | Path | None = None, *, split: str = "test", limit: int | None = None,
+                   seed: int = 0) -> TaskData:
+    """Read ``split`` of task ``name`` (``data``: its file, directory or spec; None = built-in)."""
+    from slimlm.tasks import RANKING_TASKS, load_ranking_task
+
+    if name in RANKING_TASKS:
+        items = load_ranking_task(name, data, split, limit, seed)
+    elif name == "text":
+        from slimlm.tasks.text import read_texts
+
+        items = read_texts(data)
+    elif name == "arithmetic":
+        from slimlm.tasks.arithmetic import arithmetic_examples
+
+        items = arithmetic_examples(split, limit, None if data is None else str(data))
+    else:
+        raise SlimlmError(f"evaluating task {name!r} is not supported (expected one of {', '.join(EVAL_TASKS)})")
+    return TaskData(name, split, limit, items)
+
+
+def run_task(model, tokenizer, td: TaskData, *, batch_size: int = 16, labels: tuple[str, str] = DEFAULT_LABELS,
+             block_size: int = 512, progress=None) -> tuple[dict, dict | None, list[int]]:
+    """Evaluate a loaded model on ``td``: ``(metrics, per-example scores or None, probe tokens)``.
+
+    Metrics: ranking AUC / log-loss / accuracy, perplexity (text), exact match (arithmetic). Scores, the same
+    examples in the same order for every model (paired comparisons): ranking ``{"labels", "p"}``, arithmetic
+    ``{"correct": 1/0 per question}``. Probe tokens: a real input of the task for :func:`speed`.
+    ``progress(what, total)`` returns the callback advanced by the examples done."""
+    advance = progress or (lambda what, total: None)
+    if td.name == "text":
+        from slimlm.tasks.text import split_blocks
+
+        blocks = split_blocks(tokenizer, td.items, block_size, td.split, td.limit)
+        return perplexity(model, blocks, progress=advance("perplexity", len(blocks))), None, blocks[0]
+    if td.name == "arithmetic":
+        metrics = evaluate_generation(model, tokenizer, td.items, batch_size=batch_size, rule="number",
+                                      progress=advance(f"generating {td.split}", len(td.items)), per_example=True)
+        probe = tokenizer(td.items[0].prompt_messages[-1]["content"])["input_ids"]
+        return metrics, {"correct": metrics.pop("hits")}, probe
+    import time
+
+    t0 = time.perf_counter()
+    metrics, p = evaluate_ranking(model, tokenizer, td.items, batch_size=batch_size, labels=labels,
+                                  progress=advance(f"scoring {td.split}", len(td.items)))
+    metrics["candidates_per_s"] = len(td.items) / (time.perf_counter() - t0)
+    scores = {"labels": [int(ex.label) for ex in td.items], "p": [round(float(x), 7) for x in p]}
+    return metrics, scores, tokenizer(td.items[0].prefix + td.items[0].suffix)["input_ids"]
+
+
 def evaluate_dir(path: str | Path, task, *, split: str = "test", limit: int | None = None, batch_size: int = 16,
                  seed: int = 0, speed_probe: bool = True, progress=None) -> dict:
     """Everything the report shows for one model directory: parameters, bytes on disk, the task metric
-    (ranking AUC / log-loss, perplexity for the text task, exact match for arithmetic), ranking
-    candidates/s, and (optionally) prefill / decode speed; for ranking also ``scores`` (labels and P(pos)
-    per example), for arithmetic ``scores`` = ``{"correct": 1/0 per question}``. ``task`` is a :class:`slimlm.config.TaskConfig`."""
+    (:func:`run_task`), ranking candidates/s, and (optionally) prefill / decode speed; ``scores`` holds the
+    per-example scores (:func:`run_task`). ``task`` is a :class:`slimlm.config.TaskConfig`."""
     import time
 
     from slimlm.models import load_model, load_tokenizer, param_counts, resolve_model
-    from slimlm.tasks import RANKING_TASKS, load_ranking_task
 
+    td = load_task_data(task.name, task.data, split=split, limit=limit, seed=seed)  # data errors before the model
     path = resolve_model(path)
     model = load_model(path)
     tokenizer = load_tokenizer(path)
     result: dict = {"model": str(path), "params": param_counts(model), "disk_bytes": disk_bytes(path)}
-    probe_tokens: list[int] = []
     t0 = time.perf_counter()
-    if task.name in RANKING_TASKS:
-        examples = load_ranking_task(task.name, task.data, split, limit, seed)
-        metrics, p = evaluate_ranking(model, tokenizer, examples, batch_size=batch_size, progress=progress)
-        metrics["candidates_per_s"] = len(examples) / (time.perf_counter() - t0)
-        # per-example scores (same examples, same order for every model of a run): paired comparisons
-        result["scores"] = {"labels": [int(ex.label) for ex in examples], "p": [round(float(x), 7) for x in p]}
-        probe_tokens = tokenizer(examples[0].prefix + examples[0].suffix)["input_ids"]
-    elif task.name == "text":
-        from slimlm.tasks.text import read_texts, split_blocks
-
-        blocks = split_blocks(tokenizer, read_texts(task.data), 512, split, limit)
-        metrics = perplexity(model, blocks, progress=progress)
-        probe_tokens = blocks[0]
-    elif task.name == "arithmetic":
-        from slimlm.tasks.arithmetic import arithmetic_examples
-
-        examples = arithmetic_examples(split, limit, task.data)
-        metrics = evaluate_generation(model, tokenizer, examples, batch_size=batch_size, rule="number",
-                                      progress=progress, per_example=True)
-        result["scores"] = {"correct": metrics.pop("hits")}  # same questions, same order for every model
-        probe_tokens = tokenizer(examples[0].prompt_messages[-1]["content"])["input_ids"]
-    else:
-        raise SlimlmError(f"evaluating task {task.name!r} in a pipeline is not supported yet (ranking, text and arithmetic are)")
+    metrics, scores, probe_tokens = run_task(model, tokenizer, td, batch_size=batch_size, progress=progress)
+    if scores is not None:
+        result["scores"] = scores
     result["metrics"] = metrics
     result["eval_seconds"] = round(time.perf_counter() - t0, 2)
     if speed_probe:
