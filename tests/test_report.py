@@ -46,6 +46,10 @@ def test_stage_seconds_count_every_run_of_a_resumed_stage():
     assert stage_seconds({"seconds": 30.0, "metrics": {"train_seconds": 25.0}}) == 30.0  # loading included
     assert stage_seconds({"seconds": 12.5, "metrics": {"auc": 0.7}}) == 12.5
     assert stage_seconds({}) is None
+    # an evaluate stage: every model it finished, over all its runs (older results without wall_seconds: own)
+    ev = {"kind": "evaluate", "seconds": 40.0, "metrics": {"a": {"wall_seconds": 300.0}, "b": {"wall_seconds": 35.5}}}
+    assert stage_seconds(ev) == 335.5
+    assert stage_seconds({**ev, "metrics": {"a": {"eval_seconds": 300.0}}}) == 40.0
 
 
 def test_retention_and_chance_for_other_metrics():
