@@ -794,6 +794,7 @@ def paired_deltas(scores: dict, reference: str | None, metric: str = "auc") -> d
 
 
 BASELINE_MODEL = "logistic"
+BASELINE_NAMES = {"logistic": "Logistic regression", "gbdt": "Gradient-boosted trees"}
 
 
 def classic_baseline(ev: dict, run: dict, model: str = BASELINE_MODEL) -> dict | None:
@@ -831,9 +832,10 @@ def _render_baseline(base: dict | None, error: str | None, rows: list[dict], spl
     lo, hi = base["ci"]
     cmd = f"slimlm baseline movielens-ranking --model {base['model']}" + (f" --split {split}" if split else "")
     lines = ["### Against the classic baseline", "",
-             f"{base['model'].capitalize()} regression on hand-built user / item / history features, fitted on the "
-             f"train split and scored on the same {base['n']:,} rows (`{cmd}` gives it on the whole split): "
-             f"AUC {base['auc']:.4f} ({lo:.3f}–{hi:.3f}). ΔAUC = model − baseline on the same rows, paired bootstrap (1,000 resamples).", ""]
+             f"{BASELINE_NAMES.get(base['model'], base['model'])} on hand-built user / item / history features, "
+             f"fitted on the train split and scored on the same {base['n']:,} rows (`{cmd}` gives it on the whole "
+             f"split): AUC {base['auc']:.4f} ({lo:.3f}–{hi:.3f}). ΔAUC = model − baseline on the same rows, paired "
+             "bootstrap (1,000 resamples).", ""]
     table = []
     for r in rows:
         d = base["deltas"].get(r["model"])
