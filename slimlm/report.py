@@ -16,11 +16,11 @@ The numbers in the model table, per evaluated model m against the reference mode
               = q(r) / q(m)     for perplexity (lower is better), so 100 % means "as good as r"
     speed-up  = s(m) / s(r)     for s = prefill tokens/s, decode tokens/s, ranking candidates/s
 
-A ratio to a chance-level score means nothing, so the reference is the recipe's starting teacher unless
-that teacher is at chance (a 95 % interval reaching AUC 0.5 or exact match 0) or was not evaluated: then
-it is the first evaluated fine-tuned teacher (a ``distill`` stage with ``mode: sft`` trained from
-``teacher``) that is not at chance, if there is one. ``reference=NAME`` picks it explicitly. The report
-says which reference it used, why, and marks retention "n/a" where the reference is at chance.
+The reference is the first evaluated fine-tuned teacher (a ``distill`` stage with ``mode: sft`` trained
+from ``teacher``) that is not at chance (a 95 % interval reaching AUC 0.5 or exact match 0): the model the
+students learn from and the one a student replaces, as in the paper. Without one it is the recipe's
+starting teacher. ``reference=NAME`` picks it explicitly. A ratio to a chance-level score means nothing:
+the report says which reference it used, why, and marks retention "n/a" where the reference is at chance.
 
 Plots use matplotlib's object API on the Agg canvas (no pyplot, no global backend switch), imported only
 when a report is written.
@@ -347,18 +347,20 @@ def choose_reference(results: dict[str, dict], run: dict, reference: str | None)
                 return ref
         return None
 
+    ref = finetuned_teacher()
+    if ref is not None:  # the model the students learn from, and the one a student replaces
+        if "teacher" not in results:
+            return ref, f"`{ref}`, the fine-tuned teacher (the starting teacher was not evaluated)"
+        m = primary_metric(metrics("teacher"))
+        start = (f"the starting teacher is at chance ({m.label} {_metric_text(m, metrics('teacher'))})"
+                 if m is not None and at_chance(m, metrics("teacher")) else "the starting teacher is the zero-shot point")
+        return ref, f"`{ref}`, the fine-tuned teacher the students learn from ({start})"
     if "teacher" in results:
         m = primary_metric(metrics("teacher"))
         if m is None or not at_chance(m, metrics("teacher")):
             return "teacher", "the recipe's starting teacher"
         why = f"the starting teacher is at chance ({m.label} {_metric_text(m, metrics('teacher'))})"
-        ref = finetuned_teacher()
-        if ref is not None:
-            return ref, f"`{ref}`, the fine-tuned teacher: {why}, so retention against it would mean nothing"
         return "teacher", f"the recipe's starting teacher; {why}, so retention is n/a (name a reference with --reference)"
-    ref = finetuned_teacher()
-    if ref is not None:
-        return ref, f"`{ref}`, the fine-tuned teacher (the starting teacher was not evaluated)"
     return None, "no reference: the starting teacher was not evaluated (name one with --reference)"
 
 

@@ -155,8 +155,8 @@ def test_table_numbers_reference_and_pngs(tmp_path):
     md = path.read_text()
     rows = table(md, "## Evaluation `eval`")
     assert list(rows) == ["teacher", "teacher-sft", "pruned", "kd", "int8"]
-    # the teacher ranks at chance, so retention is measured against the fine-tuned teacher
-    assert "**teacher-sft**" in md and "the starting teacher is at chance" in md
+    # retention is measured against the fine-tuned teacher (the starting one ranks at chance here)
+    assert "**teacher-sft**" in md and "the fine-tuned teacher the students learn from (the starting teacher is at chance" in md
     assert rows["teacher"]["AUC (95% CI)"] == "0.4970 (0.470–0.523) (chance)"
     assert rows["teacher"]["retention"] == "chance"
     assert rows["kd"]["retention"] == f"{100 * 0.686 / 0.700:.1f}%" == "98.0%"
@@ -198,6 +198,24 @@ def test_a_named_reference_and_a_reference_at_chance(tmp_path):
     assert rows["kd"]["retention"] == f"{100 * 0.686 / 0.650:.1f}%"
     with pytest.raises(SlimlmError, match="reference 'nope' is not an evaluated model"):
         write_report(out, reference="nope")
+
+
+def test_the_fine_tuned_teacher_is_the_reference_even_when_the_starting_one_is_above_chance(tmp_path):
+    out = fake_run(tmp_path)
+    record = json.loads((out / "eval" / "stage.json").read_text())
+    record["metrics"]["teacher"]["metrics"].update(auc=0.60, auc_ci95=[0.57, 0.63])  # zero-shot, above chance
+    (out / "eval" / "stage.json").write_text(json.dumps(record))
+    md = write_report(out).read_text()
+    rows = table(md, "## Evaluation")
+    assert "**teacher-sft**" in md and "the starting teacher is the zero-shot point" in md
+    assert rows["kd"]["retention"] == f"{100 * 0.686 / 0.700:.1f}%"
+    assert rows["teacher"]["retention"] == f"{100 * 0.60 / 0.700:.1f}%"
+    # without a fine-tuned teacher in the stage, the starting teacher is the reference
+    del record["metrics"]["teacher-sft"], record["inputs"]["models"]["teacher-sft"]
+    (out / "eval" / "stage.json").write_text(json.dumps(record))
+    md = write_report(out).read_text()
+    assert "**teacher**" in md and "the recipe's starting teacher" in md
+    assert table(md, "## Evaluation")["kd"]["retention"] == f"{100 * 0.686 / 0.60:.1f}%"
 
 
 def test_without_the_starting_teacher_the_fine_tuned_teacher_is_the_reference(tmp_path):
