@@ -352,7 +352,7 @@ def choose_reference(results: dict[str, dict], run: dict, reference: str | None)
         if "teacher" not in results:
             return ref, f"`{ref}`, the fine-tuned teacher (the starting teacher was not evaluated)"
         m = primary_metric(metrics("teacher"))
-        start = (f"the starting teacher is at chance ({m.label} {_metric_text(m, metrics('teacher'))})"
+        start = (f"the starting teacher is at chance: {m.label} {_metric_text(m, metrics('teacher'))}"
                  if m is not None and at_chance(m, metrics("teacher")) else "the starting teacher is the zero-shot point")
         return ref, f"`{ref}`, the fine-tuned teacher the students learn from ({start})"
     if "teacher" in results:

@@ -156,7 +156,7 @@ def test_table_numbers_reference_and_pngs(tmp_path):
     rows = table(md, "## Evaluation `eval`")
     assert list(rows) == ["teacher", "teacher-sft", "pruned", "kd", "int8"]
     # retention is measured against the fine-tuned teacher (the starting one ranks at chance here)
-    assert "**teacher-sft**" in md and "the fine-tuned teacher the students learn from (the starting teacher is at chance" in md
+    assert "**teacher-sft**" in md and "the fine-tuned teacher the students learn from (the starting teacher is at chance: AUC 0.4970" in md
     assert rows["teacher"]["AUC (95% CI)"] == "0.4970 (0.470–0.523) (chance)"
     assert rows["teacher"]["retention"] == "chance"
     assert rows["kd"]["retention"] == f"{100 * 0.686 / 0.700:.1f}%" == "98.0%"
