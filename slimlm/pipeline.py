@@ -114,7 +114,7 @@ def _resolve(recipe: Recipe, ref: str, earlier: dict[str, Stage], stage: str, fi
         return "teacher" if recipe.teacher == "teacher" else _existing_dir(recipe.teacher, "teacher")
     if ref in earlier:
         if earlier[ref].kind not in MODEL_STAGES:
-            raise SlimlmError(f"stage {stage}: {field} {ref!r} is a {earlier[ref].kind} stage, which makes no model")
+            raise SlimlmError(f"stage {stage}: {field} {ref!r} is an {earlier[ref].kind} stage, which makes no model")
         return f"stage:{ref}"
     return _existing_dir(ref, f"stage {stage}: {field}")
 

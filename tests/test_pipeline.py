@@ -174,7 +174,7 @@ def test_fingerprints_survive_new_settings_and_accept_older_markers(recipe_world
     (lambda t: t["stages"][2]["config"].update(student="x"), "config.student is set by the pipeline"),
     (lambda t: t["stages"].append({"name": "kd", "kind": "init", "config": {"layers": 1}}), "used twice"),
     (lambda t: t["stages"].append({"name": "e2", "kind": "evaluate", "models": ["eval"]}),
-     "'eval' is a evaluate stage, which makes no model"),
+     "'eval' is an evaluate stage, which makes no model"),
     (lambda t: t.update(task={"name": "completion", "data": "c.jsonl"}),
      "evaluating task 'completion' in a pipeline is not supported yet"),
 ])
