@@ -123,7 +123,7 @@ def evaluate_model(model_name: str, task: str, *, data: Path | None = None, spli
 
         metrics, _, _ = run_task(model, tokenizer, td, batch_size=batch_size, labels=labels, block_size=block_size,
                                  progress=start)
-    metrics.pop("candidates_per_s", None)  # throughput belongs to `slimlm bench`, not to a quality figure
+    metrics.pop("candidates_per_s", None)  # scoring throughput with progress-bar overhead: not a speed figure
     result["metrics"] = metrics
     result["eval_seconds"] = round(time.perf_counter() - t1, 2)
     result["peak_rss_mib"] = round(peak_rss_mib(), 1)
