@@ -60,8 +60,10 @@ def _impute(x: np.ndarray, means: np.ndarray) -> np.ndarray:
 
 
 def baseline_predictions(model: str = "gbdt", split: str = "test", *, data_dir=None,
-                         cfg: SplitConfig = SplitConfig(), seed: int = 0) -> tuple[list[Row], np.ndarray, int]:
-    """Fit on the train split; return ``split``'s rows, P(like) for each, and the number of train rows."""
+                         cfg: SplitConfig = SplitConfig(), seed: int = 0,
+                         ml: MovieLens | None = None) -> tuple[list[Row], np.ndarray, int]:
+    """Fit on the train split; return ``split``'s rows, P(like) for each, and the number of train rows.
+    ``ml``: the data already loaded (else read from ``data_dir``)."""
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -70,7 +72,7 @@ def baseline_predictions(model: str = "gbdt", split: str = "test", *, data_dir=N
     if model not in MODELS:  # both checked before any data is read
         raise SlimlmError(f"unknown baseline model {model!r}; expected one of {', '.join(MODELS)}")
     check_split(split)
-    ml = load_movielens(data_dir)
+    ml = load_movielens(data_dir) if ml is None else ml
     rows = build_rows(ml, cfg)
     occupations = sorted({u.occupation for u in ml.users.values()})
     x_tr, y_tr = features(rows["train"], ml, occupations), np.array([r.label for r in rows["train"]])

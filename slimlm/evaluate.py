@@ -319,7 +319,7 @@ def load_task_data(name: str, data: str | Path | None = None, *, split: str = "t
 
         items = arithmetic_examples(split, limit, None if data is None else str(data))
     else:
-        raise SlimlmError(f"evaluating task {name!r} is not supported (expected one of {', '.join(EVAL_TASKS)})")
+        raise SlimlmError(f"unknown task {name!r}; expected one of {', '.join(EVAL_TASKS)}")
     return TaskData(name, split, limit, items)
 
 

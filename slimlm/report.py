@@ -662,12 +662,12 @@ def stage_commands(stage: dict, run: dict, repro: Path, config_file: Path | None
 
 
 def _eval_commands(stage: dict, run: dict) -> tuple[list[str], list[str]]:
-    from slimlm.cli import TASKS
+    from slimlm.evaluate import EVAL_TASKS
 
     cfg = stage.get("config") or {}
     task = (run.get("recipe") or {}).get("task") or {}
     seed = (run.get("recipe") or {}).get("seed", 0)
-    if task.get("name") not in TASKS:
+    if task.get("name") not in EVAL_TASKS:
         return [], [f"`slimlm eval` has no task {task.get('name')!r}; the evaluate stage is the reproduction"]
     models = stage["inputs"].get("models") or {}
     q = shlex.quote
@@ -787,12 +787,17 @@ def paired_deltas(scores: dict, reference: str | None, metric: str = "auc") -> d
     for name, sc in scores.items():
         if name == reference or not isinstance(sc, dict):
             continue
-        if metric == "auc" and ref.get("p") and sc.get("labels") == ref.get("labels") \
-                and len(sc.get("p") or []) == len(ref["p"]):
+        if metric == "auc" and ref.get("p") and _scored_on(sc, ref.get("labels")):
             out[name] = paired_auc_delta(ref["labels"], sc["p"], ref["p"])
         elif metric == "exact_match" and ref.get("correct") and len(sc.get("correct") or []) == len(ref["correct"]):
             out[name] = paired_mean_delta(sc["correct"], ref["correct"])
     return out
+
+
+def _scored_on(sc: Any, labels: list[int] | None) -> bool:
+    """Whether a model's ranking scores are on these rows (same labels, same order, a score for each)."""
+    return isinstance(sc, dict) and labels is not None and sc.get("labels") == labels \
+        and len(sc.get("p") or []) == len(labels)
 
 
 BASELINE_MODEL = "logistic"
@@ -810,16 +815,16 @@ def classic_baseline(ev: dict, run: dict, model: str = BASELINE_MODEL) -> dict |
         return None
     from slimlm.baseline import baseline_predictions
     from slimlm.evaluate import bootstrap_auc, paired_auc_delta, roc_auc
-    from slimlm.tasks.movielens import example_id, movielens_examples
+    from slimlm.tasks.movielens import example_id, load_movielens, subsample, to_examples
 
-    split, data = cfg.get("split", "test"), task.get("data")
-    rows, p, _ = baseline_predictions(model, split, data_dir=data)
+    split, ml = cfg.get("split", "test"), load_movielens(task.get("data"))
+    rows, p, _ = baseline_predictions(model, split, ml=ml)
     by_id = {example_id(r): float(x) for r, x in zip(rows, p, strict=True)}
-    examples = movielens_examples(split, data_dir=data, limit=cfg.get("limit"), seed=recipe.get("seed", 0))
+    # the evaluate stage's examples (slimlm.tasks.movielens.movielens_examples), from the rows just built
+    examples = subsample(to_examples(rows, ml.items), cfg.get("limit"), recipe.get("seed", 0))
     labels = [int(ex.label) for ex in examples]
     base = [by_id[ex.id] for ex in examples]
-    deltas = {name: paired_auc_delta(labels, sc["p"], base) for name, sc in scores.items()
-              if isinstance(sc, dict) and sc.get("labels") == labels and len(sc.get("p") or []) == len(labels)}
+    deltas = {name: paired_auc_delta(labels, sc["p"], base) for name, sc in scores.items() if _scored_on(sc, labels)}
     if not deltas:
         raise SlimlmError(f"no model's scores are on the {len(labels)} rows the recipe's split `{split}` gives now")
     return {"model": model, "n": len(labels), "auc": roc_auc(labels, base), "ci": bootstrap_auc(labels, base),
