@@ -19,7 +19,7 @@ from pathlib import Path
 LOAD_PROBE = """
 import json, resource, time
 t = time.perf_counter()
-from slimlm.models import load_model, load_tokenizer
+from slimlm.loading import load_model, load_tokenizer
 m = load_model("teacher"); tok = load_tokenizer("teacher")
 load = time.perf_counter() - t
 import torch

@@ -18,7 +18,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=18)
     args = ap.parse_args()
 
-    from slimlm.models import load_model
+    from slimlm.loading import load_model
 
     torch.set_num_threads(2)
     model = load_model(args.model)

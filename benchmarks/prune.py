@@ -81,7 +81,8 @@ def fidelity(p, ref) -> dict:
 
 def evaluate(model_dir: str, blocks, auc_examples, tokenizer, ref_scores=None) -> dict:
     from slimlm.evaluate import evaluate_ranking, perplexity
-    from slimlm.models import arch_facts, load_model, param_counts
+    from slimlm.loading import load_model
+    from slimlm.models import arch_facts, param_counts
 
     model = load_model(model_dir)
     row = {"params": param_counts(model), "arch": arch_facts(model.config).to_dict()}
@@ -116,7 +117,7 @@ def main() -> None:
     if args.quick:
         args.levels, args.samples, args.ppl_blocks, args.auc_limit = "mlp50", 8, 4, 40
 
-    from slimlm.models import load_tokenizer, resolve_model
+    from slimlm.loading import load_tokenizer, resolve_model
     from slimlm.tasks import load_ranking_task
     from slimlm.tasks.text import read_texts, text_blocks
 

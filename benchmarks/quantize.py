@@ -12,7 +12,7 @@ Variants: slimlm's fp8 (dynamic / static activations), int8 W8A8 (plain / Smooth
 head), int4 (RTN and GPTQ, groups of 128 and 32, GPTQ also with activation order); and as comparison points torch.ao
 ``quantize_dynamic`` (qint8) and torchao's ``Int8DynamicActivationInt8WeightConfig`` and
 ``Int8WeightOnlyConfig``. slimlm variants are quantized, exported (compressed-tensors, bf16 for the
-unquantized tensors) and reloaded with ``slimlm.models.load_model``, so what is measured is what a
+unquantized tensors) and reloaded with ``slimlm.loading.load_model``, so what is measured is what a
 user serves. The comparison points quantize the same layers (every Linear but ``lm_head``) in memory.
 
 Quality: perplexity on the first ``--ppl-blocks`` blocks of 512 tokens of the built-in held-out prose
@@ -45,7 +45,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from slimlm.models import load_model, load_tokenizer, param_counts, resolve_model  # noqa: E402
+from slimlm.loading import load_model, load_tokenizer, resolve_model
+from slimlm.models import param_counts  # noqa: E402
 from slimlm.quantize.api import QuantConfig, quantize_model  # noqa: E402
 from slimlm.quantize.calibrate import calibration_blocks  # noqa: E402
 from slimlm.quantize.export import export_quantized  # noqa: E402

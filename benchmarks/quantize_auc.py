@@ -33,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from slimlm.evaluate import evaluate_ranking, paired_auc_delta, roc_auc
-    from slimlm.models import load_model, load_tokenizer
+    from slimlm.loading import load_model, load_tokenizer
     from slimlm.quantize.api import QuantConfig, quantize_model
     from slimlm.quantize.calibrate import calibration_blocks
     from slimlm.tasks import load_ranking_task

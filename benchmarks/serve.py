@@ -276,7 +276,7 @@ def bench_server_generation(name: str, model, tok, args) -> dict:
 
 def load_variant(name: str):
     """(model, tokenizer, note) for a variant name; model None with a note when it cannot be had."""
-    from slimlm.models import load_model, load_tokenizer
+    from slimlm.loading import load_model, load_tokenizer
 
     tok = load_tokenizer("teacher")
     if name == "teacher":
@@ -333,7 +333,7 @@ def main() -> None:
     result["fp32_matmul_peak"] = peak
     log(f"peak {peak['gflops']:.1f} GFLOP/s")
 
-    from slimlm.models import load_tokenizer
+    from slimlm.loading import load_tokenizer
 
     tok = load_tokenizer("teacher")
     reqs = ranking_requests(tok, max(args.reps, args.users), args.candidates)

@@ -71,7 +71,8 @@ def build_student(out_dir: Path, args) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from slimlm.models import load_tokenizer, param_counts, resolve_model, save_model
+    from slimlm.loading import load_tokenizer, resolve_model
+    from slimlm.models import param_counts, save_model
 
     config = AutoConfig.from_pretrained(resolve_model("teacher"))
     config.hidden_size = args.student_hidden
@@ -96,7 +97,7 @@ def _setup(args):
     import torch
 
     from slimlm.distill.losses import check_vocab
-    from slimlm.models import load_model, load_tokenizer
+    from slimlm.loading import load_model, load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -86,7 +86,8 @@ def convert_gguf(gguf: Path, out_dir: Annotated[Path, typer.Option("--out", help
 @user_errors
 def info(model: Annotated[str, typer.Argument(help="Model directory, or 'teacher'.")]) -> None:
     """Architecture facts and parameter counts of a model directory."""
-    from slimlm.models import arch_facts, load_model, param_counts
+    from slimlm.loading import load_model
+    from slimlm.models import arch_facts, param_counts
 
     m = load_model(model)
     facts = {**arch_facts(m.config).to_dict(), **param_counts(m)}
@@ -98,7 +99,8 @@ def evaluate_model(model_name: str, task: str, *, data: Path | None = None, spli
                    labels: tuple[str, str] = (" Yes", " No"), block_size: int = 512) -> dict:
     """Load a model, run one task's evaluation with a progress bar, and return the results dict."""
     from slimlm.evaluate import load_task_data, run_task
-    from slimlm.models import load_model, load_tokenizer, param_counts, resolve_model
+    from slimlm.loading import load_model, load_tokenizer, resolve_model
+    from slimlm.models import param_counts
 
     if task == "ranking" and data is None:
         raise SlimlmError("--task ranking needs --data FILE (.jsonl or .parquet; schema in the README)")
@@ -269,7 +271,8 @@ def init_student(
     keep: Annotated[str | None, typer.Option(help="Comma-separated layer indices to keep, e.g. 0,5,10.")] = None,
 ) -> None:
     """A smaller student initialised from a model's own layers (a real, smaller checkpoint)."""
-    from slimlm.models import load_model, load_tokenizer, param_counts, save_model
+    from slimlm.loading import load_model, load_tokenizer
+    from slimlm.models import param_counts, save_model
     from slimlm.prune.slice import evenly_spaced, keep_layers
 
     if (layers is None) == (keep is None):
@@ -505,10 +508,12 @@ def run_recipe(
 ) -> None:
     """Run a recipe's stages (distill, init, prune, quantize, evaluate) in order; re-running resumes."""
     from slimlm.pipeline import load_recipe, recipe_path, run
+    from slimlm.report import write_report
 
     cfg = load_recipe(recipe_path(recipe), list(overrides or []))  # the whole recipe is checked first
     records = run(cfg, progress=lambda msg: console.print(msg, highlight=False),
                   command=["slimlm", "run", recipe, *(overrides or [])])
+    write_report(cfg.out)
     out.print_json(json.dumps({name: {"seconds": r["seconds"], "dir": str(Path(cfg.out) / name)}
                                for name, r in records.items()}))
     console.print(f"report: {Path(cfg.out) / 'report' / 'report.md'}")

@@ -359,7 +359,8 @@ def evaluate_dir(path: str | Path, task, *, split: str = "test", limit: int | No
     per-example scores (:func:`run_task`). ``task`` is a :class:`slimlm.config.TaskConfig`."""
     import time
 
-    from slimlm.models import load_model, load_tokenizer, param_counts, resolve_model
+    from slimlm.loading import load_model, load_tokenizer, resolve_model
+    from slimlm.models import param_counts
 
     td = load_task_data(task.name, task.data, split=split, limit=limit, seed=seed)  # data errors before the model
     path = resolve_model(path)

@@ -29,19 +29,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import platform
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from slimlm import SlimlmError
+from slimlm import SlimlmError, __version__
 from slimlm.config import DistillConfig, PruneConfig, Strict, TaskConfig, load_config
-from slimlm.io import atomic_write_json
-from slimlm.report import RESERVED
+from slimlm.io import atomic_write_json, read_json_or_none
 
-Progress = Callable[[str], None]  # called with a one-line status
+Say = Callable[[str], None]  # called with a one-line status
+
+REPORT_DIR = "report"  # OUT/report/: the run report (slimlm.report)
+RUN_FILE = "run.json"  # OUT/run.json: the resolved recipe and each invocation
+RESERVED = (REPORT_DIR, RUN_FILE)  # names under OUT/ that no stage may take
 
 
 class InitConfig(Strict):
@@ -208,11 +214,54 @@ def _fingerprint(step: dict[str, Any], input_prints: list[str], *, legacy: bool 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def run(recipe: Recipe, progress: Progress | None = None, command: list[str] | None = None) -> dict[str, Any]:
-    """Run (or resume) every stage; return {stage name: its stage.json}. ``OUT/run.json`` records the
-    invocation (``command``: the argv as typed) first; ``OUT/report/`` (slimlm.report) is written last."""
-    from slimlm.report import record_invocation, write_report
+def machine() -> dict[str, Any]:
+    """The facts of the machine a stage runs on (recorded with each invocation)."""
+    import torch
 
+    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+                            "platform": platform.platform(), "slimlm": __version__,
+                            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    if torch.cuda.is_available():
+        info["cuda"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def now() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def record_invocation(out: str | Path, recipe: Recipe, command: list[str] | None = None) -> None:
+    """Write the resolved recipe and this invocation (appended to earlier ones) into ``OUT/run.json``.
+
+    ``command``: the argv as typed (None: called from Python). Stage names the report needs are refused
+    earlier, by :func:`plan`."""
+    out = Path(out)
+    path = out / RUN_FILE
+    previous = read_json_or_none(path) or {}
+    invocation = {"command": command, "cwd": os.getcwd(), "date": now(), "machine": machine()}
+    invocations = [*(previous.get("invocations") or []), invocation]
+    atomic_write_json(path, {"recipe": recipe.model_dump(mode="json", by_alias=True), "invocations": invocations})
+
+
+def stage_seconds(record: dict) -> float | None:
+    """A finished stage's wall time: its own ``seconds`` (the run that finished it), or when that is
+    longer (the stage was interrupted and resumed) the time over all its runs: a distill stage's trainer
+    ``train_seconds``, an evaluate stage's per-model ``wall_seconds`` added up."""
+    from slimlm.comparison import num
+
+    own = num(record.get("seconds"))
+    metrics = record.get("metrics") or {}
+    total = num(metrics.get("train_seconds"))
+    if record.get("kind") == "evaluate":
+        walls = [num(r.get("wall_seconds")) for r in metrics.values() if isinstance(r, dict)]
+        total = sum(w for w in walls if w is not None) if any(w is not None for w in walls) else None
+    return max(own, total) if own is not None and total is not None else own
+
+
+def run(recipe: Recipe, progress: Say | None = None, command: list[str] | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage; return {stage name: its stage.json}. ``OUT/run.json`` records the
+    invocation (``command``: the argv as typed) first. Each ``stage.json`` holds ``seconds`` (this run) and
+    ``seconds_all_runs`` (:func:`stage_seconds`); the report (:mod:`slimlm.report`) is the caller's to write."""
     out = Path(recipe.out)
     steps = plan(recipe)
     record_invocation(out, recipe, command)  # also refuses stage names the report needs, before any work
@@ -237,6 +286,7 @@ def run(recipe: Recipe, progress: Progress | None = None, command: list[str] | N
             if prev.get("fingerprint") in (fp, _fingerprint(step, prints(refs), legacy=True)):
                 say(f"{name}: done earlier, skipped")
                 done[name] = prev
+                _record_total(out, done)
                 continue
             raise SlimlmError(f"{marker}: stage {name!r} finished with a different recipe entry or inputs; "
                               f"delete {stage_dir} to run it again")
@@ -258,13 +308,22 @@ def run(recipe: Recipe, progress: Progress | None = None, command: list[str] | N
             metrics = quantize_dir(model_dir(inputs["from"]), stage_dir / "model", cfg)
         else:
             metrics = _evaluate(recipe, {r: model_dir(p) for r, p in inputs["models"].items()}, cfg, stage_dir, say,
-                                fp)
+                                fp, steps)
         record = {"name": name, "kind": kind, "fingerprint": fp, "seconds": round(time.perf_counter() - t0, 1),
                   "inputs": {k: v for k, v in inputs.items()}, "metrics": metrics}
+        record["seconds_all_runs"] = stage_seconds(record)
         atomic_write_json(marker, record)
         done[name] = record
-    write_report(out)
+        _record_total(out, done)
     return done
+
+
+def _record_total(out: Path, done: dict[str, dict[str, Any]]) -> None:
+    """``run.json``'s ``total_stage_seconds``: the finished stages' wall times (over all their runs) added up."""
+    run_info = read_json_or_none(out / RUN_FILE) or {}
+    seconds = [r.get("seconds_all_runs", stage_seconds(r)) for r in done.values()]
+    run_info["total_stage_seconds"] = round(sum(x for x in seconds if x is not None), 1)
+    atomic_write_json(out / RUN_FILE, run_info)
 
 
 def _distill(cfg: DistillConfig, student: str, teacher: str, stage_dir: Path) -> dict[str, Any]:
@@ -279,25 +338,43 @@ def _distill(cfg: DistillConfig, student: str, teacher: str, stage_dir: Path) ->
 
 
 def _init(source: str, out_dir: Path, cfg: InitConfig) -> dict[str, Any]:
-    from slimlm.models import load_model, load_tokenizer, param_counts, save_model
+    from slimlm.loading import load_model, load_tokenizer
+    from slimlm.models import param_counts, save_model
     from slimlm.prune.slice import evenly_spaced, keep_layers
 
     model = load_model(source)
     keep = evenly_spaced(model.config.num_hidden_layers, cfg.layers)
     small = keep_layers(model, keep)
     save_model(small, load_tokenizer(source), out_dir, extra={"slimlm_init.json": {"source": source, "kept_layers": keep}})
-    return {"kept_layers": keep, "params": param_counts(small)}
+    return {"kept_layers": keep, "layers": len(keep), "params": param_counts(small)}
+
+
+def origins(steps: list[dict[str, Any]], teacher: str) -> dict[str, dict[str, Any]]:
+    """Where each stage's model came from (:func:`slimlm.comparison.stage_origins`), from the plan."""
+    from slimlm.comparison import stage_origins
+
+    return stage_origins([{**s, "config": s["config"].model_dump(mode="json")} for s in steps], teacher)
 
 
 def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage_dir: Path,
-              say: Progress, fingerprint: str) -> dict[str, Any]:
-    """Evaluate each model, writing results as they come; a re-run of an interrupted stage keeps the
-    models it already evaluated (same stage fingerprint, same model directory) and does the rest."""
+              say: Say, fingerprint: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Evaluate each model, writing results as they come, and after each the stage's comparisons
+    (:mod:`slimlm.comparison`: reference, retention, speed-ups, paired Δs, the classic baseline on the same
+    rows); a re-run of an interrupted stage keeps the models it already evaluated (same stage fingerprint,
+    same model directory) and does the rest."""
+    from slimlm.comparison import write_baseline, write_comparison
     from slimlm.evaluate import evaluate_dir
-    from slimlm.models import resolve_model
+    from slimlm.loading import resolve_model
 
     results, scores = _partial_evaluation(stage_dir, fingerprint)
     atomic_write_json(stage_dir / "partial.json", {"fingerprint": fingerprint})
+    task = recipe.task.model_dump(mode="json")
+    baseline = write_baseline(stage_dir, task, cfg.split, cfg.limit, recipe.seed)
+    where = origins(steps, recipe.teacher)
+
+    def compare() -> None:
+        write_comparison(stage_dir, results, scores, where, baseline=baseline, planned=list(models))
+
     for ref, path in models.items():
         if ref in results and results[ref].get("model") == str(resolve_model(path)):  # scores.json is written first
             say(f"evaluating {ref}: done earlier, kept")
@@ -312,6 +389,8 @@ def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage
             scores[ref] = results[ref].pop("scores")
             atomic_write_json(stage_dir / "scores.json", scores)
         atomic_write_json(stage_dir / "results.json", results)  # partial results survive an interruption
+        compare()
+    compare()
     return results
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimlm.models import FAMILIES, save_tiny_model, tiny_tokenizer
+from slimlm.models import FAMILIES
+from slimlm.testing import save_tiny_model, tiny_tokenizer
 
 
 def free_port() -> int:

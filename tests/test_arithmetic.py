@@ -21,7 +21,7 @@ from slimlm.evaluate import (
     paired_mean_delta,
     wilson_interval,
 )
-from slimlm.models import load_model, load_tokenizer, save_tiny_model
+from slimlm.loading import load_model, load_tokenizer
 from slimlm.pipeline import builtin_recipes, load_recipe, run
 from slimlm.report import write_report
 from slimlm.serve import engine
@@ -34,6 +34,7 @@ from slimlm.tasks.arithmetic import (
 )
 from slimlm.tasks.completion import IGNORE_INDEX, CompletionExample, render, tokenize_completion
 from slimlm.tasks.files import holdout_indices
+from slimlm.testing import save_tiny_model
 
 pytestmark = pytest.mark.one_thread  # tiny models: see tests/conftest.py
 

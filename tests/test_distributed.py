@@ -13,7 +13,7 @@ import torch
 from conftest import free_port, synth_movielens, write_movielens
 from safetensors.torch import load_file
 
-from slimlm.models import save_tiny_model
+from slimlm.testing import save_tiny_model
 
 STOPPER = Path(__file__).with_name("dist_stop.py")
 

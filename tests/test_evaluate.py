@@ -19,9 +19,9 @@ from slimlm.evaluate import (
     ranking_metrics,
     roc_auc,
 )
-from slimlm.models import tiny_model
 from slimlm.serve import engine
 from slimlm.tasks.ranking import RankingExample, label_token_ids, tokenize_ranking
+from slimlm.testing import tiny_model
 
 
 @pytest.mark.parametrize("labels, scores, want", [
@@ -151,7 +151,7 @@ def test_evaluate_ranking_uses_engine_scores(tiny_tok):
 @pytest.mark.parametrize("tokens", [list(range(5, 300)), [7] * 50])  # real-ish text, and one repeated token
 def test_speed_probe_measures_prefill_decode_and_ranking(tokens):
     from slimlm.evaluate import speed
-    from slimlm.models import tiny_model
+    from slimlm.testing import tiny_model
 
     got = speed(tiny_model("llama"), tokens, prefill_batch=2, prefill_len=16, decode_tokens=2, candidates=3, reps=1)
     assert set(got) == {"prefill_tokens_per_s", "decode_tokens_per_s", "candidates_per_s"}

@@ -9,16 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slimlm import SlimlmError
-from slimlm.models import (
-    FAMILIES,
-    arch_facts,
-    default_dtype,
-    load_model,
-    load_tokenizer,
-    param_counts,
-    tiny_config,
-    tiny_model,
-)
+from slimlm.loading import load_model, load_tokenizer
+from slimlm.models import FAMILIES, arch_facts, default_dtype, param_counts
+from slimlm.testing import tiny_config, tiny_model
 
 TEXT = "User: 24-year-old male technician. Candidate movie: Four Rooms (1995; Thriller). Answer: Yes"
 
@@ -168,7 +161,7 @@ def test_load_model_missing_or_unreadable_config(tmp_path, tiny_model_dirs, conf
 
 
 def test_load_tokenizer_errors_are_one_line_and_never_reach_the_hub(tmp_path):
-    from slimlm.models import load_tokenizer
+    from slimlm.loading import load_tokenizer
 
     with pytest.raises(SlimlmError, match=r"org/some-model: not a directory"):  # not taken for a Hub repo id
         load_tokenizer("org/some-model")

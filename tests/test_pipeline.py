@@ -9,8 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from slimlm import SlimlmError
-from slimlm.pipeline import builtin_recipes, load_recipe, plan, run
-from slimlm.report import stage_seconds
+from slimlm.pipeline import builtin_recipes, load_recipe, plan, run, stage_seconds
 
 
 def recipe(root, data, out, stages=None) -> dict:

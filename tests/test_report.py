@@ -15,9 +15,11 @@ from typer.testing import CliRunner
 from slimlm import SlimlmError
 from slimlm.baseline import baseline_predictions, run_baseline
 from slimlm.cli import app
+from slimlm.comparison import METRICS, at_chance, retention
 from slimlm.evaluate import paired_auc_delta, roc_auc
 from slimlm.pipeline import load_recipe
-from slimlm.report import METRICS, at_chance, model_rows, read_run, retention, write_report
+from slimlm.report import read_run, write_report
+from slimlm.report.read import comparisons
 from slimlm.tasks.movielens import example_id, movielens_examples
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -40,7 +42,7 @@ def test_auc_at_chance(metrics, expected):
 
 
 def test_stage_seconds_count_every_run_of_a_resumed_stage():
-    from slimlm.report import stage_seconds
+    from slimlm.pipeline import stage_seconds
 
     assert stage_seconds({"seconds": 30.0, "metrics": {"train_seconds": 500.0}}) == 500.0  # resumed
     assert stage_seconds({"seconds": 30.0, "metrics": {"train_seconds": 25.0}}) == 30.0  # loading included
@@ -122,12 +124,13 @@ def fake_run(root, *, run_json=True):
             (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve_rows(st["config"]["mode"])))
             (d / "metrics.json").write_text(json.dumps(metrics[st["name"]]))
         record = {"name": st["name"], "kind": st["kind"], "fingerprint": "f" * 16, "seconds": SECONDS[st["name"]],
-                  "inputs": inputs[st["name"]], "metrics": metrics[st["name"]]}
+                  "seconds_all_runs": SECONDS[st["name"]], "inputs": inputs[st["name"]], "metrics": metrics[st["name"]]}
         (d / "stage.json").write_text(json.dumps(record))
     if run_json:
         inv = {"command": ["slimlm", "run", "my recipe.yaml", "optim.lr=1e-4"], "cwd": str(root),
                "date": "2026-01-02T03:04:05+00:00", "machine": {"cpu_count": 2, "torch": "2.13.0+cpu"}}
-        (out / "run.json").write_text(json.dumps({"recipe": recipe, "invocations": [inv]}))
+        (out / "run.json").write_text(json.dumps({"recipe": recipe, "invocations": [inv],
+                                                  "total_stage_seconds": sum(SECONDS.values())}))
     return out
 
 
@@ -148,11 +151,80 @@ def images(md: str) -> list[str]:
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
 
 
+# --------------------------------------------------------------------------- every number from a stage's files
+
+# prose that states fixed settings of the probes and the bootstrap, not measurements
+FIXED_PROSE = ("1,000 resamples", "(95% CI)", "at 95%", "95% interval reaching")
+NUMBER = re.compile(r"(?<![\w/.\-])([+-]?\d[\d,]*(?:\.\d+)?)(%|×|[KMB](?!\w)| min\b| h\b| s\b| MiB\b)?(?![\w/])")
+SCALE = {"%": 0.01, "K": 1e3, "M": 1e6, "B": 1e9, " min": 60.0, " h": 3600.0}
+
+
+def _file_numbers(out) -> list[float]:
+    """Every number the run's own files hold (stage.json, metrics, comparison, baseline, run.json, configs),
+    per-example score lists left out (thousands of values in [0, 1] would match anything)."""
+    found: list[float] = []
+
+    def walk(x):
+        if isinstance(x, bool):
+            return
+        if isinstance(x, int | float):
+            found.append(float(x))
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                if k not in ("p", "labels", "correct"):
+                    walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    for f in out.rglob("*"):
+        if "report" in f.relative_to(out).parts or f.name == "scores.json" or "model" in f.relative_to(out).parts:
+            continue
+        if f.suffix == ".json":
+            walk(json.loads(f.read_text()))
+        elif f.suffix == ".jsonl":
+            for line in f.read_text().splitlines():
+                walk(json.loads(line))
+        elif f.suffix == ".yaml":
+            walk(yaml.safe_load(f.read_text()))
+    return found
+
+
+def report_numbers(md: str) -> list[tuple[str, float, float]]:
+    """(token, value, half-width of its rounding) for each number the report prints about the run: the
+    Reproduce section (commands, dates), code spans, image links, and the header lines are left out."""
+    body = md[:md.index("## Reproduce")]
+    out = []
+    for line in body.splitlines():
+        if line.startswith(("Written ", "Task: ", "Status: ", "![", "- Speed:", "- ΔAUC vs reference:")):
+            continue
+        line = re.sub(r"`[^`]*`", "", line)
+        for phrase in FIXED_PROSE:
+            line = line.replace(phrase, "")
+        for m in NUMBER.finditer(line):
+            digits, unit = m.group(1), (m.group(2) or "")
+            scale = SCALE.get(unit, 1.0)
+            decimals = len(digits.split(".")[1]) if "." in digits else 0
+            out.append((m.group(0), float(digits.replace(",", "")) * scale, 0.5 * 10 ** -decimals * scale))
+    return out
+
+
+def assert_every_number_is_in_the_stage_files(out, md):
+    pool = _file_numbers(out)
+    candidates = pool + [x / 2**20 for x in pool]  # MiB columns print bytes / 2^20
+    numbers = report_numbers(md)
+    assert len(numbers) > 20
+    for token, value, half in numbers:
+        assert any(abs(x - value) <= half * (1 + 1e-9) + 1e-12 for x in candidates), \
+            f"{token!r} in report.md is in no stage file"
+
+
 def test_table_numbers_reference_and_pngs(tmp_path):
     out = fake_run(tmp_path)
     path = write_report(out)
     assert path == out / "report" / "report.md"
     md = path.read_text()
+    assert_every_number_is_in_the_stage_files(out, md)
     rows = table(md, "## Evaluation `eval`")
     assert list(rows) == ["teacher", "teacher-sft", "pruned", "kd", "int8"]
     # retention is measured against the fine-tuned teacher (the starting one ranks at chance here)
@@ -168,8 +240,11 @@ def test_table_numbers_reference_and_pngs(tmp_path):
     assert rows["int8"]["stage"] == "quantize (int8)" and rows["kd"]["stage"] == "distill (kd)"
     # the same numbers as data
     run = read_run(out)
+    comparisons(run)
     ev = next(s for s in run["stages"] if s["kind"] == "evaluate")
-    by = {r["model"]: r for r in model_rows(ev["results"], ev["planned_models"], run, "teacher-sft")}
+    assert ev["comparison"] == json.loads((out / "eval" / "comparison.json").read_text())  # written by the stage's code
+    by = ev["comparison"]["models"]
+    assert ev["comparison"]["reference"] == "teacher-sft"
     assert by["kd"]["retention"] == pytest.approx(0.98) and by["int8"]["speedup"]["candidates"] == pytest.approx(800 / 198)
     # stage times, the invocation, per-stage commands
     stages = table(md, "## Stages")
@@ -330,6 +405,7 @@ def test_a_tiny_real_recipe_writes_a_report_whose_commands_reproduce_its_stages(
     assert res.exit_code == 0, res.output
     out = tmp_path / "run"
     md = (out / "report" / "report.md").read_text()
+    assert_every_number_is_in_the_stage_files(out, md)
     assert json.loads((out / "run.json").read_text())["invocations"][-1]["command"] == ["slimlm", "run", str(recipe), "seed=0"]
     assert shlex.join(["slimlm", "run", str(recipe), "seed=0"]) in md
     rows = table(md, "## Evaluation")
@@ -381,7 +457,9 @@ def test_a_tiny_real_recipe_writes_a_report_whose_commands_reproduce_its_stages(
         assert rows[name]["ΔAUC vs logistic, paired (95% CI)"] == f"{d[0]:+.4f} ({d[1]:+.3f}–{d[2]:+.3f})"
         assert rows[name]["at 95%"] == ("above" if d[1] > 0 else "below" if d[2] < 0 else
                                         "not distinguishable (the interval holds 0)")
-    # no baseline data any more: the report says why and is still written
+    # no baseline data any more (and a stage from before the stage kept its baseline): the report says why
+    for name in ("baseline.json", "comparison.json", "comparison-vs-int8.json"):
+        (out / "eval" / name).unlink()
     run_json = json.loads((out / "run.json").read_text())
     run_json["recipe"]["task"]["data"] = str(tmp_path / "gone")
     (out / "run.json").write_text(json.dumps(run_json))

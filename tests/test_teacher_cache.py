@@ -15,7 +15,7 @@ from slimlm.distill.data import Seq, collate
 from slimlm.distill.losses import LossConfig
 from slimlm.distill.teacher import TeacherCache, write_teacher_cache
 from slimlm.distill.trainer import train
-from slimlm.models import save_tiny_model, tiny_model
+from slimlm.testing import save_tiny_model, tiny_model
 
 
 def _seqs(n=7, seed=0):

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from slimlm import SlimlmError
-from slimlm.models import tiny_tokenizer
 from slimlm.tasks.completion import IGNORE_INDEX, CompletionExample, load_completion_file, tokenize_completion
 from slimlm.tasks.files import HOLDOUT, RowError, holdout_indices
 from slimlm.tasks.text import read_texts, split_blocks, text_blocks
+from slimlm.testing import tiny_tokenizer
 
 
 def write_jsonl(path, rows):

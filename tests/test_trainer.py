@@ -23,7 +23,7 @@ from slimlm.distill.trainer import (
     tokens_per_second,
     train,
 )
-from slimlm.models import save_tiny_model, tiny_model
+from slimlm.testing import save_tiny_model, tiny_model
 
 
 @pytest.fixture(scope="module")

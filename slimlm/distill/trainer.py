@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,8 +47,9 @@ from slimlm.distill.dist import (
 from slimlm.distill.losses import LossConfig, check_vocab, normalize
 from slimlm.distill.offload import OffloadAdamW
 from slimlm.distill.teacher import TeacherCache, write_teacher_cache
-from slimlm.io import atomic_write_json, atomic_write_text
-from slimlm.models import check_model_dir, load_model, load_tokenizer, save_model
+from slimlm.io import atomic_write_json, atomic_write_text, read_jsonl
+from slimlm.loading import check_model_dir, load_model, load_tokenizer
+from slimlm.models import save_model
 from slimlm.tasks import RANKING_TASKS, load_ranking_task
 from slimlm.tasks.completion import IGNORE_INDEX
 
@@ -447,6 +449,9 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
         save_model(student, tokenizer, out / "model", state_dict=state_dict)
         # wall time over every run of the stage, resumes included (up to the last checkpoint of each)
         final["train_seconds"] = round(seconds_before + time.perf_counter() - t_start, 1)
+        rates = [r["tokens_per_s"] for r in read_jsonl(out / "metrics.jsonl") if "tokens_per_s" in r]
+        if rates:  # over every logged step of every run of the stage
+            final["median_tokens_per_s"] = statistics.median(rates)
         atomic_write_json(out / "metrics.json", final)
     barrier(dist)
     return out

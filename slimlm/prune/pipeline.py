@@ -293,7 +293,8 @@ def prune_dir(source: str | Path, out_dir: str | Path, cfg: PruneConfig, *, devi
     from transformers import AutoConfig
 
     from slimlm.io import peak_rss_mib
-    from slimlm.models import load_model, load_tokenizer, resolve_model, save_model
+    from slimlm.loading import load_model, load_tokenizer, resolve_model
+    from slimlm.models import save_model
 
     t_start = time.perf_counter()
     path = resolve_model(str(source))

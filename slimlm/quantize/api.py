@@ -341,7 +341,8 @@ def quantize_dir(source: str | Path, out_dir: str | Path, cfg: QuantizeConfig, *
                  status: Callable[[str], None] | None = None) -> dict:
     """Quantize the model in ``source`` (a directory or ``teacher``) and export it to ``out_dir`` in the
     compressed-tensors format (written atomically, report in ``quantize_report.json``); returns the report."""
-    from slimlm.models import load_model, load_tokenizer, param_counts, resolve_model
+    from slimlm.loading import load_model, load_tokenizer, resolve_model
+    from slimlm.models import param_counts
     from slimlm.quantize.calibrate import calibration_blocks
     from slimlm.quantize.export import export_quantized, is_compressed_tensors_dir
 

@@ -373,7 +373,7 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, *, devi
 
     ``model`` / ``tokenizer`` may be passed already loaded (tests, benchmarks); ``model_dir`` then only
     names the model."""
-    from slimlm.models import load_model, load_tokenizer, resolve_model
+    from slimlm.loading import load_model, load_tokenizer, resolve_model
 
     config = config or ServeConfig()
     path = resolve_model(model_dir)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from slimlm import SlimlmError
-from slimlm.models import FAMILIES, tiny_model
+from slimlm.models import FAMILIES
 from slimlm.prune import baselines, calibrate, depth
+from slimlm.testing import tiny_model
 
 pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from slimlm.cli import app
-from slimlm.models import save_tiny_model
+from slimlm.testing import save_tiny_model
 
 runner = CliRunner()
 

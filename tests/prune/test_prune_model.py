@@ -12,10 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from slimlm import SlimlmError
 from slimlm.config import PruneConfig
-from slimlm.models import FAMILIES, arch_facts, param_counts, save_model, tiny_model
+from slimlm.models import FAMILIES, arch_facts, param_counts, save_model
 from slimlm.prune import osscar
 from slimlm.prune.pipeline import plan, prune_model
 from slimlm.prune.slice import keep_layers, slice_width
+from slimlm.testing import tiny_model
 
 pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 

@@ -9,8 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from slimlm import SlimlmError
-from slimlm.models import FAMILIES, param_counts, save_model, tiny_model
+from slimlm.models import FAMILIES, param_counts, save_model
 from slimlm.prune.slice import evenly_spaced, keep_layers
+from slimlm.testing import tiny_model
 
 
 def test_evenly_spaced():

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from slimlm import SlimlmError
-from slimlm.models import load_model, param_counts, tiny_model
+from slimlm.loading import load_model
+from slimlm.models import param_counts
 from slimlm.quantize.api import (
     QuantConfig,
     apply_smoothing,
@@ -16,6 +17,7 @@ from slimlm.quantize.api import (
 )
 from slimlm.quantize.calibrate import capture_layer_inputs, layer_output, record_inputs, run_decoder
 from slimlm.quantize.linear import Fp8Linear, Int4Linear, Int8Linear, QuantizedLinear
+from slimlm.testing import tiny_model
 
 CONFIGS = {
     "int8": QuantConfig(scheme="int8"),

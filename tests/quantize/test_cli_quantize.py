@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from slimlm.cli import app
-from slimlm.models import load_model
+from slimlm.loading import load_model
 from slimlm.quantize.linear import Int4Linear, Int8Linear
 
 runner = CliRunner()

@@ -9,7 +9,8 @@ import torch
 from safetensors import safe_open
 
 from slimlm import SlimlmError
-from slimlm.models import load_model, load_tokenizer, param_counts
+from slimlm.loading import load_model, load_tokenizer
+from slimlm.models import param_counts
 from slimlm.quantize.api import QuantConfig, quantize_model
 from slimlm.quantize.export import export_quantized, scheme_of
 from slimlm.quantize.linear import QuantizedLinear

@@ -15,8 +15,8 @@ from conftest import free_port
 from typer.testing import CliRunner
 
 from slimlm.cli import app
-from slimlm.models import save_tiny_model
 from slimlm.serve.bench import run_load
+from slimlm.testing import save_tiny_model
 
 runner = CliRunner()
 

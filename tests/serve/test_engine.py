@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from slimlm.models import FAMILIES, tiny_model
+from slimlm.models import FAMILIES
 from slimlm.serve.engine import score, score_full, score_shared_prefix
 from slimlm.tasks.ranking import TokenizedRanking
+from slimlm.testing import tiny_model
 
 VOCAB = 384
 LABELS = (305, 304)  # any two ids work; these are " Yes" / " No" in the tiny tokenizer

@@ -11,7 +11,7 @@ import torch
 from conftest import greedy_reference
 
 from slimlm import SlimlmError
-from slimlm.models import FAMILIES, tiny_model
+from slimlm.models import FAMILIES
 from slimlm.serve.engine import (
     DecodeBatch,
     Detokenizer,
@@ -25,6 +25,7 @@ from slimlm.serve.engine import (
     sample_next,
     stream,
 )
+from slimlm.testing import tiny_model
 
 VOCAB = 384
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import greedy_reference
 
-from slimlm.models import tiny_model
 from slimlm.quantize import api, export
 from slimlm.serve.engine import generate, label_probs_full, label_probs_shared_prefix
+from slimlm.testing import tiny_model
 
 pytestmark = pytest.mark.one_thread  # tiny tensors: see tests/conftest.py
 
@@ -45,7 +45,7 @@ def test_server_serves_an_exported_int8_directory(tmp_path, tiny_tok):
     engine's whole-prompt scores on the same loaded model, greedy text equals the engine's."""
     import httpx
 
-    from slimlm.models import load_model
+    from slimlm.loading import load_model
     from slimlm.serve.engine import SamplingParams, generate_text
     from slimlm.serve.server import create_app, serve_in_thread
 

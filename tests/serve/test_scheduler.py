@@ -12,9 +12,9 @@ import pytest
 from conftest import greedy_reference
 
 from slimlm import SlimlmError
-from slimlm.models import tiny_model
 from slimlm.serve.engine import SamplingParams, generate_text, label_probs_shared_prefix
 from slimlm.serve.scheduler import QueueFull, Scheduler
+from slimlm.testing import tiny_model
 
 TIMEOUT = 60
 

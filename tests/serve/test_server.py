@@ -13,9 +13,10 @@ import numpy as np
 import openai
 import pytest
 
-from slimlm.models import load_model, load_tokenizer, save_tiny_model
+from slimlm.loading import load_model, load_tokenizer
 from slimlm.serve.engine import SamplingParams, generate_text, label_probs_full, score_full
 from slimlm.serve.server import ServeConfig, create_app, is_loopback, serve_in_thread
+from slimlm.testing import save_tiny_model
 
 KEY = "sk-test-key"
 LIMITS = dict(max_prompt_tokens=64, max_tokens=32, max_candidates=50, max_body_bytes=16 * 1024, max_choices=6,

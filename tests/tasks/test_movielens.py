@@ -368,7 +368,7 @@ def test_synthetic_data_has_what_the_tests_need():
 @pytest.mark.slow
 def test_real_movielens_splits_and_tokenization():
     from slimlm.assets import movielens_dir, teacher_dir
-    from slimlm.models import load_tokenizer
+    from slimlm.loading import load_tokenizer
     from slimlm.tasks.ranking import tokenize_ranking
 
     ml = load_movielens(movielens_dir())
