@@ -204,9 +204,9 @@ class PruneConfig(Strict):
     local_search_iters: int = Field(100, ge=0)  # accepted swaps per layer at most
     max_swap: int = Field(2, ge=1)  # largest t of the t-for-t swaps tried
     swap_candidates: int = Field(256, ge=1)  # 1-for-1 swaps are scored among this many outs x ins
-    # the solver's updates are small and memory-bound: one thread avoids OpenMP spin contention (4-5x faster
-    # than two on our shared 2-core machine); 0 leaves torch's thread count alone
-    solver_threads: int = Field(1, ge=0)
+    # intra-op threads for the solver's CPU work; None: the placement's default (slimlm.placement.solver_threads,
+    # which says why), 0: torch's own count
+    solver_threads: int | None = Field(None, ge=0)
     calib: str = "text"  # text | movielens-ranking | a .txt/.jsonl/.parquet file
     samples: int = Field(128, ge=1)  # calibration sequences
     seq_len: int = Field(256, ge=2)

@@ -15,7 +15,7 @@ import torch
 
 from slimlm import SlimlmError
 from slimlm.assets import teacher_dir
-from slimlm.models import check_device, default_dtype
+from slimlm.placement import check_device, default_dtype
 from slimlm.quantize.export import is_compressed_tensors_dir, load_quantized
 
 

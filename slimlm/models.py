@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from slimlm import SlimlmError
 from slimlm.io import atomic_dir
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -96,23 +95,6 @@ def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
 @functools.cache
 def _cache_keyword(cls: type) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    """fp32 on CPU (the fastest float on our CPUs), bf16 on CUDA."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def check_device(device: str | torch.device) -> None:
-    """A device this machine has (``cpu``, ``cuda``, ``cuda:1``, ...), or a one-line SlimlmError."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise SlimlmError(f"device {str(device)!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SlimlmError(f"device {str(device)!r}: this machine has no CUDA GPU available to torch")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise SlimlmError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s)")
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, out_dir: str | Path,

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from slimlm import SlimlmError
 from slimlm.loading import load_model, load_tokenizer
-from slimlm.models import FAMILIES, arch_facts, default_dtype, param_counts
+from slimlm.models import FAMILIES, arch_facts, param_counts
+from slimlm.placement import default_dtype
 from slimlm.testing import tiny_config, tiny_model
 
 TEXT = "User: 24-year-old male technician. Candidate movie: Four Rooms (1995; Thriller). Answer: Yes"
@@ -172,7 +173,7 @@ def test_load_tokenizer_errors_are_one_line_and_never_reach_the_hub(tmp_path):
 
 
 def test_devices_are_checked_before_loading(tiny_model_dirs):
-    from slimlm.models import check_device
+    from slimlm.placement import check_device
 
     check_device("cpu")
     with pytest.raises(SlimlmError, match="not a torch device"):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from slimlm import SlimlmError
+from slimlm import SlimlmError, placement
 from slimlm.config import PruneConfig
 from slimlm.models import FAMILIES, ArchFacts, arch_facts, param_counts
 from slimlm.prune import baselines, calibrate, depth, osscar
@@ -119,7 +119,8 @@ def _threads(n: int):
 def _choose(cfg: PruneConfig, W: torch.Tensor, H: torch.Tensor | None, m: int, keep: int,
             part: torch.Tensor | None) -> tuple[list[int], torch.Tensor | None, dict]:
     """One linear layer: the kept groups, the new weights of the kept columns (None = unchanged), stats."""
-    with _threads(cfg.solver_threads):
+    threads = placement.solver_threads("cpu") if cfg.solver_threads is None else cfg.solver_threads
+    with _threads(threads):  # the solver runs on the CPU
         return _choose_inner(cfg, W.detach().cpu(), None if H is None else H.cpu(), m, keep, part)
 
 

@@ -252,7 +252,7 @@ def load_quantized(path: str | Path, *, device: str | torch.device = "cpu", dtyp
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from slimlm.models import default_dtype
+    from slimlm.placement import default_dtype
 
     path = Path(path)
     raw = json.loads((path / "config.json").read_text())["quantization_config"]
