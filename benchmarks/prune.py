@@ -10,7 +10,7 @@ runs/bench/quality/teacher-sft/model when it exists), level and method, `slimlm 
 (its report gives the pruning wall time and peak RSS); then, in this process, each pruned model gets:
 
 * perplexity on the first ``--ppl-blocks`` blocks of 512 tokens of the built-in held-out prose. Calibration on
-  prose uses that text's *last* samples x seq_len tokens (slimlm.prune.calibrate), checked disjoint here;
+  prose uses that text's *last* samples x seq_len tokens (slimlm.calib), checked disjoint here;
 * ranking AUC on a MovieLens test subset (``--auc-limit`` rows, whole users, seeded) for the fine-tuned teacher
   (calibrated on train-split prompts); the zero-shot teacher ranks at chance, so its AUC is skipped unless
   ``--auc-zero-shot``;

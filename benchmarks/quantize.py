@@ -45,10 +45,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from slimlm.calib import calibration_windows  # noqa: E402
 from slimlm.loading import load_model, load_tokenizer, resolve_model
 from slimlm.models import param_counts  # noqa: E402
 from slimlm.quantize.api import QuantConfig, quantize_model  # noqa: E402
-from slimlm.quantize.calibrate import calibration_blocks  # noqa: E402
 from slimlm.quantize.export import export_quantized  # noqa: E402
 from slimlm.quantize.linear import Int8Linear  # noqa: E402
 
@@ -156,7 +156,7 @@ def make_exports(mname: str, info: dict, args, results: dict, only: tuple[str, .
             continue
         cfg = QuantConfig(**fields)
         if cfg.needs_calibration and calib is None:
-            calib = calibration_blocks(tok, "text", args.calib_samples, args.calib_len)
+            calib = calibration_windows(tok, "text", args.calib_samples, args.calib_len)
         model = load_model(info["path"])
         t0 = time.perf_counter()
         report = quantize_model(model, cfg, calib if cfg.needs_calibration else None,

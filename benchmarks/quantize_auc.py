@@ -32,17 +32,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench/int8_auc.json"))
     args = ap.parse_args()
 
+    from slimlm.calib import calibration_windows
     from slimlm.evaluate import evaluate_ranking, paired_auc_delta, roc_auc
     from slimlm.loading import load_model, load_tokenizer
     from slimlm.quantize.api import QuantConfig, quantize_model
-    from slimlm.quantize.calibrate import calibration_blocks
     from slimlm.tasks import load_ranking_task
 
     torch.set_num_threads(2)
     tok = load_tokenizer(args.model)
     examples = load_ranking_task("movielens-ranking", None, "test", args.limit, 0)
     y = np.array([e.label for e in examples])
-    calib = calibration_blocks(tok, args.calib, args.calib_samples, 256)
+    calib = calibration_windows(tok, args.calib, args.calib_samples, 256)
     variants = {
         "fp32": None,
         "int8": QuantConfig(scheme="int8"),

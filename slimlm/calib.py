@@ -1,8 +1,13 @@
-"""Calibration data and layer-by-layer forward passes, shared by pruning and quantization.
+"""Calibration data and layer-by-layer forward passes: the one place both one-shot compressors get them.
 
-Both one-shot compressors need (a) token windows to calibrate on and (b) the inputs of decoder layer 0,
-so that the layers can then be run one at a time on stored inputs (each layer's statistics are
-collected on the outputs of the already compressed layers before it).
+Pruning (:mod:`slimlm.prune.calibrate`: Gram matrices, layer statistics) and quantization
+(:mod:`slimlm.quantize.calibrate`: Hessians, smoothing statistics) both need
+
+1. token windows to calibrate on: :func:`calibration_windows` -> [samples, seq_len] (long);
+2. those windows in batches on the model's device: :func:`batches` -> [≤batch_size, seq_len] each;
+3. the inputs of decoder layer 0 (:func:`layer0_inputs`), so that the layers can then be run one at a
+   time on stored inputs (:func:`run_layer`, :func:`propagate`): each layer's statistics are collected
+   on the outputs of the already compressed layers before it, and only one layer's activations exist.
 
 Sources of calibration text:
 
@@ -81,12 +86,16 @@ def calibration_windows(tokenizer, source: str, samples: int, seq_len: int, seed
     return torch.tensor([stream[s * seq_len:(s + 1) * seq_len] for s in starts], dtype=torch.long)
 
 
-def batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
+def batches(windows: torch.Tensor | Sequence[Sequence[int]], batch_size: int,
+            device: torch.device | str | None = None) -> list[torch.Tensor]:
+    """Token windows [N, T] (a tensor or N equal-length lists of ids) as consecutive batches
+    [≤batch_size, T] (long) on ``device`` (None: where they are; lists: the CPU), in order."""
+    ids = torch.as_tensor(windows, dtype=torch.long, device=device)
+    return [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
 
 
-class _Caught(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once it has what it needs (the caller suppresses it)."""
 
 
 @torch.no_grad()
@@ -106,12 +115,12 @@ def layer0_inputs(model: torch.nn.Module, input_batches: Sequence[torch.Tensor])
     def hook(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Caught
+        raise StopForward
 
     handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for ids in input_batches:
-            with contextlib.suppress(_Caught):
+            with contextlib.suppress(StopForward):
                 model.get_decoder()(input_ids=ids.to(device), use_cache=False)
     finally:
         handle.remove()
@@ -122,3 +131,9 @@ def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> tor
     """One decoder layer on stored inputs (transformers 5 layers return a tensor; older ones a tuple)."""
     out = layer(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def propagate(layer: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    """The next layer's inputs: this layer's outputs with the same keyword arguments."""
+    return [(run_layer(layer, hidden, kwargs), kwargs) for hidden, kwargs in inputs]

@@ -345,7 +345,7 @@ def prune(
 ) -> None:
     """Structured pruning (OSSCAR or a baseline): MLP neurons, attention heads, layers -> a smaller model."""
     from slimlm.config import PruneConfig, load_config
-    from slimlm.prune.pipeline import prune_dir
+    from slimlm.prune.api import prune_dir
 
     overrides = [f"method={method}", f"head_mode={head_mode}", f"depth_metric={depth_metric}",
                  f"calib={json.dumps(calib)}", f"samples={samples}", f"seq_len={seq_len}", f"multiple={multiple}",

@@ -299,7 +299,7 @@ def run(recipe: Recipe, progress: Say | None = None, command: list[str] | None =
         elif kind == "init":
             metrics = _init(model_dir(inputs["from"]), stage_dir / "model", cfg)
         elif kind == "prune":
-            from slimlm.prune.pipeline import prune_dir
+            from slimlm.prune.api import prune_dir
 
             metrics = prune_dir(model_dir(inputs["from"]), stage_dir / "model", cfg)
         elif kind == "quantize":

@@ -1,9 +1,8 @@
-"""Calibration for pruning: token windows, layer-by-layer forward passes, Gram matrices via hooks.
+"""Calibration statistics for pruning: Gram matrices via hooks, and per-layer depth statistics.
 
-The model is run one decoder layer at a time: the inputs of layer 0 (hidden states plus the keyword
-arguments the model passes its layers: rotary embeddings, mask, positions) are captured once by a
-pre-hook that stops the forward pass; after that, layer i runs on the outputs of the (already pruned)
-layer i − 1. While a layer runs, forward pre-hooks on its ``o_proj`` / ``down_proj`` accumulate
+The model is run one decoder layer at a time (:mod:`slimlm.calib`: layer 0's inputs are captured once,
+then layer i runs on the outputs of the already pruned layer i − 1). While a layer runs, forward
+pre-hooks on its ``o_proj`` / ``down_proj`` accumulate
 
     H = Σ_batches X_bᵀ X_b      X_b [tokens, in] the inputs of that linear layer,
 
@@ -15,20 +14,11 @@ activation statistic of the Minitron-style baseline.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
-# the data and the layer-0 capture are shared with quantization (slimlm/calib.py); re-exported here
-from slimlm.calib import (  # noqa: F401
-    BUILTIN_SOURCES,
-    _Caught,
-    batches,
-    calibration_windows,
-    check_source,
-    layer0_inputs,
-    run_layer,
-)
+from slimlm.calib import StopForward, run_layer
 
 
 class GramCollector:
@@ -88,12 +78,12 @@ def gram_until(layer: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, dict
     col = GramCollector({"x": module})
 
     def stop(_module, _args):
-        raise _Caught
+        raise StopForward
 
     handle = module.register_forward_pre_hook(stop)  # runs after the collector's hook (registration order)
     try:
         for hidden, kwargs in inputs:
-            with contextlib.suppress(_Caught):
+            with contextlib.suppress(StopForward):
                 run_layer(layer, hidden, kwargs)
     finally:
         handle.remove()
@@ -125,12 +115,6 @@ def gram_and_outputs(layer: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor
 def shift_outputs(outs: Sequence[torch.Tensor], acts: Sequence[torch.Tensor], delta: torch.Tensor) -> list[torch.Tensor]:
     """``y + a Δᵀ`` per batch (``Δ = Ŵ − W`` [hidden, in]): the outputs after a change of the last linear map."""
     return [y + a @ delta.to(a.dtype).T for y, a in zip(outs, acts, strict=True)]
-
-
-@torch.no_grad()
-def propagate(layer: torch.nn.Module, inputs: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
-    """The next layer's inputs: this layer's outputs with the same keyword arguments."""
-    return [(run_layer(layer, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
 
 
 # --------------------------------------------------------------------------- depth statistics
@@ -195,6 +179,3 @@ def layer_skip_losses(model: torch.nn.Module, input_batches: Sequence[torch.Tens
             progress(1)
     return base, skipped
 
-
-def iter_layers(model: torch.nn.Module) -> Iterator[tuple[int, torch.nn.Module]]:
-    yield from enumerate(model.get_decoder().layers)

@@ -111,7 +111,7 @@ def _spd_inverse(A: Tensor) -> Tensor:
         return torch.linalg.pinv(A, hermitian=True)
 
 
-class _State:
+class SupportState:
     """Support ``K`` with Q = G_KK⁻¹ (embedded), R = refit weights, and (for local search) Z = Q G, U = C − R G."""
 
     def __init__(self, G: Tensor, W: Tensor, m: int, kept: Tensor, *, with_aux: bool) -> None:
@@ -276,13 +276,13 @@ def _quota_left(kept: Tensor, part: Tensor | None, keep: int) -> Tensor | None:
 
 
 def greedy(G: Tensor, W: Tensor, m: int, keep: int, *, steps: int = 64, part: Tensor | None = None,
-           with_aux: bool = False) -> tuple[_State, float]:
+           with_aux: bool = False) -> tuple[SupportState, float]:
     """Backward elimination: ``ng − keep`` removals spread over about ``steps`` batched steps.
 
     Each step scores every kept group by its exact removal cost alone, removes the cheapest batch
     (respecting partition quotas) with one block downdate, and adds the batch's exact joint cost."""
     ng = _check(G, W, m, keep, part)
-    state = _State(G, W, m, torch.ones(ng, dtype=torch.bool), with_aux=with_aux)
+    state = SupportState(G, W, m, torch.ones(ng, dtype=torch.bool), with_aux=with_aux)
     to_remove = ng - keep
     batch = max(1, -(-to_remove // max(steps, 1)))
     f = 0.0
@@ -307,7 +307,7 @@ def greedy(G: Tensor, W: Tensor, m: int, keep: int, *, steps: int = 64, part: Te
     return state, f
 
 
-def _pair_deltas_m1(state: _State, Kc: Tensor, Pc: Tensor) -> Tensor:
+def _pair_deltas_m1(state: SupportState, Kc: Tensor, Pc: Tensor) -> Tensor:
     """Exact Δf of every 1-for-1 swap (remove g ∈ Kc, add p ∈ Pc) for single-column groups: [|Kc|, |Pc|].
 
     After removing g (q = Q_gg, r = R_·g, a = Z_gp): Σ'_p = Σ_p + a²/q and U'_p = U_p + (a/q) r, so
@@ -326,7 +326,7 @@ def _pair_deltas_m1(state: _State, Kc: Tensor, Pc: Tensor) -> Tensor:
     return 0.5 * rn2 / q - 0.5 * num / den
 
 
-def _pair_deltas_general(state: _State, Kg: Tensor, Pg: Tensor) -> Tensor:
+def _pair_deltas_general(state: SupportState, Kg: Tensor, Pg: Tensor) -> Tensor:
     """Exact Δf of every 1-for-1 group swap for groups of m columns (loop over removals, batched over adds)."""
     m, G, Z, R, U, Q = state.m, state.G, state.Z, state.R, state.U, state.Q
     Pcols = group_columns(Pg, m).reshape(len(Pg), m)
@@ -347,7 +347,7 @@ def _pair_deltas_general(state: _State, Kg: Tensor, Pg: Tensor) -> Tensor:
     return out
 
 
-def local_search(state: _State, f: float, *, part: Tensor | None = None, max_iters: int = 100,
+def local_search(state: SupportState, f: float, *, part: Tensor | None = None, max_iters: int = 100,
                  max_swap: int = 2, candidates: int = 256, refresh: int = 32, rtol: float = 1e-9,
                  force_general: bool = False) -> tuple[float, list[float], int]:
     """Swap kept and removed groups while the exact objective drops; returns (f, history, swaps).

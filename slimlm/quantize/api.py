@@ -20,7 +20,7 @@ Ignore entries follow compressed-tensors: an exact module name, a class name, or
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -29,12 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from slimlm import SlimlmError
-from slimlm.quantize.calibrate import (
-    capture_layer_inputs,
-    layer_output,
-    record_inputs,
-    run_decoder,
-)
+from slimlm.calib import batches, layer0_inputs, propagate, run_layer
+from slimlm.progress import Progress
+from slimlm.quantize.calibrate import InputStats, record_inputs, run_decoder
 from slimlm.quantize.gptq import gptq_int4
 from slimlm.quantize.linear import (
     SIBLINGS,
@@ -55,8 +52,6 @@ from slimlm.quantize.schemes import (
 
 SCHEMES = ("fp8", "int8", "int4")
 INT4_ONLY = ("group_size", "symmetric", "method", "damp", "act_order")
-
-Progress = Callable[[str, int, int], None]  # (stage description, completed, total)
 
 
 class QuantConfig(BaseModel):
@@ -213,19 +208,23 @@ def apply_smoothing(model: nn.Module, act_absmax: dict[int, torch.Tensor], targe
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, cfg: QuantConfig, calib_blocks: list[list[int]] | None = None, *,
+def quantize_model(model: nn.Module, cfg: QuantConfig,
+                   calib_blocks: torch.Tensor | Sequence[Sequence[int]] | None = None, *,
                    batch_size: int = 8, progress: Progress | None = None) -> dict:
-    """Quantize ``model`` in place (see the module docstring) and return a report dict."""
+    """Quantize ``model`` in place (see the module docstring) and return a report dict.
+
+    ``calib_blocks``: token ids [N, T] (:func:`slimlm.calib.calibration_windows`, or N equal-length lists)."""
     cfg.check()
     if is_quantized(model):
         raise SlimlmError("this model is already quantized; quantize the unquantized model instead")
-    if cfg.needs_calibration and not calib_blocks:
+    n_blocks = 0 if calib_blocks is None else len(calib_blocks)
+    if cfg.needs_calibration and not n_blocks:
         what = {"int4": "--method gptq", "int8": "--smooth", "fp8": "--static-activations"}[cfg.scheme]
         raise SlimlmError(f"{what} needs calibration data (--calib text|movielens-ranking|FILE)")
     t0 = time.perf_counter()
     targets = select_targets(model, cfg.ignore)
     report: dict = {"scheme": cfg.scheme, "config": cfg.model_dump(), "quantized_layers": len(targets),
-                    "ignored": cfg.ignore, "calibration_blocks": len(calib_blocks or []) if cfg.needs_calibration else 0,
+                    "ignored": cfg.ignore, "calibration_blocks": n_blocks if cfg.needs_calibration else 0,
                     "notes": []}
     head = model.get_output_embeddings()
     if head is not None and head in targets.values() and getattr(model.config, "tie_word_embeddings", False):
@@ -278,8 +277,6 @@ def _activation_stats(model, targets, blocks, batch_size, *, channel: bool, tick
         if head_name is None:
             run_decoder(model, blocks, batch_size, progress=step)
         else:
-            from slimlm.quantize.calibrate import InputStats
-
             head_stats = InputStats(want_channel_absmax=channel)
             run_decoder(model, blocks, batch_size, progress=step, on_output=head_stats.update)
     stats = dict(stats)
@@ -298,7 +295,7 @@ def _gptq_sequential(model, targets, groups, cfg: QuantConfig, blocks, batch_siz
     decoder = model.get_decoder()
     layers = decoder.layers
     layer_names = {id(m): n for n, m in model.named_modules()}
-    captured = capture_layer_inputs(model, blocks, batch_size)
+    captured = layer0_inputs(model, batches(blocks, batch_size))
     done: set[str] = set()
 
     def gptq_swap(name: str, hessian: torch.Tensor) -> None:
@@ -317,16 +314,14 @@ def _gptq_sequential(model, targets, groups, cfg: QuantConfig, blocks, batch_siz
         if mine:
             with record_inputs(mine, hessian=True) as stats:
                 for hidden, kwargs in captured:
-                    layer_output(layer, hidden, kwargs)
+                    run_layer(layer, hidden, kwargs)
             for name in mine:
                 gptq_swap(name, stats[name].hessian)
-        captured = [(layer_output(layer, hidden, kwargs), kwargs) for hidden, kwargs in captured]
+        captured = propagate(layer, captured)
         tick("gptq layers", i + 1, len(layers))
     head = model.get_output_embeddings()
     for name in [n for n in targets if n not in done]:
         if targets[name] is head and getattr(decoder, "norm", None) is not None:
-            from slimlm.quantize.calibrate import InputStats
-
             s = InputStats(want_hessian=True)
             for hidden, _ in captured:
                 s.update(decoder.norm(hidden))
@@ -341,9 +336,9 @@ def quantize_dir(source: str | Path, out_dir: str | Path, cfg: QuantizeConfig, *
                  status: Callable[[str], None] | None = None) -> dict:
     """Quantize the model in ``source`` (a directory or ``teacher``) and export it to ``out_dir`` in the
     compressed-tensors format (written atomically, report in ``quantize_report.json``); returns the report."""
+    from slimlm.calib import calibration_windows
     from slimlm.loading import load_model, load_tokenizer, resolve_model
     from slimlm.models import param_counts
-    from slimlm.quantize.calibrate import calibration_blocks
     from slimlm.quantize.export import export_quantized, is_compressed_tensors_dir
 
     path = resolve_model(str(source))
@@ -356,7 +351,7 @@ def quantize_dir(source: str | Path, out_dir: str | Path, cfg: QuantizeConfig, *
     if scheme.needs_calibration:
         if status:
             status(f"calibration data: {cfg.samples} x {cfg.seq_len} tokens of {cfg.calib}")
-        blocks = calibration_blocks(tokenizer, cfg.calib, cfg.samples, cfg.seq_len)
+        blocks = calibration_windows(tokenizer, cfg.calib, cfg.samples, cfg.seq_len)
     elif cfg.calib is not None and status:
         status("note: this scheme needs no calibration; calib is not used")
     model = load_model(path)

@@ -1,4 +1,4 @@
-"""Calibration: token blocks to calibrate on, and forward hooks that collect per-Linear input statistics.
+"""Calibration statistics for quantization: forward hooks that collect per-Linear input statistics.
 
 For a linear layer with inputs x_t ∈ R^in (one row per token) we collect, over n calibration tokens:
 
@@ -6,7 +6,8 @@ For a linear layer with inputs x_t ∈ R^in (one row per token) we collect, over
 - ``channel_absmax``: max_t |x_t,j|  [in]      (SmoothQuant's activation ranges)
 - ``absmax``: max_t,j |x_t,j|                   (a static per-tensor activation scale)
 
-The hooks only read the inputs; the model's outputs are unchanged.
+The hooks only read the inputs; the model's outputs are unchanged. The calibration blocks, their batches
+and the layer-by-layer passes of sequential GPTQ come from :mod:`slimlm.calib`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from slimlm.calib import calibration_windows, layer0_inputs, run_layer
-
-CALIB_SOURCES = ("text", "movielens-ranking")
+from slimlm.calib import batches
 
 
 @dataclass
@@ -71,26 +69,15 @@ def record_inputs(modules: dict[str, nn.Module], *, hessian: bool = False,
             h.remove()
 
 
-# --------------------------------------------------------------------------- data
-
-
-def calibration_blocks(tokenizer, source: str | Path, samples: int = 64, seq_len: int = 512,
-                       seed: int = 0) -> list[list[int]]:
-    """``samples`` token blocks of ``seq_len`` tokens from ``source`` (``text``, ``movielens-ranking`` or a
-    file; see :func:`slimlm.calib.calibration_windows`, shared with pruning)."""
-    return calibration_windows(tokenizer, str(source), samples, seq_len, seed).tolist()
-
-
-def batches(blocks: Sequence[Sequence[int]], batch_size: int, device) -> Iterator[torch.Tensor]:
-    for i in range(0, len(blocks), batch_size):
-        yield torch.tensor([list(b) for b in blocks[i:i + batch_size]], dtype=torch.long, device=device)
+# --------------------------------------------------------------------------- whole-decoder pass
 
 
 @torch.no_grad()
-def run_decoder(model, blocks: Sequence[Sequence[int]], batch_size: int = 8,
+def run_decoder(model, blocks: torch.Tensor | Sequence[Sequence[int]], batch_size: int = 8,
                 progress: Callable[[int], None] | None = None,
                 on_output: Callable[[torch.Tensor], None] | None = None) -> None:
-    """Forward the decoder stack over ``blocks`` (no LM head, no KV cache); hooks see every layer's inputs.
+    """Forward the decoder stack over ``blocks`` [N, T] in batches of ``batch_size`` (no LM head, no KV
+    cache); hooks see every layer's inputs. ``progress`` receives the number of blocks just finished.
 
     ``on_output`` receives the final (normed) hidden states, i.e. the LM head's inputs."""
     device = next(model.parameters()).device
@@ -102,12 +89,3 @@ def run_decoder(model, blocks: Sequence[Sequence[int]], batch_size: int = 8,
         if progress:
             progress(ids.shape[0])
 
-
-def capture_layer_inputs(model, blocks: Sequence[Sequence[int]], batch_size: int = 8) -> list[tuple[torch.Tensor, dict]]:
-    """The inputs of decoder layer 0 for each batch of ``blocks``: (hidden [B, T, H], keyword args), so the
-    layers can be run one at a time on stored inputs (sequential GPTQ). The rest of the model does not run."""
-    device = next(model.parameters()).device
-    return layer0_inputs(model, list(batches(blocks, batch_size, device)))
-
-
-layer_output = run_layer  # one decoder layer on stored inputs

@@ -87,7 +87,7 @@ def test_incremental_state_matches_closed_form(m):
     n_groups, out = 9, 5
     X, W = problem(n_groups, m, out, seed=7 + m)
     G, _ = osscar.damped(X.T @ X, 0.01)
-    st = osscar._State(G, W, m, torch.ones(n_groups, dtype=torch.bool), with_aux=True)
+    st = osscar.SupportState(G, W, m, torch.ones(n_groups, dtype=torch.bool), with_aux=True)
     f = 0.0
     ops = [("rm", [3]), ("rm", [0, 5]), ("rm", [7]), ("add", [5]), ("rm", [1, 2]), ("add", [0, 3]), ("rm", [8])]
     for op, groups in ops:
@@ -115,7 +115,7 @@ def test_swap_deltas_are_exact(m):
     X, W = problem(n_groups, m, out, seed=21 + m)
     G, _ = osscar.damped(X.T @ X, 0.01)
     kept_mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0], dtype=torch.bool)
-    st = osscar._State(G, W, m, kept_mask, with_aux=True)
+    st = osscar.SupportState(G, W, m, kept_mask, with_aux=True)
     K, P = torch.nonzero(kept_mask).reshape(-1), torch.nonzero(~kept_mask).reshape(-1)
     f0 = osscar.objective(G, W, K, m)
     general = osscar._pair_deltas_general(st, K, P)

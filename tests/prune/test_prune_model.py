@@ -14,7 +14,7 @@ from slimlm import SlimlmError
 from slimlm.config import PruneConfig
 from slimlm.models import FAMILIES, arch_facts, param_counts, save_model
 from slimlm.prune import osscar
-from slimlm.prune.pipeline import plan, prune_model
+from slimlm.prune.api import prune_model, prune_targets
 from slimlm.prune.slice import keep_layers, slice_width
 from slimlm.testing import tiny_model
 
@@ -269,7 +269,7 @@ def test_impossible_targets_fail_before_any_work():
     ]
     for kwargs, msg in bad:
         with pytest.raises(SlimlmError, match=msg):
-            plan(facts, PruneConfig(**kwargs))
+            prune_targets(facts, PruneConfig(**kwargs))
     with pytest.raises(ValueError, match="nothing to prune"):
         PruneConfig()
     with pytest.raises(ValueError, match="fraction"):

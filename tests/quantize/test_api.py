@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from slimlm import SlimlmError
+from slimlm.calib import batches, layer0_inputs, run_layer
 from slimlm.loading import load_model
 from slimlm.models import param_counts
 from slimlm.quantize.api import (
@@ -15,7 +16,7 @@ from slimlm.quantize.api import (
     quantize_model,
     select_targets,
 )
-from slimlm.quantize.calibrate import capture_layer_inputs, layer_output, record_inputs, run_decoder
+from slimlm.quantize.calibrate import record_inputs, run_decoder
 from slimlm.quantize.linear import Fp8Linear, Int4Linear, Int8Linear, QuantizedLinear
 from slimlm.testing import tiny_model
 
@@ -122,10 +123,10 @@ def test_layerwise_capture_replays_the_model():
     """Running the decoder layers one at a time on captured inputs reproduces the model's hidden states."""
     model = tiny_model("qwen3")
     calib = blocks(4, 32)
-    captured = capture_layer_inputs(model, calib, batch_size=2)
+    captured = layer0_inputs(model, batches(calib, 2))
     assert len(captured) == 2
     for layer in model.model.layers:
-        captured = [(layer_output(layer, h, kw), kw) for h, kw in captured]
+        captured = [(run_layer(layer, h, kw), kw) for h, kw in captured]
     with torch.no_grad():
         ref = model.model(input_ids=torch.tensor(calib[:2]), use_cache=False).last_hidden_state
     torch.testing.assert_close(model.model.norm(captured[0][0]), ref, rtol=1e-5, atol=1e-5)

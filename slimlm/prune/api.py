@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from slimlm import SlimlmError, placement
+from slimlm.calib import batches, calibration_windows, check_source, layer0_inputs, propagate
 from slimlm.config import PruneConfig
 from slimlm.models import FAMILIES, ArchFacts, arch_facts, param_counts
+from slimlm.progress import Progress
 from slimlm.prune import baselines, calibrate, depth, osscar
 from slimlm.prune.slice import keep_layers, mask_width, slice_width
-
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def check_supported(config) -> None:
                           "supported by the layer-by-layer calibration")
 
 
-def plan(facts: ArchFacts, cfg: PruneConfig) -> Targets:
+def prune_targets(facts: ArchFacts, cfg: PruneConfig) -> Targets:
     """Counts to keep, validated: every impossible target is a one-line error here, before any work."""
     L, inter, heads, kv, qpk = (facts.num_layers, facts.intermediate_size, facts.num_heads, facts.num_kv_heads,
                                 facts.queries_per_kv)
@@ -156,7 +156,7 @@ def prune_model(model: torch.nn.Module, calib: Sequence[torch.Tensor] | None, cf
     t_start = time.perf_counter()
     check_supported(model.config)
     facts = arch_facts(model.config)
-    t = plan(facts, cfg)
+    t = prune_targets(facts, cfg)
     if needs_calibration(cfg, facts, t) and not calib:
         raise SlimlmError(f"method {cfg.method!r} needs calibration data")
     tick = progress or (lambda *_: None)
@@ -214,7 +214,7 @@ def prune_model(model: torch.nn.Module, calib: Sequence[torch.Tensor] | None, cf
             m_attn, n_keep_attn, part = hd, t.heads, torch.arange(facts.num_heads) // qpk
         use_data = cfg.method != "magnitude"
         t0 = time.perf_counter()
-        inputs = calibrate.layer0_inputs(work, calib) if use_data else []
+        inputs = layer0_inputs(work, calib) if use_data else []
         seconds["calibration"] += time.perf_counter() - t0
         layers = work.get_decoder().layers
         for i, layer in enumerate(layers):
@@ -262,7 +262,7 @@ def prune_model(model: torch.nn.Module, calib: Sequence[torch.Tensor] | None, cf
                 del acts, outs
             elif use_data and not last:
                 t0 = time.perf_counter()
-                inputs = calibrate.propagate(layer, inputs)
+                inputs = propagate(layer, inputs)
                 seconds["calibration"] += time.perf_counter() - t0
             layers_report.append(entry)
             tick("prune layers", i + 1, len(layers))
@@ -283,7 +283,6 @@ def prune_model(model: torch.nn.Module, calib: Sequence[torch.Tensor] | None, cf
         if errs:
             report[f"{kind}_rel_error_mean"] = sum(errs) / len(errs)
     return small, report
-
 
 
 def prune_dir(source: str | Path, out_dir: str | Path, cfg: PruneConfig, *, device: str = "cpu",
@@ -309,19 +308,19 @@ def prune_dir(source: str | Path, out_dir: str | Path, cfg: PruneConfig, *, devi
         raise SlimlmError(f"{path} is quantized; prune the unquantized model (quantize last)")
     check_supported(hf_config)
     facts = arch_facts(hf_config)
-    targets = plan(facts, cfg)
+    targets = prune_targets(facts, cfg)
     use_calib = needs_calibration(cfg, facts, targets)
     if use_calib:
-        calibrate.check_source(cfg.calib)
+        check_source(cfg.calib)
     source_model = load_model(path, device=device)
     tokenizer = load_tokenizer(path)
-    batches = None
+    calib = None
     if use_calib:
         if status:
             status(f"calibration data: {cfg.samples} x {cfg.seq_len} tokens of {cfg.calib}")
-        windows = calibrate.calibration_windows(tokenizer, cfg.calib, cfg.samples, cfg.seq_len, cfg.seed)
-        batches = calibrate.batches(windows.to(device), cfg.batch_size)
-    small, report = prune_model(source_model, batches, cfg, progress=progress)
+        windows = calibration_windows(tokenizer, cfg.calib, cfg.samples, cfg.seq_len, cfg.seed)
+        calib = batches(windows, cfg.batch_size, device)
+    small, report = prune_model(source_model, calib, cfg, progress=progress)
     report.update(source=str(path), wall_seconds=round(time.perf_counter() - t_start, 2),
                   peak_rss_mib=round(peak_rss_mib(), 1))
     save_model(small, tokenizer, out_dir, extra={"prune_report.json": report})
