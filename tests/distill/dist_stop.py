@@ -1,6 +1,6 @@
 """Run one distillation stage and stop after N optimizer steps as if interrupted (for resume tests).
 
-    torchrun --nproc_per_node=2 tests/dist_stop.py N key=value ...
+    torchrun --nproc_per_node=2 tests/distill/dist_stop.py N key=value ...
 """
 
 import sys
