@@ -4,7 +4,7 @@ Endpoints (all JSON; errors in OpenAI's shape ``{"error": {"message", "type", "p
 
 - ``POST /v1/score``: ``prefix`` + ``candidates`` (text or token ids) + label strings or ids ->
   ``scores[i][j]`` = P(label j | prefix + candidate i), normalised over the label set. The prefix runs
-  once; its KV cache serves every candidate (:func:`slimlm.serve.engine.label_probs_shared_prefix`).
+  once; its KV cache serves every candidate (:func:`slimlm.runtime.scoring.label_probs_shared_prefix`).
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: OpenAI's request/response shapes, ``stream``
   as server-sent events ending with ``data: [DONE]``; generation runs in the continuous-batching
   :class:`~slimlm.serve.scheduler.Scheduler` (one worker thread owns the model; scoring runs there too,
@@ -44,12 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from slimlm import SlimlmError
-from slimlm.serve.engine import (
-    Generation,
-    SamplingParams,
-    iter_label_probs_full,
-    iter_label_probs_shared_prefix,
-)
+from slimlm.runtime.decoding import Generation, SamplingParams
+from slimlm.runtime.scoring import iter_label_probs_full, iter_label_probs_shared_prefix
 from slimlm.serve.scheduler import QueueFull, Scheduler
 
 log = logging.getLogger("slimlm.serve")

@@ -13,7 +13,8 @@ from conftest import greedy_reference
 
 from slimlm import SlimlmError
 from slimlm.models import tiny_model
-from slimlm.serve.engine import SamplingParams, generate_text, label_probs_shared_prefix
+from slimlm.runtime.decoding import SamplingParams, generate_text
+from slimlm.runtime.scoring import label_probs_shared_prefix
 from slimlm.serve.scheduler import QueueFull, Scheduler
 
 TIMEOUT = 60
