@@ -202,8 +202,8 @@ def bench_ranking(name: str, model, tok, reqs: list[dict], args, peak: dict, nai
 
 def bench_concurrent_users(name: str, model, tok, reqs: list[dict], args) -> dict:
     """--users requests at once through the HTTP server's /v1/score (loopback)."""
+    from slimlm.serve.app import ServeConfig, create_app, serve_in_thread
     from slimlm.serve.bench import run_load
-    from slimlm.serve.server import ServeConfig, create_app, serve_in_thread
 
     app = create_app(name, ServeConfig(score_batch_size=args.batch_size, max_candidates=4096), model=model,
                      tokenizer=tok)
@@ -259,8 +259,8 @@ def bench_generation(name: str, model, tok, prompts: list[list[int]], args, hf_m
 
 
 def bench_server_generation(name: str, model, tok, args) -> dict:
+    from slimlm.serve.app import ServeConfig, create_app, serve_in_thread
     from slimlm.serve.bench import run_load
-    from slimlm.serve.server import ServeConfig, create_app, serve_in_thread
 
     app = create_app(name, ServeConfig(max_batch=8), model=model, tokenizer=tok)
     with serve_in_thread(app) as url:

@@ -19,7 +19,7 @@ def test_server_serves_an_exported_int8_directory(tmp_path, tiny_tok):
 
     from slimlm.models import load_model
     from slimlm.runtime.decoding import SamplingParams, generate_text
-    from slimlm.serve.server import create_app, serve_in_thread
+    from slimlm.serve.app import create_app, serve_in_thread
 
     m = tiny_model("llama", seed=8, vocab_size=len(tiny_tok), initializer_range=0.2)
     api.quantize_model(m, api.QuantConfig(scheme="int8"))

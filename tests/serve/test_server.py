@@ -16,7 +16,7 @@ import pytest
 from slimlm.models import load_model, load_tokenizer, save_tiny_model
 from slimlm.runtime.decoding import SamplingParams, generate_text
 from slimlm.runtime.scoring import label_probs_full, score_full
-from slimlm.serve.server import ServeConfig, create_app, is_loopback, serve_in_thread
+from slimlm.serve.app import ServeConfig, create_app, is_loopback, serve_in_thread
 
 KEY = "sk-test-key"
 LIMITS = dict(max_prompt_tokens=64, max_tokens=32, max_candidates=50, max_body_bytes=16 * 1024, max_choices=6,
