@@ -21,7 +21,7 @@ on a seeded subset of the MovieLens test split (deltas are paired: same examples
 Size: bytes of the safetensors file(s); the bf16 reference is the model's unique tensors in bf16.
 Speed (torch.set_num_threads(2), one process, variants interleaved rep by rep, medians):
 prefill tokens/s of the decoder on a batch of 16 x 128 tokens (no KV cache), and decode tokens/s of
-``slimlm.serve.engine.generate`` (batch 1, KV cache, greedy): (n − 1) / (t(n new tokens) − t(1 new token)).
+``slimlm.runtime.decoding.generate`` (batch 1, KV cache, greedy): (n − 1) / (t(n new tokens) − t(1 new token)).
 ``int8-unshared`` (speed only) is the same int8 export with every layer quantizing its own input, so
 the gain of sibling sharing (slimlm.quantize.linear.share_input_quantization) is measured interleaved.
 The machine is shared: os.getloadavg() is recorded before and after; ``--speed-only`` re-runs only the
@@ -222,7 +222,7 @@ def _timed(fn) -> float:
 
 
 def speed(mname: str, info: dict, args, results: dict) -> None:
-    from slimlm.serve.engine import generate
+    from slimlm.runtime.decoding import generate
 
     torch.set_num_threads(2)
     models = {}

@@ -8,7 +8,7 @@ Ranking (the paper's predictive use; MovieLens-100K test split, real prompts): o
 prefix (profile + 8 recent ratings, ~250 tokens) + C candidate suffixes (~45 tokens each) taken from other
 rows of the split; the score is P(" Yes") over {" Yes", " No"} at the answer position.
 
-    slimlm  serve.engine.label_probs_shared_prefix: the prefix runs once, its KV cache is broadcast to
+    slimlm  runtime.scoring.label_probs_shared_prefix: the prefix runs once, its KV cache is broadcast to
             candidate batches of --batch-size, the LM head runs on the two label rows at the last position
     naive   transformers as commonly written: every candidate is a whole prompt (prefix + suffix),
             right-padded batches of 16, ``model(input_ids, attention_mask).logits`` (LM head at every
@@ -26,7 +26,7 @@ torch.mm on 2048^2 and 4096^2 with --threads threads).
 
 Generation: greedy, prompts from the same split (whole prompts, ~290 tokens), 64 new tokens, EOS
 disabled so both produce exactly 64; tokens/s = batch x 64 / wall (prefill included), batch 1 and 8,
-slimlm engine.generate vs model.generate (same model, use_cache, do_sample=False). Plus batch 8 through
+slimlm runtime.decoding.generate vs model.generate (same model, use_cache, do_sample=False). Plus batch 8 through
 the server's continuous batching (8 concurrent /v1/completions requests).
 
 The naive side always runs the fp32 model of the same architecture: for ``int8`` it is the fp32 teacher
@@ -158,7 +158,7 @@ def pct(xs: list[float]) -> dict:
 def bench_ranking(name: str, model, tok, reqs: list[dict], args, peak: dict, naive_model=None) -> dict:
     """Engine and naive requests alternate (engine, naive, engine, ...), so a change in the machine's
     load during the run affects both sides alike."""
-    from slimlm.serve.engine import label_probs_shared_prefix
+    from slimlm.runtime.scoring import label_probs_shared_prefix
     from slimlm.tasks.ranking import label_token_ids
 
     labels = label_token_ids(tok)
@@ -202,8 +202,8 @@ def bench_ranking(name: str, model, tok, reqs: list[dict], args, peak: dict, nai
 
 def bench_concurrent_users(name: str, model, tok, reqs: list[dict], args) -> dict:
     """--users requests at once through the HTTP server's /v1/score (loopback)."""
+    from slimlm.serve.app import ServeConfig, create_app, serve_in_thread
     from slimlm.serve.bench import run_load
-    from slimlm.serve.server import ServeConfig, create_app, serve_in_thread
 
     app = create_app(name, ServeConfig(score_batch_size=args.batch_size, max_candidates=4096), model=model,
                      tokenizer=tok)
@@ -222,7 +222,7 @@ def bench_concurrent_users(name: str, model, tok, reqs: list[dict], args) -> dic
 
 
 def bench_generation(name: str, model, tok, prompts: list[list[int]], args, hf_model=None) -> dict:
-    from slimlm.serve.engine import generate
+    from slimlm.runtime.decoding import generate
 
     pad = tok.pad_token_id
     out = {"model": name, "new_tokens": args.new_tokens, "rows": []}
@@ -259,8 +259,8 @@ def bench_generation(name: str, model, tok, prompts: list[list[int]], args, hf_m
 
 
 def bench_server_generation(name: str, model, tok, args) -> dict:
+    from slimlm.serve.app import ServeConfig, create_app, serve_in_thread
     from slimlm.serve.bench import run_load
-    from slimlm.serve.server import ServeConfig, create_app, serve_in_thread
 
     app = create_app(name, ServeConfig(max_batch=8), model=model, tokenizer=tok)
     with serve_in_thread(app) as url:

@@ -392,7 +392,7 @@ def serve(
     max_candidates: Annotated[int, typer.Option(min=1, help="Candidates per /v1/score request (413 beyond).")] = 1024,
 ) -> None:
     """Serve a model: /v1/score (ranking), OpenAI-compatible /v1/completions and /v1/chat/completions."""
-    from slimlm.serve.server import ServeConfig, is_loopback, run_server
+    from slimlm.serve.app import ServeConfig, is_loopback, run_server
 
     cfg = ServeConfig(api_key=api_key, model_name=model_name, max_batch=max_batch,
                       max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_candidates=max_candidates)
@@ -427,7 +427,7 @@ def bench_serve(
     args = dict(kind=kind, requests=requests, concurrency=concurrency, duration=duration, max_tokens=max_tokens,
                 candidates=candidates, stream=stream, api_key=api_key)
     if model_dir is not None:
-        from slimlm.serve.server import ServeConfig, create_app, serve_in_thread
+        from slimlm.serve.app import ServeConfig, create_app, serve_in_thread
 
         cfg = ServeConfig(api_key=api_key, max_candidates=max(candidates, 1024), max_tokens=max(max_tokens, 512))
         with console.status(f"loading {model_dir}..."):

@@ -1,7 +1,7 @@
 """Quality metrics: ranking AUC / log-loss / accuracy (with a bootstrap interval), perplexity, and exact
 match of generated answers.
 
-Ranking scores come from :func:`slimlm.serve.engine.score`, so evaluation and serving share one path.
+Ranking scores come from :func:`slimlm.runtime.scoring.score`, so evaluation and serving share one path.
 Perplexity never materialises [tokens x vocab] logits for a whole batch: the LM head and the
 cross-entropy run over slices of positions.
 """
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from slimlm import SlimlmError
-from slimlm.serve import engine
+from slimlm.runtime import decoding, scoring
 from slimlm.tasks.completion import CompletionExample, render
 from slimlm.tasks.ranking import DEFAULT_LABELS, RankingExample, label_token_ids, tokenize_ranking
 
@@ -124,8 +124,8 @@ def evaluate_ranking(model, tokenizer, examples: list[RankingExample], *, batch_
     """Score every example (P(pos) over the label pair) and compute ranking metrics."""
     label_ids = label_token_ids(tokenizer, labels)
     tokenized = tokenize_ranking(examples, tokenizer)
-    p = engine.score(model, tokenized, label_ids, batch_size=batch_size, pad_id=tokenizer.pad_token_id,
-                     progress=progress)
+    p = scoring.score(model, tokenized, label_ids, batch_size=batch_size, pad_id=tokenizer.pad_token_id,
+                      on_scored=progress)
     return ranking_metrics([ex.label for ex in examples], p), p
 
 
@@ -175,7 +175,7 @@ def evaluate_generation(model, tokenizer, examples: Sequence[CompletionExample],
                         batch_size: int = 16, rule: str = "exact", samples: int = 5,
                         progress=None, per_example: bool = False) -> dict:
     """Exact-match accuracy of greedy answers: each example's prompt (chat template, as in training) is
-    continued by up to ``max_new_tokens`` tokens (stopping at EOS) with the engine's batched KV-cache
+    continued by up to ``max_new_tokens`` tokens (stopping at EOS) with the runtime's batched KV-cache
     decode, and the decoded text is compared to the reference response by :func:`answer_matches`.
 
     Returns ``exact_match`` (fraction correct) with its Wilson 95 % interval ``exact_match_ci95``, ``n``,
@@ -190,12 +190,12 @@ def evaluate_generation(model, tokenizer, examples: Sequence[CompletionExample],
         answer_matches("", ex.response, rule)
     plain = not getattr(tokenizer, "chat_template", None)
     prompts = [tokenizer(render(ex, tokenizer)[0], add_special_tokens=plain).input_ids for ex in examples]
-    params = engine.SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
-    outputs: list[engine.Generation] = []
+    params = decoding.SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    outputs: list[decoding.Generation] = []
     chunk = 4 * batch_size  # continuous batching inside a chunk; progress between chunks
     for start in range(0, len(prompts), chunk):
         part = prompts[start:start + chunk]
-        outputs.extend(engine.generate_text(model, tokenizer, part, params, max_batch=batch_size))
+        outputs.extend(decoding.generate_text(model, tokenizer, part, params, max_batch=batch_size))
         if progress:
             progress(len(part))
     hits = [answer_matches(g.text, ex.response, rule) for g, ex in zip(outputs, examples, strict=True)]
@@ -228,7 +228,7 @@ def perplexity(model, blocks: Sequence[Sequence[int]], *, batch_size: int = 4, c
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start:start + batch_size]
-        ids, mask = engine.right_pad(batch, 0, device)
+        ids, mask = scoring.right_pad(batch, 0, device)
         n = ids.shape[1]
         hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
@@ -279,12 +279,12 @@ def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len:
 
     prefill_s = timed(lambda: base(input_ids=ids, use_cache=False))
     prompt = ids[0, :64].tolist()
-    decode_s = timed(lambda: engine.generate(model, [prompt], max_new_tokens=decode_tokens, temperature=0.0))
+    decode_s = timed(lambda: decoding.generate(model, [prompt], max_new_tokens=decode_tokens, temperature=0.0))
     # ranking: one user prefix of 192 tokens, ``candidates`` suffixes of 16 tokens, prefix computed once
     prefix, suffixes = flat[:192], [flat[192 + 16 * i:192 + 16 * (i + 1)] for i in range(candidates)]
     distinct = list(dict.fromkeys(int(t) for t in flat))[:2]
     label_ids = tuple(distinct) if len(distinct) == 2 else (0, 1)  # any two distinct tokens: only speed counts
-    rank_s = timed(lambda: engine.score_shared_prefix(model, prefix, suffixes, label_ids, batch_size=candidates))
+    rank_s = timed(lambda: scoring.score_shared_prefix(model, prefix, suffixes, label_ids, batch_size=candidates))
     return {"prefill_tokens_per_s": need / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s,
             "candidates_per_s": candidates / rank_s}
 

@@ -19,7 +19,7 @@ from slimlm.evaluate import (
     ranking_metrics,
     roc_auc,
 )
-from slimlm.serve import engine
+from slimlm.runtime import scoring
 from slimlm.tasks.ranking import RankingExample, label_token_ids, tokenize_ranking
 from slimlm.testing import tiny_model
 
@@ -142,8 +142,8 @@ def test_evaluate_ranking_uses_engine_scores(tiny_tok):
     examples = [RankingExample(f"e{i}", "g", prefix, f"Candidate movie: Toy Story {i}. Answer:", i % 2)
                 for i in range(6)]
     metrics, p = evaluate_ranking(model, tiny_tok, examples, batch_size=4)
-    ref = engine.score_full(model, [t.input_ids for t in tokenize_ranking(examples, tiny_tok)],
-                            label_token_ids(tiny_tok), pad_id=tiny_tok.pad_token_id)
+    ref = scoring.score_full(model, [t.input_ids for t in tokenize_ranking(examples, tiny_tok)],
+                             label_token_ids(tiny_tok), pad_id=tiny_tok.pad_token_id)
     np.testing.assert_allclose(p, ref, atol=1e-5)
     assert metrics["auc"] == pytest.approx(roc_auc([e.label for e in examples], p))
 

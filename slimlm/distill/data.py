@@ -88,7 +88,7 @@ def collate(seqs: list[Seq], pad_id: int, device: torch.device | str = "cpu") ->
     ``labels`` are aligned with ``input_ids`` (not shifted): the loss at position t predicts token t
     from positions < t, so callers pair hidden[:, :-1] with labels[:, 1:].
     """
-    from slimlm.serve.engine import right_pad
+    from slimlm.runtime.scoring import right_pad
 
     ids, mask = right_pad([s.input_ids for s in seqs], pad_id, device)
     labels, _ = right_pad([s.labels for s in seqs], IGNORE_INDEX, device)

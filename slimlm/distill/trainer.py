@@ -137,7 +137,7 @@ def step_mode(cfg: DistillConfig, step: int) -> str:
 
 def on_policy_batch(student, seqs: list[Seq], cfg: DistillConfig, tokenizer, generator: torch.Generator) -> list[Seq]:
     """Replace each sequence's response by the student's sample; only sampled tokens are targets."""
-    from slimlm.serve.engine import generate
+    from slimlm.runtime.decoding import generate
 
     prompts = [s.input_ids[: s.prompt_len] for s in seqs]
     was_training = student.training

@@ -44,7 +44,7 @@ def synthetic_score_payload(candidates: int, i: int = 0) -> dict:
 
 
 def check_loopback(url: str) -> None:
-    from slimlm.serve.server import is_loopback
+    from slimlm.serve.app import is_loopback
 
     host = urlparse(url).hostname or ""
     if not is_loopback(host):

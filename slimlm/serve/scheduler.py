@@ -1,6 +1,6 @@
 """Continuous batching: one worker thread owns the model and interleaves all work on it.
 
-Between two decode steps of the running :class:`~slimlm.serve.engine.DecodeBatch` the worker
+Between two decode steps of the running :class:`~slimlm.runtime.decoding.DecodeBatch` the worker
 
 1. runs one step of the current call (e.g. a scoring request) — so scoring and decoding share the
    model without two threads ever running it at once. A call that returns a generator is advanced one
@@ -29,7 +29,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from slimlm import SlimlmError
-from slimlm.serve.engine import DecodeBatch, Generation, OnDelta, SamplingParams, _eos_ids, _pad_id
+from slimlm.runtime.decoding import (
+    DecodeBatch,
+    Generation,
+    OnDelta,
+    SamplingParams,
+    eos_token_ids,
+    tokenizer_pad_id,
+)
 
 log = logging.getLogger("slimlm.serve")
 
@@ -75,7 +82,7 @@ class Scheduler:
             raise SlimlmError("max_batch, max_waiting and max_prefill_tokens must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_waiting, self.max_prefill_tokens = max_batch, max_waiting, max_prefill_tokens
-        self.batch = DecodeBatch(model, pad_id=_pad_id(tokenizer), eos_ids=_eos_ids(model, tokenizer),
+        self.batch = DecodeBatch(model, pad_id=tokenizer_pad_id(tokenizer), eos_ids=eos_token_ids(model, tokenizer),
                                  max_positions=max_positions)
         self._waiting: deque[Request] = deque()
         self._calls: deque[tuple[Callable[[], object], Future]] = deque()

@@ -1,4 +1,4 @@
-"""quantize_model on tiny random models: every scheme, smoothing, GPTQ, errors, and the engine on the result."""
+"""quantize_model on tiny random models: every scheme, smoothing, GPTQ, errors, and the runtime on the result."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_layerwise_capture_replays_the_model():
 
 
 def test_quantized_lm_head_unties_and_scores(tiny_tok):
-    from slimlm.serve import engine
+    from slimlm.runtime import decoding
 
     model = tiny_model("llama", vocab_size=len(tiny_tok))
     assert model.config.tie_word_embeddings
@@ -141,12 +141,12 @@ def test_quantized_lm_head_unties_and_scores(tiny_tok):
     assert isinstance(model.lm_head, Int8Linear) and not model.config.tie_word_embeddings
     assert type(model.model.embed_tokens) is torch.nn.Embedding and "tied" in report["notes"][0]
     prompts = [tiny_tok("Hello world").input_ids] * 2
-    new = engine.generate(model, prompts, max_new_tokens=4, temperature=0)
+    new = decoding.generate(model, prompts, max_new_tokens=4, temperature=0)
     assert len(new[0]) == 4 and new[0] == new[1]
 
 
 def test_engine_scores_and_generates_on_quantized_models(tiny_tok):
-    from slimlm.serve import engine
+    from slimlm.runtime import decoding, scoring
     from slimlm.tasks.ranking import TokenizedRanking
 
     for cfg in (CONFIGS["int8"], CONFIGS["fp8"], CONFIGS["int4-rtn"]):
@@ -156,12 +156,12 @@ def test_engine_scores_and_generates_on_quantized_models(tiny_tok):
         prefix = tuple(tiny_tok("User: 24-year-old male technician.\n").input_ids)
         exs = [TokenizedRanking(str(i), "g", prefix, tuple(tiny_tok(s).input_ids), 0)
                for i, s in enumerate(["Candidate movie: Toy Story", "Candidate movie: GoldenEye (1995)"])]
-        shared = engine.score(model, exs, (yes, no))
-        full = engine.score(model, exs, (yes, no), reuse_prefix=False)
+        shared = scoring.score(model, exs, (yes, no))
+        full = scoring.score(model, exs, (yes, no), reuse_prefix=False)
         assert ((shared > 0) & (shared < 1)).all()
         # prefix reuse changes the int8 per-token activation scales of nothing: same tokens, same rows
         assert abs(shared - full).max() < 1e-4
-        out = engine.generate(model, [prefix], max_new_tokens=3, temperature=0)
+        out = decoding.generate(model, [prefix], max_new_tokens=3, temperature=0)
         assert len(out[0]) == 3
 
 

@@ -48,7 +48,7 @@ def test_bench_serve_in_process(model_dir, tmp_path, kind, extra):
 
 
 def test_bench_serve_time_limit_and_refusals(model_dir, tmp_path):
-    from slimlm.serve.server import create_app, serve_in_thread
+    from slimlm.serve.app import create_app, serve_in_thread
 
     with serve_in_thread(create_app(model_dir)) as url:
         r = run_load(url, kind="completions", requests=100_000, concurrency=2, duration=0.5, max_tokens=2)

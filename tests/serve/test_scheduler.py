@@ -12,7 +12,8 @@ import pytest
 from conftest import greedy_reference
 
 from slimlm import SlimlmError
-from slimlm.serve.engine import SamplingParams, generate_text, label_probs_shared_prefix
+from slimlm.runtime.decoding import SamplingParams, generate_text
+from slimlm.runtime.scoring import label_probs_shared_prefix
 from slimlm.serve.scheduler import QueueFull, Scheduler
 from slimlm.testing import tiny_model
 

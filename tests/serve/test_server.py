@@ -1,4 +1,4 @@
-"""The HTTP server against the official ``openai`` client (the oracle for the API shapes) and the engine
+"""The HTTP server against the official ``openai`` client (the oracle for the API shapes) and the runtime
 (the oracle for the numbers): completions, chat, streaming, /v1/score, errors, metrics, a bounded load test."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import openai
 import pytest
 
 from slimlm.loading import load_model, load_tokenizer
-from slimlm.serve.engine import SamplingParams, generate_text, label_probs_full, score_full
-from slimlm.serve.server import ServeConfig, create_app, is_loopback, serve_in_thread
+from slimlm.runtime.decoding import SamplingParams, generate_text
+from slimlm.runtime.scoring import label_probs_full, score_full
+from slimlm.serve.app import ServeConfig, create_app, is_loopback, serve_in_thread
 from slimlm.testing import save_tiny_model
 
 KEY = "sk-test-key"

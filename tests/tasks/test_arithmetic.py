@@ -24,7 +24,7 @@ from slimlm.evaluate import (
 from slimlm.loading import load_model, load_tokenizer
 from slimlm.pipeline import builtin_recipes, load_recipe, run
 from slimlm.report import write_report
-from slimlm.serve import engine
+from slimlm.runtime import decoding
 from slimlm.tasks.arithmetic import (
     SPLITS,
     ArithmeticSpec,
@@ -180,14 +180,14 @@ def test_wilson_interval_matches_scipy(k, n):
 
 
 def test_evaluate_generation_equals_direct_greedy_decode(tiny_model_dirs):
-    """Oracle: references made from the model's own greedy output (one direct `engine.generate` call on
+    """Oracle: references made from the model's own greedy output (one direct `decoding.generate` call on
     the whole batch) must all match; references changed for every other example must all miss."""
     path = tiny_model_dirs["llama"]
     model, tok = load_model(path), load_tokenizer(path)
     exs = arithmetic_examples("test", 10)
     prompts = [tok(render(ex, tok)[0], add_special_tokens=False).input_ids for ex in exs]
-    direct = engine.generate(model, prompts, max_new_tokens=6, temperature=0.0, eos_id=tok.eos_token_id,
-                             pad_id=tok.pad_token_id)
+    direct = decoding.generate(model, prompts, max_new_tokens=6, temperature=0.0, eos_id=tok.eos_token_id,
+                               pad_id=tok.pad_token_id)
     texts = [tok.decode(t, skip_special_tokens=True) for t in direct]
     own = [CompletionExample((ex.messages[0], {"role": "assistant", "content": t})) for ex, t in zip(exs, texts, strict=True)]
     seen = []

@@ -1,4 +1,5 @@
-"""Scoring engine: prefix reuse and batched whole prompts against a naive full-logits reference."""
+"""Scoring: prefix reuse and batched whole prompts against a naive full-logits reference; label sets of
+any size against the full-vocabulary softmax."""
 
 from __future__ import annotations
 
@@ -8,8 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from slimlm import SlimlmError
 from slimlm.models import FAMILIES
-from slimlm.serve.engine import score, score_full, score_shared_prefix
+from slimlm.runtime.scoring import (
+    label_probs_full,
+    label_probs_shared_prefix,
+    score,
+    score_full,
+    score_shared_prefix,
+)
 from slimlm.tasks.ranking import TokenizedRanking
 from slimlm.testing import tiny_model
 
@@ -66,7 +74,7 @@ def reference(model):
 def test_score_with_prefix_reuse_matches_reference(model, reference, batch_size):
     examples, ref = reference
     done = []
-    got = score(model, examples, LABELS, batch_size=batch_size, progress=done.append)
+    got = score(model, examples, LABELS, batch_size=batch_size, on_scored=done.append)
     np.testing.assert_allclose(got, ref, atol=ATOL[torch.float32], rtol=0)
     assert sum(done) == len(examples)
 
@@ -93,3 +101,27 @@ def test_output_follows_input_order(model, reference):
     got = score(model, [examples[i] for i in perm], LABELS, batch_size=3)
     np.testing.assert_allclose(got, ref[perm], atol=ATOL[torch.float32], rtol=0)
     assert len(score(model, [], LABELS)) == 0
+
+
+def _prompts(seed, lengths):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, VOCAB) for _ in range(n)] for n in lengths]
+
+
+def test_label_probs_over_a_label_set_match_full_vocab_softmax(model):
+    labels = (5, 17, 300)
+    prefix, suffixes = _prompts(9, (10,))[0], _prompts(10, (4, 1, 7))
+    ref = []
+    with torch.no_grad():
+        for s in suffixes:
+            z = model(torch.tensor([prefix + s])).logits[0, -1].double()
+            ref.append(torch.softmax(z[list(labels)], 0).numpy())
+    ref = np.array(ref)
+    np.testing.assert_allclose(label_probs_shared_prefix(model, prefix, suffixes, labels, batch_size=2), ref,
+                               atol=1e-5)
+    np.testing.assert_allclose(label_probs_full(model, [prefix + s for s in suffixes], labels), ref, atol=1e-5)
+    np.testing.assert_allclose(label_probs_shared_prefix(model, prefix, suffixes, labels).sum(1), 1, atol=1e-9)
+    with pytest.raises(SlimlmError, match="distinct"):
+        label_probs_full(model, [prefix], (5, 5))
+    with pytest.raises(SlimlmError, match="vocabulary"):
+        label_probs_full(model, [prefix], (5, VOCAB))

@@ -4,7 +4,7 @@ Endpoints (all JSON; errors in OpenAI's shape ``{"error": {"message", "type", "p
 
 - ``POST /v1/score``: ``prefix`` + ``candidates`` (text or token ids) + label strings or ids ->
   ``scores[i][j]`` = P(label j | prefix + candidate i), normalised over the label set. The prefix runs
-  once; its KV cache serves every candidate (:func:`slimlm.serve.engine.label_probs_shared_prefix`).
+  once; its KV cache serves every candidate (:func:`slimlm.runtime.scoring.label_probs_shared_prefix`).
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: OpenAI's request/response shapes, ``stream``
   as server-sent events ending with ``data: [DONE]``; generation runs in the continuous-batching
   :class:`~slimlm.serve.scheduler.Scheduler` (one worker thread owns the model; scoring runs there too,
@@ -17,6 +17,9 @@ the body is read; a body-size limit (413); limits on prompt tokens (413), candid
 connections (uvicorn answers 503 beyond it). Status codes: 400 malformed JSON or an invalid value, 401
 wrong or missing key, 404 unknown model or route, 405 wrong method, 413 too large, 422 wrong types or
 unknown fields, 503 overloaded, 500 a failure inside the model (the server carries on).
+
+Request models and error bodies are in ``serve/schemas.py``; metrics and the guarding middleware in
+``serve/metrics.py``.
 """
 
 from __future__ import annotations
@@ -26,31 +29,37 @@ import contextlib
 import copy
 import json
 import logging
-import secrets
 import socket
 import threading
 import time
 import uuid
-from bisect import bisect_left
-from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from slimlm import SlimlmError
-from slimlm.serve.engine import (
-    Generation,
-    SamplingParams,
-    iter_label_probs_full,
-    iter_label_probs_shared_prefix,
-)
+from slimlm.runtime.decoding import Generation, SamplingParams
+from slimlm.runtime.scoring import iter_label_probs_full, iter_label_probs_shared_prefix
+from slimlm.serve.metrics import Guard, Metrics
 from slimlm.serve.scheduler import QueueFull, Scheduler
+from slimlm.serve.schemas import (
+    STATUS_TYPES,
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingRequest,
+    ScoreRequest,
+    TextPart,
+    error_body,
+    json_response,
+)
 
 log = logging.getLogger("slimlm.serve")
 
@@ -76,230 +85,10 @@ class ServeConfig(BaseModel):
     score_batch_size: int = Field(16, ge=1)  # candidates per forward when scoring
 
 
-# --------------------------------------------------------------------------- errors
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-
-
-def error_body(message: str, type_: str = "invalid_request_error", code: str | None = None,
-               param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-_STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                 405: "invalid_request_error", 413: "request_too_large", 422: "invalid_request_error",
-                 503: "server_overloaded"}
-
-
-def _json_response(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-class Metrics:
-    """Counters and histograms in memory, rendered in the Prometheus text format (version 0.0.4)."""
-
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str], int] = defaultdict(int)
-        self.latency: dict[str, list[int]] = defaultdict(lambda: [0] * (len(self.BUCKETS) + 1))
-        self.latency_sum: dict[str, float] = defaultdict(float)
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "scored_candidates": 0}
-
-    def observe(self, endpoint: str, status: int, seconds: float) -> None:
-        with self._lock:
-            self.requests[(endpoint, str(status))] += 1
-            self.latency[endpoint][bisect_left(self.BUCKETS, seconds)] += 1
-            self.latency_sum[endpoint] += seconds
-
-    def add(self, name: str, n: int) -> None:
-        with self._lock:
-            self.counters[name] += n
-
-    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
-        lines = []
-
-        def head(name, kind, help_):
-            lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-
-        with self._lock:
-            head("slimlm_requests_total", "counter", "HTTP requests by endpoint and status code.")
-            for (ep, st), n in sorted(self.requests.items()):
-                lines.append(f'slimlm_requests_total{{endpoint="{ep}",status="{st}"}} {n}')
-            head("slimlm_request_duration_seconds", "histogram", "Time from request to the end of the response.")
-            for ep, counts in sorted(self.latency.items()):
-                cum = 0
-                for le, c in zip([*map(str, self.BUCKETS), "+Inf"], counts, strict=True):
-                    cum += c
-                    lines.append(f'slimlm_request_duration_seconds_bucket{{endpoint="{ep}",le="{le}"}} {cum}')
-                lines.append(f'slimlm_request_duration_seconds_sum{{endpoint="{ep}"}} {self.latency_sum[ep]:.6f}')
-                lines.append(f'slimlm_request_duration_seconds_count{{endpoint="{ep}"}} {cum}')
-            for name, help_ in (("prompt_tokens", "Prompt tokens of accepted generation and score requests."),
-                                ("generation_tokens", "Tokens generated."),
-                                ("scored_candidates", "Candidates scored by /v1/score.")):
-                head(f"slimlm_{name}_total", "counter", help_)
-                lines.append(f"slimlm_{name}_total {self.counters[name]}")
-        for name, (help_, value) in gauges.items():
-            head(name, "gauge", help_)
-            lines.append(f"{name} {value}")
-        return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- ASGI guards
-
-
-class Guard:
-    """ASGI middleware: API key and body-size limit on /v1/ routes, and request metrics on every route.
-
-    The key is checked before any of the body is read, so an unauthenticated client cannot make the
-    server buffer a large body; a body over the limit is refused by its Content-Length, or (chunked) as
-    soon as the bytes received pass the limit.
-    """
-
-    def __init__(self, app, *, api_key: str | None, max_body_bytes: int, metrics: Metrics, routes: set[str]):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-        self.metrics, self.routes = metrics, routes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        status = [500]
-
-        async def send_tracked(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        path = scope["path"]
-        try:
-            refused = self._refuse(scope)
-            if refused is not None:
-                await refused(scope, receive, send_tracked)
-                return
-            await self.app(scope, self._limited(receive), send_tracked)
-        finally:
-            self.metrics.observe(path if path in self.routes else "other", status[0], time.perf_counter() - start)
-
-    def _refuse(self, scope):
-        if not scope["path"].startswith("/v1/"):
-            return None
-        headers = dict(scope["headers"])
-        if self.api_key is not None:
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
-                return _json_response(401, error_body("missing or wrong API key (send 'Authorization: Bearer KEY')",
-                                                      "authentication_error", "invalid_api_key"),
-                                      {"WWW-Authenticate": "Bearer"})
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return _json_response(413, error_body(f"request body over the limit of {self.max_body_bytes} bytes",
-                                                  "request_too_large", "body_too_large"))
-        return None
-
-    def _limited(self, receive):
-        received = 0
-
-        async def limited():
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:  # FastAPI passes HTTPException through body parsing
-                    raise HTTPException(413, f"request body over the limit of {self.max_body_bytes} bytes")
-            return message
-
-        return limited
-
-
-# --------------------------------------------------------------------------- request models
-
-
-class _Req(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class StreamOptions(_Req):
-    include_usage: bool = False
-
-
-StopField = str | list[str] | None
-
-
-class _Sampling(_Req):
-    """Fields shared by completions and chat completions (OpenAI's names and defaults)."""
-
-    model: str
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int = Field(1, ge=1)
-    stop: StopField = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    # accepted with their neutral values only (anything else is a clear 400, not silently ignored)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    ignore_eos: bool = False  # not OpenAI's; as in vLLM, for benchmarks that need a fixed length
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-class TextPart(_Req):
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. "name", "refusal": not used by chat templates here
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart | dict[str, Any]] | None = None
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
-
-
-class ScoreRequest(_Req):
-    model: str | None = None
-    prefix: str | list[int]
-    candidates: list[str] | list[list[int]] = Field(min_length=1)
-    labels: list[str] | None = None  # label strings, each one token; default [" Yes", " No"]
-    label_token_ids: list[int] | None = None  # or the label token ids directly
-
-
 # --------------------------------------------------------------------------- the app
 
 
-class _State:
+class ServerState:
     """What the route handlers share: model, tokenizer, scheduler, limits, metrics."""
 
     def __init__(self, model, tokenizer, detok_tokenizer, config: ServeConfig, model_name: str, root: str):
@@ -335,7 +124,7 @@ class _State:
             raise APIError(413, f"{what} has {n_tokens} tokens; the limit is {self.max_prompt}",
                            "request_too_large", "prompt_too_long")
 
-    def sampling(self, req: _Sampling, max_tokens: int, prompt_len: int, choice: int) -> SamplingParams:
+    def sampling(self, req: SamplingRequest, max_tokens: int, prompt_len: int, choice: int) -> SamplingParams:
         if max_tokens > self.config.max_tokens:
             raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {self.config.max_tokens}",
                            param="max_tokens")
@@ -353,7 +142,7 @@ class _State:
         except SlimlmError as e:
             raise APIError(400, str(e)) from None
 
-    def unsupported(self, req: _Sampling, **neutral: Any) -> None:
+    def unsupported(self, req: SamplingRequest, **neutral: Any) -> None:
         fields = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
                   **neutral}
         for name, ok in fields.items():
@@ -385,7 +174,7 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, *, devi
     # (decoding) never share one Rust tokenizer across threads.
     detok = copy.deepcopy(tokenizer)
     name = config.model_name or (path.name if str(model_dir) != "teacher" else "teacher")
-    state = _State(model, tokenizer, detok, config, name, str(path))
+    state = ServerState(model, tokenizer, detok, config, name, str(path))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -402,28 +191,28 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, *, devi
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return _json_response(e.status, error_body(e.message, e.type, e.code, e.param))
+        return json_response(e.status, error_body(e.message, e.type, e.code, e.param))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):
         errors = e.errors()
         if any(err.get("type") == "json_invalid" for err in errors):
             msg = errors[0].get("ctx", {}).get("error") or errors[0].get("msg")
-            return _json_response(400, error_body(f"malformed JSON body: {msg}", code="invalid_json"))
+            return json_response(400, error_body(f"malformed JSON body: {msg}", code="invalid_json"))
         parts = [f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body')}: {err.get('msg')}" for err in errors[:5]]
         param = ".".join(str(x) for x in errors[0].get("loc", ()) if x != "body") if errors else None
-        return _json_response(422, error_body("invalid request: " + "; ".join(parts), param=param or None))
+        return json_response(422, error_body("invalid request: " + "; ".join(parts), param=param or None))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException):
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status_code)
-        return _json_response(e.status_code, error_body(str(e.detail), _STATUS_TYPES.get(e.status_code, "error"), code),
+        return json_response(e.status_code, error_body(str(e.detail), STATUS_TYPES.get(e.status_code, "error"), code),
                               getattr(e, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):
         log.exception("internal error")
-        return _json_response(500, error_body(f"internal error: {type(e).__name__}", "server_error"))
+        return json_response(500, error_body(f"internal error: {type(e).__name__}", "server_error"))
 
     # ------------------------------------------------------------------ plain routes
 
@@ -523,7 +312,7 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, *, devi
     return app
 
 
-def _label_ids(state: _State, req: ScoreRequest) -> tuple[list[str], list[int]]:
+def _label_ids(state: ServerState, req: ScoreRequest) -> tuple[list[str], list[int]]:
     if req.labels is not None and req.label_token_ids is not None:
         raise APIError(400, "give either labels or label_token_ids, not both", param="labels")
     if req.label_token_ids is not None:
@@ -566,7 +355,7 @@ def _render_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def _jobs(state: _State, req: _Sampling, prompts: list[list[int]], max_tokens) -> list[tuple[int, list[int], SamplingParams]]:
+def _jobs(state: ServerState, req: SamplingRequest, prompts: list[list[int]], max_tokens) -> list[tuple[int, list[int], SamplingParams]]:
     """(prompt index, prompt ids, params) per choice, in OpenAI's order (prompt-major, then n)."""
     if len(prompts) * req.n > state.config.max_choices:
         raise APIError(400, f"{len(prompts)} prompts x n={req.n} choices; the limit is {state.config.max_choices}",
@@ -579,7 +368,7 @@ def _jobs(state: _State, req: _Sampling, prompts: list[list[int]], max_tokens) -
     return jobs
 
 
-def _submit(state: _State, jobs, stream: bool):
+def _submit(state: ServerState, jobs, stream: bool):
     """Submit every choice; events (choice, kind, payload) arrive on an asyncio queue from the worker."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -610,7 +399,7 @@ def _usage(jobs, gens: list[Generation]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _respond(state: _State, request, req: _Sampling, jobs, *, chat: bool):
+async def _respond(state: ServerState, request, req: SamplingRequest, jobs, *, chat: bool):
     reqs, queue = _submit(state, jobs, req.stream)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
@@ -642,8 +431,8 @@ async def _respond(state: _State, request, req: _Sampling, jobs, *, chat: bool):
             "model": state.model_name, "choices": choices, "usage": _usage(jobs, gens)}
 
 
-async def _stream(state: _State, reqs, queue: asyncio.Queue, jobs, rid: str, created: int, chat: bool,
-                  req: _Sampling) -> AsyncIterator[str]:
+async def _stream(state: ServerState, reqs, queue: asyncio.Queue, jobs, rid: str, created: int, chat: bool,
+                  req: SamplingRequest) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``."""
     obj = "chat.completion.chunk" if chat else "text_completion"
     include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -1,5 +1,5 @@
 """Generation: KV-cache decoding against a no-cache greedy reference, joining/leaving a running batch,
-seeded sampling, stop strings, incremental detokenization, streaming, label-set probabilities."""
+seeded sampling, stop strings, streaming, bf16."""
 
 from __future__ import annotations
 
@@ -12,19 +12,16 @@ from conftest import greedy_reference
 
 from slimlm import SlimlmError
 from slimlm.models import FAMILIES
-from slimlm.serve.engine import (
+from slimlm.runtime.decoding import (
     DecodeBatch,
-    Detokenizer,
     Generation,
     SamplingParams,
-    StopText,
     generate,
     generate_text,
-    label_probs_full,
-    label_probs_shared_prefix,
     sample_next,
     stream,
 )
+from slimlm.runtime.scoring import label_probs_shared_prefix
 from slimlm.testing import tiny_model
 
 VOCAB = 384
@@ -151,32 +148,6 @@ def test_sampling_params_reject_bad_values():
         Generation([1], SamplingParams(stop=("x",)))
 
 
-# --------------------------------------------------------------------------- text
-
-
-@pytest.mark.parametrize("text", ["héllo → 日本語 🎉 ok", "Yes No\nThe quick brown fox", "ü" * 7])
-def test_detokenizer_pieces_rebuild_the_text(tiny_tok, text):
-    ids = tiny_tok(text, add_special_tokens=False).input_ids
-    assert len(ids) > 3
-    d = Detokenizer(tiny_tok, context=tiny_tok("User: ").input_ids)
-    pieces = [d.push(t) for t in ids] + [d.flush()]
-    assert "".join(pieces) == text
-    assert not any("\ufffd" in p for p in pieces)
-    assert pieces.count("") > 0 or len(ids) == len(text)  # multi-byte characters are held back
-
-
-def test_stop_text_cuts_at_first_stop_and_never_leaks_part_of_one():
-    s = StopText(["END", "\n\n"])
-    out = [s.feed(x) for x in ["abc E", "N", "x E", "NDtail"]]
-    assert "".join(out) == "abc ENx " and s.stopped and s.text == "abc ENx "
-    assert out[0] == "abc " and out[1] == ""  # "E" then "EN" held back: could start "END"
-    s = StopText(["\n\n"])
-    assert s.feed("a\n") == "a" and s.feed("b") == "\nb" and s.feed("\n") == "" and s.feed("\nz") == ""
-    assert s.text == "a\nb" and s.stopped
-    s = StopText([])
-    assert s.feed("x") == "x" and not s.stopped
-
-
 def test_generate_text_stop_strings_and_streaming(tiny_tok):
     model = tiny_model("llama", seed=4, vocab_size=len(tiny_tok), initializer_range=0.2)
     prompt = "User: 24-year-old male"
@@ -207,7 +178,7 @@ def test_generate_text_refills_slots_and_seeds_per_prompt(tiny_tok):
     assert [g.tokens for g in a] == [g.tokens for g in b]
 
 
-# --------------------------------------------------------------------------- other dtypes, label sets
+# --------------------------------------------------------------------------- other dtypes
 
 
 def test_bf16_model_generates_and_scores_close_to_fp32():
@@ -220,22 +191,3 @@ def test_bf16_model_generates_and_scores_close_to_fp32():
     out = generate(m16, prompts(8), max_new_tokens=4, temperature=0)
     # batched, padded, KV-cached bf16 greedy equals the no-cache oracle on the same bf16 model
     assert out == [greedy_reference(m16, p, 4) for p in prompts(8)]
-
-
-def test_label_probs_over_a_label_set_match_full_vocab_softmax(model):
-    labels = (5, 17, 300)
-    prefix, suffixes = prompts(9, (10,))[0], prompts(10, (4, 1, 7))
-    ref = []
-    with torch.no_grad():
-        for s in suffixes:
-            z = model(torch.tensor([prefix + s])).logits[0, -1].double()
-            ref.append(torch.softmax(z[list(labels)], 0).numpy())
-    ref = np.array(ref)
-    np.testing.assert_allclose(label_probs_shared_prefix(model, prefix, suffixes, labels, batch_size=2), ref,
-                               atol=1e-5)
-    np.testing.assert_allclose(label_probs_full(model, [prefix + s for s in suffixes], labels), ref, atol=1e-5)
-    np.testing.assert_allclose(label_probs_shared_prefix(model, prefix, suffixes, labels).sum(1), 1, atol=1e-9)
-    with pytest.raises(SlimlmError, match="distinct"):
-        label_probs_full(model, [prefix], (5, 5))
-    with pytest.raises(SlimlmError, match="vocabulary"):
-        label_probs_full(model, [prefix], (5, VOCAB))

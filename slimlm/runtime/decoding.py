@@ -1,218 +1,28 @@
-"""The one engine that runs models: label-token scoring with shared-prefix reuse, and generation.
+"""Generation: sampling, the KV-cached decode batch, and the loops that drive it.
 
-Scoring (the paper's ranking use): for a prompt ``prefix + suffix`` and label tokens ``l_1..l_L`` the
-label probabilities are
+:class:`DecodeBatch` holds the running sequences of a batch and their KV cache. Sequences join it (a
+batched, left-padded prefill whose KV tensors are left-padded to the running batch's length and
+concatenated along the batch) and leave it (rows dropped, all-padding columns trimmed) between decode
+steps; every row carries explicit position ids, so a row's tokens, positions and attention are the same
+whatever else shares the batch. The LM head runs only at each row's last position.
 
-    p = softmax([z_1, ..., z_L]),   z_j = h_last · W[l_j] (+ b[l_j])
-
-where ``h_last`` is the final (normed) hidden state at the last prompt token and ``W`` the LM head. The
-full-vocabulary softmax normaliser cancels, so the LM head runs only on the L label rows and only at the
-scored positions, never over [tokens x vocab]. The ranking score is p_1 (P(" Yes") over {" Yes", " No"}).
-
-Candidates that share a prefix (same ``group`` and identical prefix ids) run the prefix once; its KV
-cache is copied into each candidate batch and only the suffixes run. Groups of one candidate gain
-nothing from that, so they run as whole prompts, sorted by length and batched.
-
-Generation: :class:`DecodeBatch` holds the running sequences of a batch and their KV cache. Sequences
-join it (a batched, left-padded prefill whose KV tensors are left-padded to the running batch's length
-and concatenated along the batch) and leave it (rows dropped, all-padding columns trimmed) between
-decode steps; every row carries explicit position ids, so a row's tokens, positions and attention are
-the same whatever else shares the batch. :func:`generate` (one batch of prompts), :func:`generate_text`
-(text, stop strings) and :func:`stream` (text deltas as they are decoded) drive it; the server's
-continuous-batching scheduler (``serve/scheduler.py``) drives the same class from a worker thread.
-
-Evaluation, distillation (on-policy samples), benchmarks and the HTTP server call this module, so there
-is one scoring path and one decode loop.
+:func:`generate` (one batch of token prompts), :func:`generate_text` (text, stop strings, continuous
+batching in one thread) and :func:`stream` (text deltas as they are decoded) drive it; so do on-policy
+sampling in distillation, evaluation, the benchmarks, and the server's continuous-batching scheduler
+(``serve/scheduler.py``, from a worker thread) — one decode loop for all of them.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 
 from slimlm import SlimlmError
 from slimlm.models import cache_kwargs
-from slimlm.tasks.ranking import TokenizedRanking
-
-Progress = Callable[[int], None]  # called with the number of candidates just finished
-
-
-def _label_head(model, label_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The LM head's rows for ``label_ids``: weight [L, H] and bias [L] (or None), in fp32."""
-    head = model.get_output_embeddings()
-    idx = torch.tensor(list(label_ids), device=head.weight.device)
-    w = head.weight.index_select(0, idx).float()
-    b = head.bias.index_select(0, idx).float() if getattr(head, "bias", None) is not None else None
-    return w, b
-
-
-def _label_probs(hidden: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """Probabilities over the label set [B, L] from final hidden states [B, H]."""
-    z = hidden.float() @ w.T
-    if b is not None:
-        z = z + b
-    return torch.softmax(z, dim=-1)
-
-
-def _check_labels(model, label_ids: Sequence[int]) -> None:
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if len(label_ids) < 2 or len(set(label_ids)) != len(label_ids):
-        raise SlimlmError(f"label ids {list(label_ids)}: need two or more distinct ids")
-    if any(not 0 <= i < vocab for i in label_ids):
-        raise SlimlmError(f"label ids {list(label_ids)}: outside the vocabulary (size {vocab})")
-
-
-def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """[B, T] ids padded on the right with ``pad_id``, and the matching 0/1 attention mask."""
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _even_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges covering n items in ceil(n / batch_size) batches of near-equal size."""
-    k = max(1, -(-n // batch_size))
-    bounds = [round(i * n / k) for i in range(k + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(k) if bounds[i + 1] > bounds[i]]
-
-
-def _drive(steps: Generator[int, None, np.ndarray], progress: Progress | None) -> np.ndarray:
-    """Run a stepwise scorer to the end, reporting each step's candidate count to ``progress``."""
-    while True:
-        try:
-            n = next(steps)
-        except StopIteration as done:
-            return done.value
-        if progress:
-            progress(n)
-
-
-def label_probs_full(model, prompts: Sequence[Sequence[int]], label_ids: Sequence[int], *, batch_size: int = 16,
-                     pad_id: int = 0, progress: Progress | None = None) -> np.ndarray:
-    """Label probabilities [N, L] for whole prompts (no reuse), batched by length."""
-    return _drive(iter_label_probs_full(model, prompts, label_ids, batch_size=batch_size, pad_id=pad_id), progress)
-
-
-@torch.inference_mode()
-def iter_label_probs_full(model, prompts: Sequence[Sequence[int]], label_ids: Sequence[int], *,
-                          batch_size: int = 16, pad_id: int = 0) -> Generator[int, None, np.ndarray]:
-    """:func:`label_probs_full` one batch at a time: yields the batch's size, returns the [N, L] array
-    (so a scheduler can interleave other work between batches)."""
-    _check_labels(model, label_ids)
-    device = next(model.parameters()).device
-    w, b = _label_head(model, label_ids)
-    base = model.get_decoder()
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = np.empty((len(prompts), len(label_ids)), dtype=np.float64)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        ids, mask = right_pad([prompts[i] for i in idx], pad_id, device)
-        hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-        last = hidden[torch.arange(len(idx), device=device), mask.sum(1) - 1]
-        out[idx] = _label_probs(last, w, b).double().cpu().numpy()
-        yield len(idx)
-    return out
-
-
-def label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
-                              label_ids: Sequence[int], *, batch_size: int = 16, pad_id: int = 0,
-                              progress: Progress | None = None) -> np.ndarray:
-    """Label probabilities [N, L] for ``prefix + s`` for every suffix ``s``, running the prefix once.
-
-    The prefix's KV cache [1, H_kv, P, D] per layer is broadcast to each candidate batch; suffixes run
-    sorted by length (less padding) in batches of near-equal size, with positions P, P+1, ...
-    """
-    return _drive(iter_label_probs_shared_prefix(model, prefix, suffixes, label_ids, batch_size=batch_size,
-                                                 pad_id=pad_id), progress)
-
-
-@torch.inference_mode()
-def iter_label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
-                                   label_ids: Sequence[int], *, batch_size: int = 16,
-                                   pad_id: int = 0) -> Generator[int, None, np.ndarray]:
-    """:func:`label_probs_shared_prefix` one step at a time: yields 0 after the prefix, then each
-    candidate batch's size; returns the [N, L] array."""
-    from transformers.cache_utils import DynamicCache
-
-    _check_labels(model, label_ids)
-    if not prefix:
-        raise SlimlmError("shared-prefix scoring needs a non-empty prefix")
-    if any(len(s) == 0 for s in suffixes):
-        raise SlimlmError("every candidate suffix needs at least one token")
-    device = next(model.parameters()).device
-    w, b = _label_head(model, label_ids)
-    base = model.get_decoder()
-    p = len(prefix)
-    out = np.empty((len(suffixes), len(label_ids)), dtype=np.float64)
-    if not suffixes:
-        return out
-    pre = DynamicCache()
-    base(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, **cache_kwargs(base, pre))
-    kv = [(layer.keys, layer.values) for layer in pre.layers]
-    yield 0
-    order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
-    for start, stop in _even_batches(len(order), batch_size):
-        idx = order[start:stop]
-        n = len(idx)
-        ids, mask = right_pad([suffixes[i] for i in idx], pad_id, device)
-        cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
-        full_mask = torch.cat([torch.ones((n, p), dtype=mask.dtype, device=device), mask], dim=1)
-        positions = torch.arange(p, p + ids.shape[1], device=device).unsqueeze(0).expand(n, -1)
-        hidden = base(input_ids=ids, attention_mask=full_mask, position_ids=positions,
-                      use_cache=True, **cache_kwargs(base, cache)).last_hidden_state
-        last = hidden[torch.arange(n, device=device), mask.sum(1) - 1]
-        out[idx] = _label_probs(last, w, b).double().cpu().numpy()
-        yield n
-    return out
-
-
-def score_full(model, prompts: Sequence[Sequence[int]], label_ids: tuple[int, int], *, batch_size: int = 16,
-               pad_id: int = 0, progress: Progress | None = None) -> np.ndarray:
-    """P(pos) for whole prompts (no reuse), batched by length; the reference for :func:`score`."""
-    return label_probs_full(model, prompts, label_ids, batch_size=batch_size, pad_id=pad_id, progress=progress)[:, 0]
-
-
-def score_shared_prefix(model, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
-                        label_ids: tuple[int, int], *, batch_size: int = 16, pad_id: int = 0,
-                        progress: Progress | None = None) -> np.ndarray:
-    """P(pos) for ``prefix + s`` for every suffix ``s``, running the prefix once."""
-    return label_probs_shared_prefix(model, prefix, suffixes, label_ids, batch_size=batch_size, pad_id=pad_id,
-                                     progress=progress)[:, 0]
-
-
-def score(model, examples: Sequence[TokenizedRanking], label_ids: tuple[int, int], *, batch_size: int = 16,
-          pad_id: int = 0, reuse_prefix: bool = True, progress: Progress | None = None) -> np.ndarray:
-    """P(pos) for every example, in input order.
-
-    With ``reuse_prefix``, groups of two or more candidates sharing identical prefix ids run their prefix
-    once; the rest run as whole prompts.
-    """
-    out = np.empty(len(examples), dtype=np.float64)
-    groups: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(list)
-    for i, ex in enumerate(examples):
-        groups[(ex.group, ex.prefix_ids)].append(i)
-    singles = []
-    for (_, prefix), idx in groups.items():
-        if reuse_prefix and len(idx) > 1 and prefix:
-            out[idx] = score_shared_prefix(model, prefix, [examples[i].suffix_ids for i in idx], label_ids,
-                                           batch_size=batch_size, pad_id=pad_id, progress=progress)
-        else:
-            singles.extend(idx)
-    if singles:
-        out[singles] = score_full(model, [examples[i].input_ids for i in singles], label_ids,
-                                  batch_size=batch_size, pad_id=pad_id, progress=progress)
-    return out
-
-
-# --------------------------------------------------------------------------- sampling
+from slimlm.runtime.text import Detokenizer, StopText
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
@@ -259,93 +69,7 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 
 
-# --------------------------------------------------------------------------- text: detokenizer, stop strings
-
-
-class Detokenizer:
-    """Incremental text of a growing token list.
-
-    Text is decoded over a short sliding window ``ids[prefix_offset:]`` (seeded with the last prompt tokens,
-    so tokenizers that drop a leading space when decoding a lone token still see the context) and a new
-    piece is released only when it does not end in U+FFFD, i.e. a UTF-8 character split across tokens is
-    held back until its last byte arrives. Concatenating the pieces gives ``decode(new tokens)``.
-    """
-
-    CONTEXT = 5
-
-    def __init__(self, tokenizer, context: Sequence[int] = ()):
-        self.tokenizer = tokenizer
-        self.ids = list(context[-self.CONTEXT:])
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def _pending(self) -> tuple[str, str]:
-        return self._decode(self.ids[self.prefix_offset:self.read_offset]), self._decode(self.ids[self.prefix_offset:])
-
-    def push(self, token: int) -> str:
-        """Add one token; return the text it completes (possibly empty)."""
-        self.ids.append(token)
-        before, full = self._pending()
-        if len(full) > len(before) and not full.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return full[len(before):]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
-        before, full = self._pending()
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return full[len(before):]
-
-
-class StopText:
-    """Accumulates text, cuts it at the first stop string, and releases only text that cannot turn into one.
-
-    A tail of the text that is a proper prefix of some stop string is held back until the next piece
-    shows whether the stop string completes; so streamed pieces never contain any part of a stop string.
-    """
-
-    def __init__(self, stop: Sequence[str] = ()):
-        self.stop = tuple(stop)
-        self.longest = max((len(s) for s in self.stop), default=0)
-        self.text = ""
-        self.sent = 0
-        self.stopped = False
-
-    def feed(self, piece: str) -> str:
-        """Add ``piece``; return the newly releasable text. Sets ``stopped`` when a stop string appears."""
-        if self.stopped or not piece:
-            return ""
-        start = max(0, len(self.text) - self.longest + 1)
-        self.text += piece
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
-            self.stopped = True
-            return self.release()
-        hold = 0
-        for k in range(min(self.longest - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stop):
-                hold = k
-                break
-        return self.release(len(self.text) - hold)
-
-    def release(self, upto: int | None = None) -> str:
-        upto = len(self.text) if upto is None else upto
-        if upto <= self.sent:
-            return ""
-        out, self.sent = self.text[self.sent:upto], upto
-        return out
-
-
-# --------------------------------------------------------------------------- generation
-
-
-OnDelta = Callable[["Generation", str], None]
+OnDelta = Callable[["Generation", str], None]  # called with the row and its newly released text
 
 
 @dataclass(eq=False)
@@ -571,7 +295,7 @@ class DecodeBatch:
         return finished
 
 
-def _eos_ids(model, tokenizer=None) -> list[int]:
+def eos_token_ids(model, tokenizer=None) -> list[int]:
     """Stop token ids: the tokenizer's EOS and the model's generation-config EOS (an int or a list)."""
     ids = set()
     if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -611,7 +335,7 @@ def generate_text(model, tokenizer, prompts: Sequence[str | Sequence[int]], para
     finished row's slot is refilled from the remaining prompts before the next step (continuous batching
     in one thread). With ``params.seed``, prompt i samples from its own generator seeded ``seed + i``."""
     gens = [_new_generation(model, tokenizer, p, params, i) for i, p in enumerate(prompts)]
-    batch = DecodeBatch(model, pad_id=_pad_id(tokenizer), eos_ids=_eos_ids(model, tokenizer))
+    batch = DecodeBatch(model, pad_id=tokenizer_pad_id(tokenizer), eos_ids=eos_token_ids(model, tokenizer))
     waiting = list(reversed(gens))
     while waiting or len(batch):
         room = max_batch - len(batch)
@@ -625,7 +349,7 @@ def stream(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams
     """Yield the generated text of one prompt piece by piece as it is decoded (stop strings honoured)."""
     pieces: list[str] = []
     gen = _new_generation(model, tokenizer, prompt, params, 0, on_delta=lambda g, s: pieces.append(s))
-    batch = DecodeBatch(model, pad_id=_pad_id(tokenizer), eos_ids=_eos_ids(model, tokenizer))
+    batch = DecodeBatch(model, pad_id=tokenizer_pad_id(tokenizer), eos_ids=eos_token_ids(model, tokenizer))
     batch.add([gen])
     while len(batch):
         batch.step()
@@ -633,7 +357,8 @@ def stream(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams
         pieces.clear()
 
 
-def _pad_id(tokenizer) -> int:
+def tokenizer_pad_id(tokenizer) -> int:
+    """The id that fills padded slots: the tokenizer's pad token, else 0 (padded slots are masked out)."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 

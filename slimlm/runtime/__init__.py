@@ -1,0 +1,10 @@
+"""The one runtime that runs models, shared by evaluation, distillation, benchmarks and the server.
+
+- :mod:`slimlm.runtime.scoring`: label-token probabilities after a prompt, with shared-prefix KV reuse
+  (the ranking score P(" Yes") over {" Yes", " No"}).
+- :mod:`slimlm.runtime.decoding`: sampling, the KV-cached decode batch that sequences join and leave,
+  and the generation loops over it.
+- :mod:`slimlm.runtime.text`: incremental detokenisation and stop strings for generated text.
+
+A speedup or a fix here reaches every caller; this package imports nothing from ``distill`` or ``serve``.
+"""

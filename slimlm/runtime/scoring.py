@@ -1,0 +1,202 @@
+"""Label-token scoring: the probabilities a causal LM gives a small label set after each prompt.
+
+For a prompt ``prefix + suffix`` and label tokens ``l_1..l_L`` the label probabilities are
+
+    p = softmax([z_1, ..., z_L]),   z_j = h_last · W[l_j] (+ b[l_j])
+
+where ``h_last`` is the final (normed) hidden state at the last prompt token and ``W`` the LM head. The
+full-vocabulary softmax normaliser cancels, so the LM head runs only on the L label rows and only at the
+scored positions, never over [tokens x vocab]. The ranking score is p_1 (P(" Yes") over {" Yes", " No"}).
+
+Candidates that share a prefix (same ``group`` and identical prefix ids) run the prefix once; its KV
+cache [1, H_kv, P, D] per layer is broadcast into each candidate batch and only the suffixes run. Groups
+of one candidate gain nothing from that, so they run as whole prompts, sorted by length and batched.
+
+The ``iter_*`` forms yield after each forward pass, so a caller that shares the model (the server's
+scheduler) can interleave other work between candidate batches; the plain forms run them to the end.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Generator, Sequence
+
+import numpy as np
+import torch
+
+from slimlm import SlimlmError
+from slimlm.models import cache_kwargs
+from slimlm.tasks.ranking import TokenizedRanking
+
+OnScored = Callable[[int], None]  # called with the number of candidates just scored (not a Progress)
+
+
+def _label_head(model, label_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's rows for ``label_ids``: weight [L, H] and bias [L] (or None), in fp32."""
+    head = model.get_output_embeddings()
+    idx = torch.tensor(list(label_ids), device=head.weight.device)
+    w = head.weight.index_select(0, idx).float()
+    b = head.bias.index_select(0, idx).float() if getattr(head, "bias", None) is not None else None
+    return w, b
+
+
+def _label_probs(hidden: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Probabilities over the label set [B, L] from final hidden states [B, H]."""
+    z = hidden.float() @ w.T
+    if b is not None:
+        z = z + b
+    return torch.softmax(z, dim=-1)
+
+
+def _check_labels(model, label_ids: Sequence[int]) -> None:
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if len(label_ids) < 2 or len(set(label_ids)) != len(label_ids):
+        raise SlimlmError(f"label ids {list(label_ids)}: need two or more distinct ids")
+    if any(not 0 <= i < vocab for i in label_ids):
+        raise SlimlmError(f"label ids {list(label_ids)}: outside the vocabulary (size {vocab})")
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, T] ids padded on the right with ``pad_id``, and the matching 0/1 attention mask."""
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _even_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering n items in ceil(n / batch_size) batches of near-equal size."""
+    k = max(1, -(-n // batch_size))
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(k) if bounds[i + 1] > bounds[i]]
+
+
+def _drive(steps: Generator[int, None, np.ndarray], on_scored: OnScored | None) -> np.ndarray:
+    """Run a stepwise scorer to the end, reporting each step's candidate count to ``on_scored``."""
+    while True:
+        try:
+            n = next(steps)
+        except StopIteration as done:
+            return done.value
+        if on_scored:
+            on_scored(n)
+
+
+def label_probs_full(model, prompts: Sequence[Sequence[int]], label_ids: Sequence[int], *, batch_size: int = 16,
+                     pad_id: int = 0, on_scored: OnScored | None = None) -> np.ndarray:
+    """Label probabilities [N, L] for whole prompts (no reuse), batched by length."""
+    return _drive(iter_label_probs_full(model, prompts, label_ids, batch_size=batch_size, pad_id=pad_id), on_scored)
+
+
+@torch.inference_mode()
+def iter_label_probs_full(model, prompts: Sequence[Sequence[int]], label_ids: Sequence[int], *,
+                          batch_size: int = 16, pad_id: int = 0) -> Generator[int, None, np.ndarray]:
+    """:func:`label_probs_full` one batch at a time: yields the batch's size, returns the [N, L] array
+    (so a scheduler can interleave other work between batches)."""
+    _check_labels(model, label_ids)
+    device = next(model.parameters()).device
+    w, b = _label_head(model, label_ids)
+    base = model.get_decoder()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out = np.empty((len(prompts), len(label_ids)), dtype=np.float64)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = right_pad([prompts[i] for i in idx], pad_id, device)
+        hidden = base(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        last = hidden[torch.arange(len(idx), device=device), mask.sum(1) - 1]
+        out[idx] = _label_probs(last, w, b).double().cpu().numpy()
+        yield len(idx)
+    return out
+
+
+def label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
+                              label_ids: Sequence[int], *, batch_size: int = 16, pad_id: int = 0,
+                              on_scored: OnScored | None = None) -> np.ndarray:
+    """Label probabilities [N, L] for ``prefix + s`` for every suffix ``s``, running the prefix once.
+
+    The prefix's KV cache [1, H_kv, P, D] per layer is broadcast to each candidate batch; suffixes run
+    sorted by length (less padding) in batches of near-equal size, with positions P, P+1, ...
+    """
+    return _drive(iter_label_probs_shared_prefix(model, prefix, suffixes, label_ids, batch_size=batch_size,
+                                                 pad_id=pad_id), on_scored)
+
+
+@torch.inference_mode()
+def iter_label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
+                                   label_ids: Sequence[int], *, batch_size: int = 16,
+                                   pad_id: int = 0) -> Generator[int, None, np.ndarray]:
+    """:func:`label_probs_shared_prefix` one step at a time: yields 0 after the prefix, then each
+    candidate batch's size; returns the [N, L] array."""
+    from transformers.cache_utils import DynamicCache
+
+    _check_labels(model, label_ids)
+    if not prefix:
+        raise SlimlmError("shared-prefix scoring needs a non-empty prefix")
+    if any(len(s) == 0 for s in suffixes):
+        raise SlimlmError("every candidate suffix needs at least one token")
+    device = next(model.parameters()).device
+    w, b = _label_head(model, label_ids)
+    base = model.get_decoder()
+    p = len(prefix)
+    out = np.empty((len(suffixes), len(label_ids)), dtype=np.float64)
+    if not suffixes:
+        return out
+    pre = DynamicCache()
+    base(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, **cache_kwargs(base, pre))
+    kv = [(layer.keys, layer.values) for layer in pre.layers]
+    yield 0
+    order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
+    for start, stop in _even_batches(len(order), batch_size):
+        idx = order[start:stop]
+        n = len(idx)
+        ids, mask = right_pad([suffixes[i] for i in idx], pad_id, device)
+        cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
+        full_mask = torch.cat([torch.ones((n, p), dtype=mask.dtype, device=device), mask], dim=1)
+        positions = torch.arange(p, p + ids.shape[1], device=device).unsqueeze(0).expand(n, -1)
+        hidden = base(input_ids=ids, attention_mask=full_mask, position_ids=positions,
+                      use_cache=True, **cache_kwargs(base, cache)).last_hidden_state
+        last = hidden[torch.arange(n, device=device), mask.sum(1) - 1]
+        out[idx] = _label_probs(last, w, b).double().cpu().numpy()
+        yield n
+    return out
+
+
+def score_full(model, prompts: Sequence[Sequence[int]], label_ids: tuple[int, int], *, batch_size: int = 16,
+               pad_id: int = 0, on_scored: OnScored | None = None) -> np.ndarray:
+    """P(pos) for whole prompts (no reuse), batched by length; the reference for :func:`score`."""
+    return label_probs_full(model, prompts, label_ids, batch_size=batch_size, pad_id=pad_id, on_scored=on_scored)[:, 0]
+
+
+def score_shared_prefix(model, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
+                        label_ids: tuple[int, int], *, batch_size: int = 16, pad_id: int = 0,
+                        on_scored: OnScored | None = None) -> np.ndarray:
+    """P(pos) for ``prefix + s`` for every suffix ``s``, running the prefix once."""
+    return label_probs_shared_prefix(model, prefix, suffixes, label_ids, batch_size=batch_size, pad_id=pad_id,
+                                     on_scored=on_scored)[:, 0]
+
+
+def score(model, examples: Sequence[TokenizedRanking], label_ids: tuple[int, int], *, batch_size: int = 16,
+          pad_id: int = 0, reuse_prefix: bool = True, on_scored: OnScored | None = None) -> np.ndarray:
+    """P(pos) for every example, in input order.
+
+    With ``reuse_prefix``, groups of two or more candidates sharing identical prefix ids run their prefix
+    once; the rest run as whole prompts.
+    """
+    out = np.empty(len(examples), dtype=np.float64)
+    groups: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        groups[(ex.group, ex.prefix_ids)].append(i)
+    singles = []
+    for (_, prefix), idx in groups.items():
+        if reuse_prefix and len(idx) > 1 and prefix:
+            out[idx] = score_shared_prefix(model, prefix, [examples[i].suffix_ids for i in idx], label_ids,
+                                           batch_size=batch_size, pad_id=pad_id, on_scored=on_scored)
+        else:
+            singles.extend(idx)
+    if singles:
+        out[singles] = score_full(model, [examples[i].input_ids for i in singles], label_ids,
+                                  batch_size=batch_size, pad_id=pad_id, on_scored=on_scored)
+    return out
