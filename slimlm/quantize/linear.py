@@ -4,7 +4,7 @@ Each takes ``x [..., in]`` and returns ``[..., out]`` in ``x``'s dtype, like ``n
 
 - :class:`Int8Linear` (W8A8): int8 weights [out, in] with per-output-channel scales; each call quantizes
   the activations per token (s_t = max|x_t| / 127) and runs a real int8 × int8 -> int32 matmul
-  (``torch._int_mm``), then y = acc · s_t · s_w (+ b). On our CPU that matmul is ~3.6× faster than fp32.
+  (``torch._int_mm``), then y = acc · s_t · s_w (+ b). On an AVX-512 CPU without AMX that matmul runs ~3.6× faster than fp32 (see slimlm.placement).
   Sibling layers that read the same input (q/k/v_proj, gate/up_proj) quantize it once: see
   :func:`share_input_quantization`.
 - :class:`Fp8Linear` (W8A8 FP8): e4m3fn weights (1 byte each) with per-channel scales; activations
@@ -241,7 +241,7 @@ class Fp8Linear(QuantizedLinear):
         return self._finish(y, x)
 
     def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        """Real fp8 GEMM (CUDA sm89+): row-wise scales, bf16 out. Not exercised on our CPU-only CI."""
+        """Real fp8 GEMM (CUDA sm89+): row-wise scales, bf16 out. Tested only where a GPU with fp8 runs the GPU tier (CI has none)."""
         if self.input_scale is not None:
             xq = quantize_fp8(x2, self.input_scale)
             sa = self.input_scale.expand(x2.shape[0], 1).contiguous()
