@@ -31,6 +31,9 @@ class TaskConfig(Strict):
     limit: int | None = Field(None, ge=1)  # training examples (whole groups for ranking, seeded)
     eval_limit: int | None = Field(256, ge=1)
     max_length: int = Field(512, ge=8)  # longer sequences are truncated from the left of the prompt
+    # ranking tasks: candidates that share a prefix are packed into one sequence, up to this many (the prefix
+    # runs once; each candidate sees the prefix and itself only); MovieLens groups its train ratings to match
+    candidates_per_prefix: int = Field(1, ge=1)
 
 
 class LossSection(Strict):

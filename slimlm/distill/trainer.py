@@ -50,6 +50,7 @@ from slimlm.distill.teacher import TeacherCache, write_teacher_cache
 from slimlm.io import atomic_write_json, atomic_write_text, read_jsonl
 from slimlm.loading import check_model_dir, load_model, load_tokenizer
 from slimlm.models import save_model
+from slimlm.runtime.packing import attention_inputs
 from slimlm.tasks import RANKING_TASKS, load_ranking_task
 from slimlm.tasks.completion import IGNORE_INDEX
 
@@ -86,26 +87,30 @@ class DistillModule(torch.nn.Module):
         self.loss, self.vocab, self.chunk_size = loss, vocab, chunk_size
 
     @torch.no_grad()
-    def _teacher_hidden(self, input_ids, attention_mask) -> torch.Tensor:
+    def _teacher_hidden(self, input_ids, attention_mask, position_ids=None, segments=None) -> torch.Tensor:
         """The teacher's final hidden states at every position that predicts a next token, [B·(T−1), H_T]."""
-        t = self.teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                       use_cache=False).last_hidden_state
+        t = self.teacher.get_decoder()(input_ids=input_ids, use_cache=False, **attention_inputs(
+            self.teacher, attention_mask, position_ids, segments)).last_hidden_state
         return t[:, :-1].reshape(-1, t.shape[-1])
 
-    def teacher_rows(self, input_ids, attention_mask, labels) -> torch.Tensor:
+    def teacher_rows(self, input_ids, attention_mask, labels, position_ids=None, segments=None) -> torch.Tensor:
         """The teacher's final hidden states at the batch's target rows (labels shifted as in forward)."""
-        return self._teacher_hidden(input_ids, attention_mask)[labels[:, 1:].reshape(-1) != self.loss.ignore_index]
+        hidden = self._teacher_hidden(input_ids, attention_mask, position_ids, segments)
+        return hidden[labels[:, 1:].reshape(-1) != self.loss.ignore_index]
 
     def forward(self, input_ids, attention_mask, labels, mode: str = "kd", loss: LossConfig | None = None,
                 cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                teacher_rows: torch.Tensor | None = None) -> torch.Tensor:
+                teacher_rows: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """Summed loss over the batch's target tokens (divide by the window's count outside).
 
         ``mode`` "sft" is cross-entropy only (no teacher); "kd" uses ``loss`` (default: the stage's)
         against the live teacher, or against ``cached`` (ids, logprobs, tail) rows when given, or against
-        ``teacher_rows`` (:meth:`teacher_rows` of this batch, computed earlier) through the teacher's head."""
-        hidden = self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                            use_cache=False).last_hidden_state
+        ``teacher_rows`` (:meth:`teacher_rows` of this batch, computed earlier) through the teacher's head.
+        ``position_ids`` / ``segments``: a packed multi-item batch (:func:`slimlm.distill.data.collate`);
+        student and teacher see the same packing."""
+        hidden = self.student.get_decoder()(input_ids=input_ids, use_cache=False, **attention_inputs(
+            self.student, attention_mask, position_ids, segments)).last_hidden_state
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1)
         head = self.student.get_output_embeddings()
@@ -121,7 +126,7 @@ class DistillModule(torch.nn.Module):
             t_flat = teacher_rows.new_zeros(h.shape[0], teacher_rows.shape[-1])
             t_flat[y != self.loss.ignore_index] = teacher_rows
         else:
-            t_flat = self._teacher_hidden(input_ids, attention_mask)
+            t_flat = self._teacher_hidden(input_ids, attention_mask, position_ids, segments)
         t_head = self.teacher.get_output_embeddings()
         return fused_linear_kd_loss(h, head.weight, y, loss or self.loss, student_bias=head.bias,
                                     teacher_hidden=t_flat, teacher_weight=t_head.weight, teacher_bias=t_head.bias,
@@ -209,10 +214,11 @@ def evaluate_student(module: DistillModule, tokenizer, cfg: DistillConfig, eval_
             rows = None
             if memo is not None:
                 if j == len(memo):
-                    memo.append(module.teacher_rows(b["input_ids"], b["attention_mask"], b["labels"]))
+                    memo.append(module.teacher_rows(b["input_ids"], b["attention_mask"], b["labels"],
+                                                    b.get("position_ids"), b.get("segments")))
                 rows = memo[j]
             total += float(module(b["input_ids"], b["attention_mask"], b["labels"], mode="kd", loss=kl_cfg,
-                                  teacher_rows=rows))
+                                  teacher_rows=rows, position_ids=b.get("position_ids"), segments=b.get("segments")))
             count += window_targets([b])
         out["eval_kl"] = total / max(count, 1)
     if ranking_eval is not None:
@@ -383,9 +389,10 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
             micro_mode = mode
             if mode == "on_policy":
                 coin = float(torch.rand((), generator=coins))
-                if coin < cfg.on_policy.lam:
+                if coin < cfg.on_policy.lam:  # one prompt per candidate: packed rows are unpacked to sample
                     with gathered(wrapped, dist):
-                        seqs = on_policy_batch(student, seqs, cfg, tokenizer, sampler)
+                        seqs = on_policy_batch(student, [u for s in seqs for u in s.unpacked()], cfg, tokenizer,
+                                               sampler)
                 micro_mode = "kd"
             rows = cache.rows(picked) if cache is not None else None
             window.append((collate(seqs, tokenizer.pad_token_id, device), micro_mode, rows))
@@ -396,7 +403,7 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
                                       enabled=device.type == "cuda" and cfg.mixed_precision)
             with no_sync(wrapped, dist, last=i == len(window) - 1), autocast:
                 loss_sum = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], mode=micro_mode,
-                                   cached=rows)
+                                   cached=rows, position_ids=batch.get("position_ids"), segments=batch.get("segments"))
                 # both engines average gradients over ranks: scale back to a sum over the global window
                 (normalize(loss_sum, n_targets) * dist.world).backward()
             loss_total += loss_sum.detach().item()

@@ -9,14 +9,17 @@ from slimlm import SlimlmError
 RANKING_TASKS = ("movielens-ranking", "ranking")
 
 
-def load_ranking_task(name: str, data: str | Path | None, split: str, limit: int | None = None, seed: int = 0):
+def load_ranking_task(name: str, data: str | Path | None, split: str, limit: int | None = None, seed: int = 0,
+                      candidates_per_prefix: int = 1):
     """Ranking examples of ``split``: the built-in MovieLens task (``data`` = its directory, optional) or a
-    user ranking file (``data`` required); at most ``limit``, as whole groups, seeded."""
-    from slimlm.tasks.movielens import movielens_examples, subsample
+    user ranking file (``data`` required); at most ``limit``, as whole groups, seeded. ``candidates_per_prefix``:
+    MovieLens train rows share a prefix in groups of this many consecutive ratings (see its module)."""
+    from slimlm.tasks.movielens import SplitConfig, movielens_examples, subsample
     from slimlm.tasks.ranking import load_ranking_file
 
     if name == "movielens-ranking":
-        return movielens_examples(split, data_dir=data, limit=limit, seed=seed)
+        return movielens_examples(split, data_dir=data, limit=limit, seed=seed,
+                                  cfg=SplitConfig(candidates_per_prefix=candidates_per_prefix))
     if name != "ranking":
         raise SlimlmError(f"unknown ranking task {name!r}; expected one of {', '.join(RANKING_TASKS)}")
     if data is None:

@@ -9,9 +9,11 @@ Prompt = shared user prefix + candidate suffix:
 
 * prefix: the user's profile (age, gender, occupation); aggregates of the user's *training* ratings
   made before the prompt's point in time (count, mean, share liked); the ``history`` most recent rated
-  movies before that point (title, year, genres, stars). For a train row the point is the row itself;
-  for validation it is the start of the validation window, for test the start of the test window, so all
-  of a user's validation (or test) candidates share one prefix.
+  movies before that point (title, year, genres, stars). For a train row the point is the row itself, or
+  with ``candidates_per_prefix`` k > 1 the first row of its group of k consecutive train ratings (the
+  group's candidates share one prefix: multi-item training); for validation it is the start of the
+  validation window, for test the start of the test window, so all of a user's validation (or test)
+  candidates share one prefix.
 * suffix: the candidate movie (title, year, genres) with its aggregates over the training split (mean
   stars, number of raters) and the question.
 
@@ -76,6 +78,9 @@ class SplitConfig:
     test_per_user: int = 2
     history: int = 8  # most recent rated movies shown in the prefix
     min_train: int = 1  # users with fewer train ratings than this keep all ratings in train
+    # train rows: a user's consecutive ratings in groups of this many share one prefix, drawn at the group's
+    # first rating (multi-item training); 1 = every train row has its own prefix
+    candidates_per_prefix: int = 1
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ class Row:
     user_agg: Aggregate  # the user's train ratings before the prompt's point in time
     item_agg: Aggregate  # the item's train ratings, minus this row's own rating for train rows
     position: int = field(default=0)  # index of the rating in the user's ordered sequence
+    point: int = field(default=0)  # the prompt's point in that sequence: history and user_agg stop before it
 
     @property
     def label(self) -> int:
@@ -211,17 +217,23 @@ def build_rows(ml: MovieLens, cfg: SplitConfig = SplitConfig()) -> dict[str, lis
         train_end, val_end = bounds[u]
         user = ml.users[u]
         user_agg = Aggregate()
-        for i, r in enumerate(seq[:train_end]):  # user aggregate grows as we walk forward in time
-            out["train"].append(Row("train", user, ml.items[r.item], r.stars, r.timestamp,
-                                    tuple(seq[max(0, i - cfg.history):i]), user_agg,
-                                    item_train[r.item].add(r.stars, -1), i))
-            user_agg = user_agg.add(r.stars)
+        k = max(1, cfg.candidates_per_prefix)
+        for start in range(0, train_end, k):  # user aggregate grows as we walk forward in time
+            # every row of the group sees the user as of the group's first rating: no rating of the group
+            # (its own or a later one) is in the shared prefix
+            for i in range(start, min(start + k, train_end)):
+                r = seq[i]
+                out["train"].append(Row("train", user, ml.items[r.item], r.stars, r.timestamp,
+                                        tuple(seq[max(0, start - cfg.history):start]), user_agg,
+                                        item_train[r.item].add(r.stars, -1), i, start))
+            for r in seq[start:min(start + k, train_end)]:
+                user_agg = user_agg.add(r.stars)
         for name, start, end in (("val", train_end, val_end), ("test", val_end, len(seq))):
             history = tuple(seq[max(0, start - cfg.history):start])
             for i in range(start, end):
                 r = seq[i]
                 out[name].append(Row(name, user, ml.items[r.item], r.stars, r.timestamp, history, user_agg,
-                                     item_train[r.item], i))
+                                     item_train[r.item], i, start))
     return out
 
 
@@ -254,7 +266,7 @@ def to_examples(rows: list[Row], items: dict[int, Item]) -> list[RankingExample]
     for row in rows:
         out.append(RankingExample(
             id=example_id(row),
-            group=f"u{row.user.id}-{row.split}" if row.split != "train" else f"u{row.user.id}-p{row.position}",
+            group=f"u{row.user.id}-{row.split}" if row.split != "train" else f"u{row.user.id}-p{row.point}",
             prefix=render_prefix(row, items),
             suffix=render_suffix(row),
             label=row.label,

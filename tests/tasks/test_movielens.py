@@ -386,3 +386,44 @@ def test_real_movielens_splits_and_tokenization():
     mismatched = [e.id for e, t, w in zip(examples, tokenized, whole, strict=True) if list(t.input_ids) != w]
     assert mismatched == []
     assert [t.id for t in tokenized] == [e.id for e in examples]
+
+
+# --------------------------------------------------------------------------- multi-item groups (no leakage)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_a_group_prompt_never_sees_the_group_s_own_or_later_ratings(ml_synth, k):
+    """Oracle: for every train row, rewriting its own rating and every later rating of its user (to any
+    other star value) leaves its prompt unchanged; the group shares one prefix drawn at its first row."""
+    ml = load_movielens(ml_synth.dir)
+    cfg = SplitConfig(candidates_per_prefix=k)
+    rows = build_rows(ml, cfg)
+    base = {e.id: e for e in _examples(ml, cfg)["train"]}
+    rng = random.Random(k)
+    by_user = defaultdict(list)
+    for r in rows["train"]:
+        by_user[r.user.id].append(r)
+    checked = 0
+    for uid, urows in by_user.items():
+        for r in urows[:: max(1, len(urows) // 3)]:  # a few rows per user: each is a full rebuild
+            later = {(x.user, x.item): float(rng.choice([s for s in range(1, 6) if s != x.stars]))
+                     for x in ml.ratings if x.user == uid and (x.timestamp, x.item) >= (r.timestamp, r.item.id)}
+            changed = {e.id: e for e in _examples(_with_stars(ml, later), cfg)["train"]}
+            eid = next(e for e in base if e.startswith(f"train-u{uid}-i{r.item.id}-"))
+            assert (changed[eid].prefix, changed[eid].suffix) == (base[eid].prefix, base[eid].suffix), eid
+            checked += 1
+    assert checked > 10
+    # candidates of one group share the prefix exactly, groups hold at most k consecutive ratings
+    groups = defaultdict(list)
+    for e in base.values():
+        groups[e.group].append(e)
+    assert max(len(g) for g in groups.values()) == k
+    assert all(len({e.prefix for e in g}) == 1 for g in groups.values())
+    assert len(groups) < len(base)
+
+
+def test_groups_of_one_are_today_s_rows(ml_synth):
+    ml = load_movielens(ml_synth.dir)
+    assert _examples(ml, SplitConfig(candidates_per_prefix=1)) == _examples(ml)
+    grouped = _examples(ml, SplitConfig(candidates_per_prefix=4))
+    assert grouped["val"] == _examples(ml)["val"] and grouped["test"] == _examples(ml)["test"]
