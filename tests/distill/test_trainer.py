@@ -173,11 +173,13 @@ def test_on_policy_batch_masks_prompts(setup, tiny_tok):
     assert student.training
 
 
-@pytest.mark.parametrize("mode", ["kd", "two_stage"])
-def test_resume_is_exact(setup, tmp_path, mode):
+@pytest.mark.parametrize("mode, k", [("kd", 1), ("two_stage", 1), ("two_stage", 4)])
+def test_resume_is_exact(setup, tmp_path, mode, k):
+    """Also with multi-item groups (k = 4: packed rows, and unpacked for on-policy sampling)."""
     root, data = setup
-    full = train(config(root, data, tmp_path / "full", mode=mode))
-    cfg = config(root, data, tmp_path / "split", mode=mode)
+    task = {"candidates_per_prefix": k}
+    full = train(config(root, data, tmp_path / "full", mode=mode, task=task))
+    cfg = config(root, data, tmp_path / "split", mode=mode, task=task)
     train(cfg, stop_after=3)
     first_run = json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())
     assert first_run["step"] == 3 and first_run["train_seconds"] > 0
