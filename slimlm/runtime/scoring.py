@@ -8,9 +8,18 @@ where ``h_last`` is the final (normed) hidden state at the last prompt token and
 full-vocabulary softmax normaliser cancels, so the LM head runs only on the L label rows and only at the
 scored positions, never over [tokens x vocab]. The ranking score is p_1 (P(" Yes") over {" Yes", " No"}).
 
-Candidates that share a prefix (same ``group`` and identical prefix ids) run the prefix once; its KV
-cache [1, H_kv, P, D] per layer is broadcast into each candidate batch and only the suffixes run. Groups
-of one candidate gain nothing from that, so they run as whole prompts, sorted by length and batched.
+Candidates that share a prefix (same ``group`` and identical prefix ids) run the prefix once, in one of
+two ways:
+
+- **packed** (:mod:`slimlm.runtime.packing`): the prefix and the group's candidates form one row with a
+  block attention mask and restarted positions; rows of many groups are batched together, so a task of
+  many small groups (MovieLens evaluation: 2 candidates per user) runs in a few large forwards;
+- **broadcast**: the prefix runs alone and its KV cache [1, H_kv, P, D] per layer is broadcast into
+  batches of the group's candidates; attention costs each candidate only P + S keys, so it wins for one
+  prefix with many candidates (a serving request of 100 items), where a packed row's (P + N·S)² block grows.
+
+:func:`score` packs groups of up to :data:`PACK_MAX_CANDIDATES` candidates (the crossing point measured by
+``benchmarks/serve.py``) and broadcasts larger ones.
 
 The ``iter_*`` forms yield after each forward pass, so a caller that shares the model (the server's
 scheduler) can interleave other work between candidate batches; the plain forms run them to the end.
@@ -164,6 +173,62 @@ def iter_label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Seque
     return out
 
 
+# groups with more candidates than this are scored by KV broadcast, smaller ones packed (see the module doc)
+PACK_MAX_CANDIDATES = 16
+
+
+def label_probs_packed(model, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                       label_ids: Sequence[int], *, batch_size: int = 16, pad_id: int = 0,
+                       on_scored: OnScored | None = None) -> list[np.ndarray]:
+    """Label probabilities for groups ``(prefix, [suffix, ...])``: one packed row per group (prefix once,
+    each suffix attending to the prefix and itself), rows batched by length. Returns one [n_g, L] array
+    per group, in order."""
+    return _drive(iter_label_probs_packed(model, groups, label_ids, batch_size=batch_size, pad_id=pad_id),
+                  on_scored)
+
+
+@torch.inference_mode()
+def iter_label_probs_packed(model, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                            label_ids: Sequence[int], *, batch_size: int = 16,
+                            pad_id: int = 0) -> Generator[int, None, list[np.ndarray]]:
+    """:func:`label_probs_packed` one batch of rows at a time: yields the candidates scored, returns the list."""
+    from slimlm.runtime.packing import PAD_SEGMENT, attention_inputs, pack
+
+    _check_labels(model, label_ids)
+    if any(len(s) == 0 for _, sufs in groups for s in sufs):
+        raise SlimlmError("every candidate suffix needs at least one token")
+    device = next(model.parameters()).device
+    w, b = _label_head(model, label_ids)
+    base = model.get_decoder()
+    rows = [pack(prefix, sufs) for prefix, sufs in groups]
+    out = [np.empty((len(sufs), len(label_ids)), dtype=np.float64) for _, sufs in groups]
+    order = sorted(range(len(rows)), key=lambda g: len(rows[g][0]))
+    for start in range(0, len(order), batch_size):
+        idx = [g for g in order[start:start + batch_size] if groups[g][1]]
+        if not idx:
+            continue
+        ids, mask = right_pad([rows[g][0] for g in idx], pad_id, device)
+        positions, _ = right_pad([rows[g][1] for g in idx], 0, device)
+        segments, _ = right_pad([rows[g][2] for g in idx], PAD_SEGMENT, device)
+        hidden = base(input_ids=ids, use_cache=False,
+                      **attention_inputs(base, mask, positions, segments)).last_hidden_state
+        r, t = [], []  # (row, position) of every candidate's last token
+        for i, g in enumerate(idx):
+            end = len(groups[g][0])
+            for suf in groups[g][1]:
+                end += len(suf)
+                r.append(i)
+                t.append(end - 1)
+        probs = _label_probs(hidden[torch.tensor(r, device=device), torch.tensor(t, device=device)], w, b)
+        probs = probs.double().cpu().numpy()
+        k = 0
+        for g in idx:
+            out[g][:] = probs[k:k + len(groups[g][1])]
+            k += len(groups[g][1])
+        yield k
+    return out
+
+
 def score_full(model, prompts: Sequence[Sequence[int]], label_ids: tuple[int, int], *, batch_size: int = 16,
                pad_id: int = 0, on_scored: OnScored | None = None) -> np.ndarray:
     """P(pos) for whole prompts (no reuse), batched by length; the reference for :func:`score`."""
@@ -179,23 +244,35 @@ def score_shared_prefix(model, prefix: Sequence[int], suffixes: Sequence[Sequenc
 
 
 def score(model, examples: Sequence[TokenizedRanking], label_ids: tuple[int, int], *, batch_size: int = 16,
-          pad_id: int = 0, reuse_prefix: bool = True, on_scored: OnScored | None = None) -> np.ndarray:
+          pad_id: int = 0, reuse_prefix: bool = True, strategy: str = "auto",
+          on_scored: OnScored | None = None) -> np.ndarray:
     """P(pos) for every example, in input order.
 
-    With ``reuse_prefix``, groups of two or more candidates sharing identical prefix ids run their prefix
-    once; the rest run as whole prompts.
+    With ``reuse_prefix``, candidates sharing a group and identical prefix ids run their prefix once:
+    ``strategy`` "auto" packs groups of up to :data:`PACK_MAX_CANDIDATES` candidates (many groups per
+    forward) and broadcasts the prefix KV of larger ones; "packed" / "broadcast" force one way. Without
+    it every example runs as a whole prompt.
     """
+    if strategy not in ("auto", "packed", "broadcast"):
+        raise SlimlmError(f"scoring strategy {strategy!r}: expected auto, packed or broadcast")
     out = np.empty(len(examples), dtype=np.float64)
     groups: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(list)
     for i, ex in enumerate(examples):
         groups[(ex.group, ex.prefix_ids)].append(i)
-    singles = []
+    singles, packed = [], []
     for (_, prefix), idx in groups.items():
-        if reuse_prefix and len(idx) > 1 and prefix:
+        if not reuse_prefix or not prefix or (len(idx) == 1 and strategy != "packed"):
+            singles.extend(idx)
+        elif strategy == "packed" or (strategy == "auto" and len(idx) <= PACK_MAX_CANDIDATES):
+            packed.append((prefix, idx))
+        else:
             out[idx] = score_shared_prefix(model, prefix, [examples[i].suffix_ids for i in idx], label_ids,
                                            batch_size=batch_size, pad_id=pad_id, on_scored=on_scored)
-        else:
-            singles.extend(idx)
+    if packed:
+        probs = label_probs_packed(model, [(p, [examples[i].suffix_ids for i in idx]) for p, idx in packed],
+                                   label_ids, batch_size=batch_size, pad_id=pad_id, on_scored=on_scored)
+        for (_, idx), pr in zip(packed, probs, strict=True):
+            out[idx] = pr[:, 0]
     if singles:
         out[singles] = score_full(model, [examples[i].input_ids for i in singles], label_ids,
                                   batch_size=batch_size, pad_id=pad_id, on_scored=on_scored)

@@ -13,6 +13,7 @@ from slimlm import SlimlmError
 from slimlm.models import FAMILIES
 from slimlm.runtime.scoring import (
     label_probs_full,
+    label_probs_packed,
     label_probs_shared_prefix,
     score,
     score_full,
@@ -70,13 +71,27 @@ def reference(model):
     return examples, ref
 
 
+@pytest.mark.parametrize("strategy", ["auto", "packed", "broadcast"])
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_score_with_prefix_reuse_matches_reference(model, reference, batch_size):
+def test_score_with_prefix_reuse_matches_reference(model, reference, batch_size, strategy):
     examples, ref = reference
     done = []
-    got = score(model, examples, LABELS, batch_size=batch_size, on_scored=done.append)
+    got = score(model, examples, LABELS, batch_size=batch_size, strategy=strategy, on_scored=done.append)
     np.testing.assert_allclose(got, ref, atol=ATOL[torch.float32], rtol=0)
     assert sum(done) == len(examples)
+
+
+def test_packed_groups_match_reference(model, reference):
+    """One packed row per group (uneven suffixes, groups of one, rows padded together in a batch)."""
+    examples, ref = reference
+    by_group: dict = {}
+    for i, ex in enumerate(examples):
+        by_group.setdefault((ex.group, ex.prefix_ids), []).append(i)
+    groups = [(prefix, [examples[i].suffix_ids for i in idx]) for (_, prefix), idx in by_group.items()]
+    got = label_probs_packed(model, groups, LABELS, batch_size=4, pad_id=13)
+    for (_, idx), probs in zip(by_group.items(), got, strict=True):
+        np.testing.assert_allclose(probs[:, 0], ref[idx], atol=ATOL[torch.float32], rtol=0)
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)
 
 
 def test_score_without_reuse_and_score_full_match_reference(model, reference):
