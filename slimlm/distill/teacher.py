@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slimlm import SlimlmError
-from slimlm.distill.data import Seq, collate
+from slimlm.distill.data import Seq, collate, model_kwargs
 from slimlm.io import atomic_dir
 
 FORMAT_VERSION = 1
@@ -53,19 +53,18 @@ def fingerprint(seqs: list[Seq], *, k: int, temperature: float, vocab: int) -> s
         h.update(np.int64(len(s.input_ids)).astype("<i8").tobytes())
         h.update(np.asarray(s.input_ids, dtype="<i8").tobytes())
         h.update(np.asarray(s.labels, dtype="<i8").tobytes())
+        if s.segments is not None:  # a packed row: its candidates' boundaries are part of the data
+            h.update(b"packed" + np.asarray(s.segments, dtype="<i8").tobytes())
     return h.hexdigest()
 
 
 @torch.no_grad()
 def teacher_hidden(teacher, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The teacher's final hidden states ``[B, T, H]`` for a collated batch.
-
-    Every key of ``batch`` but ``labels`` goes to the decoder as given: ``input_ids`` and
-    ``attention_mask`` from :func:`~slimlm.distill.data.collate`, and whatever else a caller adds (e.g.
-    ``position_ids`` and a custom mask for packed multi-item batches).
+    """The teacher's final hidden states ``[B, T, H]`` for a batch from :func:`~slimlm.distill.data.collate`,
+    packed multi-item rows included (their block mask and positions, as the student sees them in training).
     """
-    inputs = {key: v for key, v in batch.items() if key != "labels"}
-    return teacher.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    decoder = teacher.get_decoder()
+    return decoder(**model_kwargs(decoder, batch), use_cache=False).last_hidden_state
 
 
 def _logsumexp_(z: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ def attention_inputs(model: torch.nn.Module, attention_mask: torch.Tensor, posit
     flex-style kernels; additive 0 / −inf-like floats in the model's dtype for eager attention) and the
     position ids."""
     if segments is None:
-        return {"attention_mask": attention_mask}
+        return {"attention_mask": attention_mask, **({"position_ids": position_ids} if position_ids is not None else {})}
     allowed = block_mask(segments, attention_mask)
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if impl == "eager":

@@ -270,14 +270,16 @@ def test_cache_refuses_other_data_and_temperature(tmp_path):
     assert b["labels"].shape == b["input_ids"].shape
 
 
-def test_training_from_the_cache_matches_the_live_teacher(tmp_path):
+@pytest.mark.parametrize("k", [1, 4])
+def test_training_from_the_cache_matches_the_live_teacher(tmp_path, k):
+    """Also on packed multi-item batches (k = 4): the cache is written with the same packing."""
     users, items, ratings = synth_movielens(n_users=8, per_user=12, seed=4)
     data = write_movielens(tmp_path / "ml", users, items, ratings)
     save_tiny_model("llama", tmp_path / "teacher", seed=1)
     save_tiny_model("llama", tmp_path / "student", seed=2, num_hidden_layers=1)
     common = [f"student={tmp_path / 'student'}", f"teacher={tmp_path / 'teacher'}", f"task.data={data}",
               "max_steps=3", "batch_size=3", "eval_every=0", "task.eval_limit=6", "tensorboard=false",
-              "optim.lr=1e-3", "loss.temperature=2"]
+              "optim.lr=1e-3", "loss.temperature=2", f"task.candidates_per_prefix={k}"]
     train(load_config(DistillConfig, None, [*common, f"out={tmp_path / 'online'}"]))
     cached = load_config(DistillConfig, None, [*common, f"out={tmp_path / 'cached'}", "teacher_signal=cached",
                                                f"teacher_cache={tmp_path / 'cache'}", "cache_top_k=100000"])

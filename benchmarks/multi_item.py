@@ -1,0 +1,204 @@
+"""Multi-item training benchmark: MovieLens training examples (candidates) per second with k candidates packed
+under one user prefix, against k = 1, same model, same machine, one run; and the quality check at equal
+examples seen.
+
+    python benchmarks/multi_item.py speed [--ks 1,4,8,16] [--candidates 16] [--steps 4] [--rounds 2]
+                                          [--student-layers 10] [--out runs/bench/multi_item_speed.json]
+    python benchmarks/multi_item.py quality [--examples 1600] [--k 8] [--layers 6]
+                                            [--out runs/bench/multi_item_quality.json]
+
+speed: for every k, training steps of ``--candidates`` candidates each (k = 1: that many rows; k > 1:
+packed rows of up to k candidates, as slimlm's trainer builds them from the train split with
+``task.candidates_per_prefix = k``), timed from the forward to the optimizer step, exactly as
+``slimlm.distill.trainer`` runs a step (DistillModule, chunked loss, AdamW, clip). Two settings:
+
+    teacher SFT   the built-in SmolLM2-135M-Instruct teacher, cross-entropy on the label tokens;
+    student KD    a --student-layers student made from the teacher's own layers (as ``slimlm init-student``),
+                  forward KL to the live 30-layer teacher (the teacher forward is in the step).
+
+The ks alternate within each round (k = 1, 4, 8, 16, then again), so load drift hits all alike; the
+figure is the median step over all rounds; examples/s = candidates per step / median step seconds.
+
+quality: SFT of a --layers model (the teacher's evenly spaced layers) for the same number of training
+examples with k = 1 and with --k, same seed, lr and candidates per step; both scored on the whole
+validation split (every user's 2 validation candidates) and compared with a paired bootstrap of ΔAUC
+(slimlm.evaluate.paired_auc_delta). Target: the interval holds 0 (packing costs no quality).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def sequences(tokenizer, k: int, seed: int = 0):
+    from slimlm.config import TaskConfig
+    from slimlm.distill.data import build_sequences
+
+    return build_sequences(TaskConfig(candidates_per_prefix=k), tokenizer, "train", None, seed)
+
+
+def batches_of(seqs, candidates: int, seed: int):
+    """Batches of rows holding ``candidates`` targets each (whole rows), in a seeded order."""
+    from slimlm.tasks.completion import IGNORE_INDEX
+
+    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed)).tolist()
+    batch, n = [], 0
+    for i in order:
+        t = sum(y != IGNORE_INDEX for y in seqs[i].labels)
+        if n + t > candidates and batch:
+            yield batch, n
+            batch, n = [], 0
+        batch.append(seqs[i])
+        n += t
+
+
+def make_step(module, params, lr=5e-5):
+    from slimlm.distill.data import window_targets
+    from slimlm.distill.losses import normalize
+
+    opt = torch.optim.AdamW(params, lr=lr)
+
+    def step(batch, mode):
+        loss = module(batch["input_ids"], batch["attention_mask"], batch["labels"], mode=mode,
+                      position_ids=batch.get("position_ids"), segments=batch.get("segments"))
+        normalize(loss, window_targets([batch])).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    return step
+
+
+def speed(args) -> dict:
+    from slimlm.distill.data import collate
+    from slimlm.distill.losses import LossConfig, check_vocab
+    from slimlm.distill.trainer import DistillModule
+    from slimlm.loading import load_model, load_tokenizer
+    from slimlm.prune.slice import evenly_spaced, keep_layers
+
+    tok = load_tokenizer("teacher")
+    teacher = load_model("teacher")
+    ks = [int(k) for k in args.ks.split(",")]
+    data = {k: sequences(tok, k) for k in ks}
+    vocab = check_vocab(teacher.get_output_embeddings().weight.shape[0], None, len(tok))
+    settings = {}
+    sft_model = load_model("teacher").train()
+    settings["teacher SFT"] = (DistillModule(sft_model, None, LossConfig(), vocab, 64), "sft", sft_model)
+    student = keep_layers(load_model("teacher"), evenly_spaced(teacher.config.num_hidden_layers, args.student_layers))
+    student.train()
+    settings["student KD"] = (DistillModule(student, teacher, LossConfig(), vocab, 64), "kd", student)
+    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+                 "threads": torch.get_num_threads(), "candidates_per_step": args.candidates, "settings": {}}
+    for name, (module, mode, model) in settings.items():
+        step = make_step(module, [p for p in model.parameters() if p.requires_grad])
+        feeds = {k: batches_of(data[k], args.candidates, 0) for k in ks}
+        times: dict[int, list[float]] = {k: [] for k in ks}
+        tokens: dict[int, list[int]] = {k: [] for k in ks}
+        for k in ks:  # warm-up: one step each (allocator, first-call overheads)
+            b, _ = next(feeds[k])
+            step(collate(b, tok.pad_token_id), mode)
+        for _ in range(args.rounds):
+            for k in ks:
+                for _ in range(args.steps):
+                    rows, n = next(feeds[k])
+                    batch = collate(rows, tok.pad_token_id)
+                    t0 = time.perf_counter()
+                    step(batch, mode)
+                    times[k].append((time.perf_counter() - t0) / n)  # seconds per candidate
+                    tokens[k].append(int(batch["attention_mask"].sum()) / n)
+        res = {}
+        for k in ks:
+            per = statistics.median(times[k])
+            res[k] = {"examples_per_s": 1.0 / per, "tokens_per_example": statistics.mean(tokens[k]),
+                      "steps": len(times[k])}
+        for k in ks:
+            res[k]["speedup_vs_k1"] = res[k]["examples_per_s"] / res[ks[0]]["examples_per_s"]
+        out["settings"][name] = res
+        print(f"\n{name} ({mode}), {args.candidates} candidates a step, median over {args.rounds} rounds x "
+              f"{args.steps} steps:")
+        print(f"{'k':>4} {'examples/s':>11} {'tokens/example':>15} {'vs k=1':>8}")
+        for k in ks:
+            r = res[k]
+            print(f"{k:>4} {r['examples_per_s']:>11.2f} {r['tokens_per_example']:>15.1f} {r['speedup_vs_k1']:>7.2f}x")
+    return out
+
+
+def quality(args) -> dict:
+    from slimlm.distill.data import collate
+    from slimlm.distill.losses import LossConfig, check_vocab
+    from slimlm.distill.trainer import DistillModule
+    from slimlm.evaluate import bootstrap_auc, evaluate_ranking, paired_auc_delta
+    from slimlm.loading import load_model, load_tokenizer
+    from slimlm.prune.slice import evenly_spaced, keep_layers
+    from slimlm.tasks import load_ranking_task
+
+    tok = load_tokenizer("teacher")
+    val = load_ranking_task("movielens-ranking", None, "val")
+    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+                 "examples": args.examples, "layers": args.layers, "candidates_per_step": args.candidates,
+                 "lr": args.lr, "runs": {}}
+    scores = {}
+    for k in (1, args.k):
+        torch.manual_seed(0)
+        base = load_model("teacher")
+        model = keep_layers(base, evenly_spaced(base.config.num_hidden_layers, args.layers)).train()
+        vocab = check_vocab(model.get_output_embeddings().weight.shape[0], None, len(tok))
+        module = DistillModule(model, None, LossConfig(), vocab, 64)
+        step = make_step(module, [p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        seen, t0, losses = 0, time.perf_counter(), []
+        feed = batches_of(sequences(tok, k), args.candidates, 0)
+        while seen < args.examples:
+            rows, n = next(feed)
+            losses.append(step(collate(rows, tok.pad_token_id), "sft") / n)
+            seen += n
+        train_s = time.perf_counter() - t0
+        model.eval()
+        metrics, p = evaluate_ranking(model, tok, val, batch_size=16)
+        scores[k] = p
+        out["runs"][k] = {"examples_seen": seen, "train_seconds": train_s, "val_auc": metrics["auc"],
+                          "val_auc_ci95": list(bootstrap_auc([e.label for e in val], p)), "n_val": len(val),
+                          "last_loss": statistics.mean(losses[-10:])}
+        print(f"k={k}: {seen} examples in {train_s:.0f} s; validation AUC {metrics['auc']:.4f} on {len(val)} rows")
+    labels = [e.label for e in val]
+    d = paired_auc_delta(labels, scores[args.k], scores[1])
+    out["delta_auc_k_minus_k1"] = list(d)
+    out["interval_holds_zero"] = d[1] <= 0 <= d[2]
+    print(f"ΔAUC (k={args.k} − k=1) {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]; interval holds 0: {out['interval_holds_zero']}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--ks", default="1,4,8,16")
+    s.add_argument("--candidates", type=int, default=16)
+    s.add_argument("--steps", type=int, default=4)
+    s.add_argument("--rounds", type=int, default=2)
+    s.add_argument("--student-layers", type=int, default=10)
+    s.add_argument("--out", default="runs/bench/multi_item_speed.json")
+    q = sub.add_parser("quality")
+    q.add_argument("--examples", type=int, default=1600)
+    q.add_argument("--k", type=int, default=8)
+    q.add_argument("--layers", type=int, default=6)
+    q.add_argument("--candidates", type=int, default=16)
+    q.add_argument("--lr", type=float, default=1e-4)
+    q.add_argument("--out", default="runs/bench/multi_item_quality.json")
+    args = ap.parse_args()
+    result = speed(args) if args.what == "speed" else quality(args)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
