@@ -252,6 +252,12 @@ def disk_bytes(path: str | Path) -> int:
 
 
 @torch.inference_mode()
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so wall-clock timings measure the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len: int = 128, decode_tokens: int = 32,
           candidates: int = 100, reps: int = 3) -> dict[str, float]:
     """Prefill tokens/s (``prefill_batch`` x ``prefill_len``, one forward without a cache), decode
@@ -272,8 +278,10 @@ def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len:
         fn()  # warm-up
         times = []
         for _ in range(reps):
+            sync(device)
             t = time.perf_counter()
             fn()
+            sync(device)  # CUDA work is asynchronous: the clock stops when the GPU is done, not when queued
             times.append(time.perf_counter() - t)
         return float(np.median(times))
 

@@ -28,6 +28,9 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     strategy: str = "none"  # none | ddp | fsdp2
+    # where collectives' tensors live: NCCL takes CUDA tensors only, gloo CPU ones; every collective below
+    # moves its tensor here, so gloo tests run the code path NCCL runs
+    comm_device: str = "cpu"
 
     @property
     def main(self) -> bool:
@@ -48,7 +51,8 @@ def init_distributed(parallel: str, device: str) -> tuple[Dist, torch.device]:
     if not torch_dist.is_initialized():
         torch_dist.init_process_group(backend="nccl" if cuda else "gloo")
     strategy = "ddp" if parallel == "auto" else parallel
-    return Dist(rank, world, local, strategy), torch.device(f"cuda:{local}" if cuda else "cpu")
+    comm = f"cuda:{local}" if torch_dist.get_backend() == "nccl" else "cpu"
+    return Dist(rank, world, local, strategy, comm), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 
 def wrap(module: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.Module:
@@ -104,9 +108,9 @@ def all_sum(values: list[float], dist: Dist, dtype: torch.dtype = torch.float64)
     """Element-wise sum over ranks (identity in a single process)."""
     if dist.world == 1:
         return list(values)
-    t = torch.tensor(values, dtype=dtype)
+    t = torch.tensor(values, dtype=dtype, device=dist.comm_device)
     torch_dist.all_reduce(t)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 def no_sync(wrapped: torch.nn.Module, dist: Dist, last: bool):
@@ -128,15 +132,17 @@ def full_state_dict(student: torch.nn.Module, dist: Dist) -> dict[str, torch.Ten
 
 
 def gather_states(states: dict[str, torch.Tensor], dist: Dist) -> list[dict[str, torch.Tensor]]:
-    """Every rank's ``states`` (same keys and shapes on all ranks, e.g. RNG byte tensors), by rank."""
+    """Every rank's ``states`` (same keys and shapes on all ranks, e.g. RNG byte tensors), by rank, on the
+    CPU (they travel through ``dist.comm_device``)."""
     if dist.world == 1:
         return [states]
     out: list[dict[str, torch.Tensor]] = [{} for _ in range(dist.world)]
     for key, t in states.items():
-        parts = [torch.empty_like(t) for _ in range(dist.world)]
-        torch_dist.all_gather(parts, t.contiguous())
+        sent = t.contiguous().to(dist.comm_device)
+        parts = [torch.empty_like(sent) for _ in range(dist.world)]
+        torch_dist.all_gather(parts, sent)
         for r, part in enumerate(parts):
-            out[r][key] = part
+            out[r][key] = part.cpu()
     return out
 
 
