@@ -94,24 +94,32 @@ def info(model: Annotated[str, typer.Argument(help="Model directory, or 'teacher
     out.print_json(json.dumps(facts))
 
 
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N (default: CUDA when torch sees a GPU, "
+                                                     "else CPU; see slimlm.placement).")]
+DtypeOpt = Annotated[str | None, typer.Option(help="Compute dtype: float32 | bfloat16 | float16 (default: bf16 on "
+                                                   "CUDA, fp32 on CPU).")]
+
+
 def evaluate_model(model_name: str, task: str, *, data: Path | None = None, split: str = "test",
-                   limit: int | None = None, batch_size: int = 16, seed: int = 0, device: str = "cpu",
-                   labels: tuple[str, str] = (" Yes", " No"), block_size: int = 512) -> dict:
+                   limit: int | None = None, batch_size: int = 16, seed: int = 0, device: str | None = None,
+                   dtype: str | None = None, labels: tuple[str, str] = (" Yes", " No"), block_size: int = 512) -> dict:
     """Load a model, run one task's evaluation with a progress bar, and return the results dict."""
     from slimlm.evaluate import load_task_data, run_task
     from slimlm.loading import load_model, load_tokenizer, resolve_model
     from slimlm.models import param_counts
+    from slimlm.placement import choose
 
+    where = choose(device, dtype)  # a placement this machine cannot run fails before any work
     if task == "ranking" and data is None:
         raise SlimlmError("--task ranking needs --data FILE (.jsonl or .parquet; schema in the README)")
     td = load_task_data(task, data, split=split, limit=limit, seed=seed)  # bad data fails before the model loads
     path = resolve_model(model_name)
     t0 = time.perf_counter()
-    model = load_model(path, device=device)
+    model = load_model(path, device=where.device, dtype=where.dtype)
     tokenizer = load_tokenizer(path)
     load_s = time.perf_counter() - t0
     result: dict = {"model": str(path), "task": task, "split": split, "load_seconds": round(load_s, 2),
-                    "params": param_counts(model)}
+                    "params": param_counts(model), "placement": where.to_dict()}
     t1 = time.perf_counter()
     with progress_bar() as bar:
         def start(what: str, total: int):
@@ -146,14 +154,15 @@ def eval_cmd(
     limit: Annotated[int | None, typer.Option(help="Evaluate at most N examples (whole groups, seeded).")] = None,
     batch_size: int = 16,
     seed: int = 0,
-    device: str = "cpu",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     out_file: Annotated[Path | None, typer.Option("--out", help="Results JSON (default runs/eval/...).")] = None,
 ) -> None:
     """Evaluate a model: ranking AUC / log-loss / accuracy, perplexity on text, or exact match (arithmetic)."""
     from slimlm.io import atomic_write_json
 
     result = evaluate_model(model, task, data=data, split=split, limit=limit, batch_size=batch_size,
-                            seed=seed, device=device)
+                            seed=seed, device=device, dtype=dtype)
     path = out_file or _default_out("eval", Path(result["model"]).name, task, split)
     atomic_write_json(path, result)
     out.print_json(json.dumps(result["metrics"]))
@@ -269,11 +278,15 @@ def init_student(
     out_dir: Annotated[Path, typer.Option("--out", help="Output directory.")],
     layers: Annotated[int | None, typer.Option(help="Keep this many decoder layers, evenly spaced.")] = None,
     keep: Annotated[str | None, typer.Option(help="Comma-separated layer indices to keep, e.g. 0,5,10.")] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """A smaller student initialised from a model's own layers (a real, smaller checkpoint)."""
     from slimlm.loading import load_model, load_tokenizer
     from slimlm.models import param_counts, save_model
+    from slimlm.placement import choose
     from slimlm.prune.slice import evenly_spaced, keep_layers
+
+    where = choose(device)
 
     if (layers is None) == (keep is None):
         raise SlimlmError("give exactly one of --layers N or --keep I,J,...")
@@ -283,7 +296,9 @@ def init_student(
         wanted = None if keep is None else [int(x) for x in keep.split(",")]
     except ValueError:
         raise SlimlmError(f"--keep must be comma-separated integers, got {keep!r}") from None
-    source = load_model(model)
+    import torch
+
+    source = load_model(model, device=where.device, dtype=torch.float32)  # slicing keeps the weights exact
     indices = evenly_spaced(source.config.num_hidden_layers, layers) if wanted is None else wanted
     student = keep_layers(source, indices)
     save_model(student, load_tokenizer(model), out_dir, extra={"slimlm_init.json": {"source": str(model),
@@ -468,12 +483,15 @@ def quantize(
                                                            "name or re:REGEX). Default: lm_head; 'none' quantizes every Linear.")] = None,
     dtype: Annotated[str, typer.Option(help="Storage dtype of the unquantized tensors: bfloat16 | float32.")] = "bfloat16",
     batch_size: int = 8,
+    device: DeviceOpt = None,
 ) -> None:
     """Quantize a model (FP8 / INT8 W8A8 / INT4 weight-only) and export it in the compressed-tensors format."""
     from pydantic import ValidationError
 
+    from slimlm.placement import choose
     from slimlm.quantize.api import QuantizeConfig, quantize_dir
 
+    where = choose(device)  # calibration, GPTQ and the quantization run here (bf16 on CUDA, fp32 on CPU)
     given = {"group_size": group_size, "symmetric": symmetric, "method": method, "calib": calib}
     fields = {k: v for k, v in given.items() if v is not None}
     if smooth:
@@ -492,7 +510,7 @@ def quantize(
         raise SlimlmError(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}") from None
     with progress_bar() as bar:
         report = quantize_dir(model, out_dir, cfg, progress=_bar_callback(bar),
-                              status=lambda msg: console.print(msg, highlight=False))
+                              status=lambda msg: console.print(msg, highlight=False), placement=where)
     for note in report["notes"]:
         console.print(f"note: {note}")
     out.print_json(json.dumps({"out": str(out_dir), "scheme": cfg.scheme, "quantized_layers": report["quantized_layers"],

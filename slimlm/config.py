@@ -92,7 +92,7 @@ class DistillConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     max_steps: int = Field(100, ge=1)  # optimizer steps
     seed: int = 0
-    device: str = "cpu"
+    device: str | None = None  # None: slimlm.placement's default (CUDA when torch sees a GPU, else CPU)
     dtype: Literal["float32", "bfloat16"] = "float32"  # student weights; bf16 autocast is used on CUDA
     teacher_dtype: Literal["float32", "bfloat16"] | None = None  # default: bf16 on CUDA, fp32 on CPU
     parallel: Literal["auto", "none", "ddp", "fsdp2"] = "auto"  # under torchrun; auto = ddp

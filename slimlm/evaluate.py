@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from slimlm import SlimlmError
+from slimlm.placement import Placement
 from slimlm.runtime import decoding, scoring
 from slimlm.tasks.completion import CompletionExample, render
 from slimlm.tasks.ranking import DEFAULT_LABELS, RankingExample, label_token_ids, tokenize_ranking
@@ -361,20 +362,24 @@ def run_task(model, tokenizer, td: TaskData, *, batch_size: int = 16, labels: tu
 
 
 def evaluate_dir(path: str | Path, task, *, split: str = "test", limit: int | None = None, batch_size: int = 16,
-                 seed: int = 0, speed_probe: bool = True, progress=None) -> dict:
+                 seed: int = 0, speed_probe: bool = True, progress=None, placement: Placement | None = None) -> dict:
     """Everything the report shows for one model directory: parameters, bytes on disk, the task metric
     (:func:`run_task`), ranking candidates/s, and (optionally) prefill / decode speed; ``scores`` holds the
-    per-example scores (:func:`run_task`). ``task`` is a :class:`slimlm.config.TaskConfig`."""
+    per-example scores (:func:`run_task`). ``task`` is a :class:`slimlm.config.TaskConfig`; the model runs
+    where ``placement`` says (default: :func:`slimlm.placement.choose`), recorded in the result."""
     import time
 
     from slimlm.loading import load_model, load_tokenizer, resolve_model
     from slimlm.models import param_counts
+    from slimlm.placement import choose
 
+    where = placement or choose()
     td = load_task_data(task.name, task.data, split=split, limit=limit, seed=seed)  # data errors before the model
     path = resolve_model(path)
-    model = load_model(path)
+    model = load_model(path, device=where.device, dtype=where.dtype)
     tokenizer = load_tokenizer(path)
-    result: dict = {"model": str(path), "params": param_counts(model), "disk_bytes": disk_bytes(path)}
+    result: dict = {"model": str(path), "params": param_counts(model), "disk_bytes": disk_bytes(path),
+                    "placement": where.to_dict()}
     t0 = time.perf_counter()
     metrics, scores, probe_tokens = run_task(model, tokenizer, td, batch_size=batch_size, progress=progress)
     if scores is not None:

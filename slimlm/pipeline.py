@@ -42,6 +42,7 @@ from pydantic import Field, ValidationError, model_validator
 from slimlm import SlimlmError, __version__
 from slimlm.config import DistillConfig, PruneConfig, Strict, TaskConfig, load_config
 from slimlm.io import atomic_write_json, read_json_or_none
+from slimlm.placement import Placement, choose
 
 Say = Callable[[str], None]  # called with a one-line status
 
@@ -85,6 +86,9 @@ class Recipe(Strict):
     teacher: str = "teacher"
     task: TaskConfig = TaskConfig()
     seed: int = 0
+    # where every stage runs (slimlm.placement): None = CUDA with bf16 when torch sees a GPU, else CPU fp32
+    device: str | None = None
+    dtype: str | None = None  # compute dtype of the evaluate / quantize / prune stages (distill: its own dtype)
     stages: list[Stage] = Field(min_length=1)
 
 
@@ -108,7 +112,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
                           "one runs with `slimlm distill -c FILE`)")
     recipe = load_config(Recipe, path, overrides)
     plan(recipe)  # every stage config and reference is checked before any work
+    placement(recipe)  # and where it runs
     return recipe
+
+
+def placement(recipe: Recipe) -> Placement:
+    """The recipe's :class:`slimlm.placement.Placement` (a one-line error for one this machine cannot run)."""
+    return choose(recipe.device, recipe.dtype)
 
 
 # --------------------------------------------------------------------------- planning
@@ -264,6 +274,7 @@ def run(recipe: Recipe, progress: Say | None = None, command: list[str] | None =
     ``seconds_all_runs`` (:func:`stage_seconds`); the report (:mod:`slimlm.report`) is the caller's to write."""
     out = Path(recipe.out)
     steps = plan(recipe)
+    where = placement(recipe)
     record_invocation(out, recipe, command)  # also refuses stage names the report needs, before any work
     out.mkdir(parents=True, exist_ok=True)
     done: dict[str, dict[str, Any]] = {}
@@ -295,20 +306,20 @@ def run(recipe: Recipe, progress: Say | None = None, command: list[str] | None =
         t0 = time.perf_counter()
         cfg = step["config"]
         if kind == "distill":
-            metrics = _distill(cfg, model_dir(inputs["from"]), model_dir(inputs["teacher"]), stage_dir)
+            metrics = _distill(cfg, model_dir(inputs["from"]), model_dir(inputs["teacher"]), stage_dir, where)
         elif kind == "init":
             metrics = _init(model_dir(inputs["from"]), stage_dir / "model", cfg)
         elif kind == "prune":
             from slimlm.prune.api import prune_dir
 
-            metrics = prune_dir(model_dir(inputs["from"]), stage_dir / "model", cfg)
+            metrics = prune_dir(model_dir(inputs["from"]), stage_dir / "model", cfg, device=str(where.device))
         elif kind == "quantize":
             from slimlm.quantize.api import quantize_dir
 
-            metrics = quantize_dir(model_dir(inputs["from"]), stage_dir / "model", cfg)
+            metrics = quantize_dir(model_dir(inputs["from"]), stage_dir / "model", cfg, placement=where)
         else:
             metrics = _evaluate(recipe, {r: model_dir(p) for r, p in inputs["models"].items()}, cfg, stage_dir, say,
-                                fp, steps)
+                                fp, steps, where)
         record = {"name": name, "kind": kind, "fingerprint": fp, "seconds": round(time.perf_counter() - t0, 1),
                   "inputs": {k: v for k, v in inputs.items()}, "metrics": metrics}
         record["seconds_all_runs"] = stage_seconds(record)
@@ -326,12 +337,13 @@ def _record_total(out: Path, done: dict[str, dict[str, Any]]) -> None:
     atomic_write_json(out / RUN_FILE, run_info)
 
 
-def _distill(cfg: DistillConfig, student: str, teacher: str, stage_dir: Path) -> dict[str, Any]:
+def _distill(cfg: DistillConfig, student: str, teacher: str, stage_dir: Path, where: Placement) -> dict[str, Any]:
     from slimlm.distill.trainer import train
 
-    # an sft stage needs no teacher (the trainer would load it only for the held-out KL)
+    # an sft stage needs no teacher (the trainer would load it only for the held-out KL); the recipe's device
+    # unless the stage names its own (the student's weight dtype is the stage's: fp32 masters, autocast on CUDA)
     cfg = cfg.model_copy(update={"student": student, "teacher": teacher if cfg.mode != "sft" else None,
-                                 "out": str(stage_dir)})
+                                 "out": str(stage_dir), "device": cfg.device or str(where.device)})
     DistillConfig.model_validate(cfg.model_dump())  # the real paths, checked again
     train(cfg)
     return json.loads((stage_dir / "metrics.json").read_text())
@@ -357,7 +369,7 @@ def origins(steps: list[dict[str, Any]], teacher: str) -> dict[str, dict[str, An
 
 
 def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage_dir: Path,
-              say: Say, fingerprint: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
+              say: Say, fingerprint: str, steps: list[dict[str, Any]], where: Placement) -> dict[str, Any]:
     """Evaluate each model, writing results as they come, and after each the stage's comparisons
     (:mod:`slimlm.comparison`: reference, retention, speed-ups, paired Δs, the classic baseline on the same
     rows); a re-run of an interrupted stage keeps the models it already evaluated (same stage fingerprint,
@@ -370,10 +382,10 @@ def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage
     atomic_write_json(stage_dir / "partial.json", {"fingerprint": fingerprint})
     task = recipe.task.model_dump(mode="json")
     baseline = write_baseline(stage_dir, task, cfg.split, cfg.limit, recipe.seed)
-    where = origins(steps, recipe.teacher)
+    came_from = origins(steps, recipe.teacher)
 
     def compare() -> None:
-        write_comparison(stage_dir, results, scores, where, baseline=baseline, planned=list(models))
+        write_comparison(stage_dir, results, scores, came_from, baseline=baseline, planned=list(models))
 
     for ref, path in models.items():
         if ref in results and results[ref].get("model") == str(resolve_model(path)):  # scores.json is written first
@@ -382,7 +394,7 @@ def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage
         say(f"evaluating {ref}")
         t0 = time.perf_counter()
         results[ref] = evaluate_dir(path, recipe.task, split=cfg.split, limit=cfg.limit, batch_size=cfg.batch_size,
-                                    seed=recipe.seed, speed_probe=cfg.speed)
+                                    seed=recipe.seed, speed_probe=cfg.speed, placement=where)
         # load, scoring and speed probes: the report adds these up, so a resumed stage counts every run of it
         results[ref]["wall_seconds"] = round(time.perf_counter() - t0, 2)
         if "scores" in results[ref]:  # per-example scores go beside the results (the report pairs models)

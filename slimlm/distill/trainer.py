@@ -276,7 +276,13 @@ def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = Non
     check_same_run(out, cfg)
     if (out / "model" / "config.json").exists() and (out / "metrics.json").exists():
         return out  # finished earlier: nothing to do
-    dist, device = init_distributed(cfg.parallel, cfg.device)
+    import os
+
+    from slimlm.placement import choose
+
+    # checked before any work: a device this machine lacks, or more local ranks than GPUs, is a one-line error
+    where = choose(cfg.device, world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    dist, device = init_distributed(cfg.parallel, str(where.device))
     try:
         return _train(cfg, out, dist, device, progress, stop_after)
     finally:  # a process group left to the interpreter's exit can abort a rank ("terminate called ...")
@@ -476,7 +482,9 @@ def build_teacher_cache(cfg: DistillConfig, progress: Callable[[int], None] | No
         raise SlimlmError("building a teacher cache needs `teacher` and `teacher_cache`")
     tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
     seqs = build_sequences(cfg.task, tokenizer, cfg.task.split, cfg.task.limit, cfg.seed)
-    teacher = load_teacher(cfg, torch.device(cfg.device))
+    from slimlm.placement import choose
+
+    teacher = load_teacher(cfg, choose(cfg.device).device)
     vocab = check_vocab(teacher.get_output_embeddings().weight.shape[0], None, len(tokenizer))
     return write_teacher_cache(teacher, seqs, cfg.teacher_cache, k=min(cfg.cache_top_k, vocab),
                                temperature=cfg.loss.temperature, vocab_size=vocab, batch_size=cfg.batch_size,

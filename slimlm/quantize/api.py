@@ -30,6 +30,7 @@ from torch import nn
 
 from slimlm import SlimlmError
 from slimlm.calib import batches, layer0_inputs, propagate, run_layer
+from slimlm.placement import Placement
 from slimlm.progress import Progress
 from slimlm.quantize.calibrate import InputStats, record_inputs, run_decoder
 from slimlm.quantize.gptq import gptq_int4
@@ -333,12 +334,15 @@ def _gptq_sequential(model, targets, groups, cfg: QuantConfig, blocks, batch_siz
 
 
 def quantize_dir(source: str | Path, out_dir: str | Path, cfg: QuantizeConfig, *, progress: Progress | None = None,
-                 status: Callable[[str], None] | None = None) -> dict:
+                 status: Callable[[str], None] | None = None, placement: Placement | None = None) -> dict:
     """Quantize the model in ``source`` (a directory or ``teacher``) and export it to ``out_dir`` in the
-    compressed-tensors format (written atomically, report in ``quantize_report.json``); returns the report."""
+    compressed-tensors format (written atomically, report in ``quantize_report.json``); returns the report.
+    Calibration, GPTQ and the quantization itself run where ``placement`` says (default:
+    :func:`slimlm.placement.choose`); the export is written from host memory in ``cfg.dtype``."""
     from slimlm.calib import calibration_windows
     from slimlm.loading import load_model, load_tokenizer, resolve_model
     from slimlm.models import param_counts
+    from slimlm.placement import choose
     from slimlm.quantize.export import export_quantized, is_compressed_tensors_dir
 
     path = resolve_model(str(source))
@@ -354,11 +358,12 @@ def quantize_dir(source: str | Path, out_dir: str | Path, cfg: QuantizeConfig, *
         blocks = calibration_windows(tokenizer, cfg.calib, cfg.samples, cfg.seq_len)
     elif cfg.calib is not None and status:
         status("note: this scheme needs no calibration; calib is not used")
-    model = load_model(path)
+    where = placement or choose()
+    model = load_model(path, device=where.device, dtype=where.dtype)
     before = param_counts(model)
     report = quantize_model(model, scheme, blocks, batch_size=cfg.batch_size, progress=progress)
     report.update(source=str(path), calibration=cfg.calib if scheme.needs_calibration else None,
-                  params=param_counts(model), source_params=before)
+                  params=param_counts(model), source_params=before, placement=where.to_dict())
     if status:
         status(f"writing {out_dir}")
     export_quantized(model, tokenizer, out_dir, dtype=getattr(torch, cfg.dtype), report=report)
