@@ -405,12 +405,17 @@ def serve(
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Longest prompt accepted (413 beyond).")] = 4096,
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 512,
     max_candidates: Annotated[int, typer.Option(min=1, help="Candidates per /v1/score request (413 beyond).")] = 1024,
+    prefix_cache_mb: Annotated[float, typer.Option(min=0, help="MiB of prompt KV kept across requests for reuse "
+                                                   "(a user scored again, a repeated system prompt); 0 = off.")] = 512,
+    max_prefill_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens per prefill forward: longer "
+                                                    "prompts are prefilled in chunks between decode steps.")] = 512,
 ) -> None:
     """Serve a model: /v1/score (ranking), OpenAI-compatible /v1/completions and /v1/chat/completions."""
     from slimlm.serve.app import ServeConfig, is_loopback, run_server
 
     cfg = ServeConfig(api_key=api_key, model_name=model_name, max_batch=max_batch,
-                      max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_candidates=max_candidates)
+                      max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_candidates=max_candidates,
+                      prefix_cache_mb=prefix_cache_mb, max_prefill_tokens=max_prefill_tokens)
     if not is_loopback(host) and api_key is None:
         console.print(f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach "
                       "this address can use the model")

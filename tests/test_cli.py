@@ -53,6 +53,8 @@ def test_eval_text_and_info(tiny_model_dirs, tmp_path):
     (["init-student", "MODEL", "--layers", "0", "--out", "never"], "--layers must be at least 1"),
     (["init-student", "MODEL", "--keep", "0,x", "--out", "never"], "--keep must be comma-separated integers"),
     (["serve", "MODEL", "--max-batch", "0"], "--max-batch"),
+    (["serve", "MODEL", "--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
+    (["serve", "MODEL", "--max-prefill-tokens", "0"], "--max-prefill-tokens"),
 ])
 def test_user_errors_are_one_line_exit_2(tiny_model_dirs, ml_synth, args, message):
     args = [a.replace("MODEL", str(tiny_model_dirs["llama"])) for a in args]

@@ -2,8 +2,10 @@
 
 - :mod:`slimlm.runtime.scoring`: label-token probabilities after a prompt, with shared-prefix KV reuse
   (the ranking score P(" Yes") over {" Yes", " No"}).
-- :mod:`slimlm.runtime.decoding`: sampling, the KV-cached decode batch that sequences join and leave,
-  and the generation loops over it.
+- :mod:`slimlm.runtime.prefix_cache`: prompt KV kept across calls (a token radix tree under a byte budget),
+  so a prefix seen before runs only its new tokens.
+- :mod:`slimlm.runtime.decoding`: sampling, (chunked) prefill, the KV-cached decode batch that sequences
+  join and leave, and the generation loops over it.
 - :mod:`slimlm.runtime.text`: incremental detokenisation and stop strings for generated text.
 
 A speedup or a fix here reaches every caller; this package imports nothing from ``distill`` or ``serve``.

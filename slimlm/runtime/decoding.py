@@ -6,6 +6,11 @@ concatenated along the batch) and leave it (rows dropped, all-padding columns tr
 steps; every row carries explicit position ids, so a row's tokens, positions and attention are the same
 whatever else shares the batch. The LM head runs only at each row's last position.
 
+:func:`prefill` is the one prompt forward: it runs the next tokens of several :class:`Prefill` items
+(from the start, from a cached prefix's KV, or a chunk of a long prompt continuing the last one), so a
+scheduler can split a long prompt into chunks between decode steps and start a prompt from the KV of a
+prefix it has seen before; whole prompts then :meth:`DecodeBatch.join` the batch.
+
 :func:`generate` (one batch of token prompts), :func:`generate_text` (text, stop strings, continuous
 batching in one thread) and :func:`stream` (text deltas as they are decoded) drive it; so do on-policy
 sampling in distillation, evaluation, the benchmarks, and the server's continuous-batching scheduler
@@ -22,6 +27,7 @@ import torch
 
 from slimlm import SlimlmError
 from slimlm.models import cache_kwargs
+from slimlm.runtime.prefix_cache import KV, kv_len
 from slimlm.runtime.text import Detokenizer, StopText
 
 
@@ -147,6 +153,77 @@ def _kv_left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
     return t if extra == 0 else torch.nn.functional.pad(t, (0, 0, extra, 0))
 
 
+@dataclass(eq=False)
+class Prefill:
+    """A prompt on its way into a :class:`DecodeBatch`: the KV of its first ``done`` tokens.
+
+    ``kv``: per layer ([1, H_kv, done, D] keys, values), None before the first forward; pass the KV of a
+    cached prefix of the prompt to start from it. ``logits`` [V]: the next-token logits after the last
+    prompt token, set by the forward that completes the prompt.
+    """
+
+    gen: Generation
+    kv: KV | None = None
+    logits: torch.Tensor | None = None
+
+    @property
+    def done(self) -> int:
+        return kv_len(self.kv)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.gen.prompt) - self.done
+
+
+@torch.inference_mode()
+def prefill(model, items: Sequence[Prefill], counts: Sequence[int] | None = None, *, pad_id: int = 0) -> None:
+    """Run the next ``counts[i]`` prompt tokens of every item (default: all the rest) in one forward.
+
+    Every item must have the same number of tokens done, P (a chunk boundary, a cached prefix, or 0).
+    With C = max counts: input ids [B, C], each row's new tokens right-aligned (left padding); attention
+    mask [B, P + C] (ones over the past); position ids P, P+1, ... on the real tokens; past KV
+    [B, H_kv, P, D] = the items' KV stacked along the batch. Afterwards item i's ``kv`` is its past plus its
+    c_i new columns, [1, H_kv, P + c_i, D], and an item whose prompt is now complete has ``logits`` (the LM
+    head runs at the last column only, where every row's last new token sits).
+    """
+    from transformers.cache_utils import DynamicCache
+
+    if not items:
+        return
+    counts = [it.remaining for it in items] if counts is None else list(counts)
+    p = items[0].done
+    if any(it.done != p for it in items):
+        raise SlimlmError("items prefilled together must have the same number of tokens done")
+    if any(not 1 <= c <= it.remaining for c, it in zip(counts, items, strict=True)):
+        raise SlimlmError("each item must run between 1 token and the rest of its prompt")
+    device = next(model.parameters()).device
+    n, width = len(items), max(counts)
+    ids = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, p + width), dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    mask[:, :p] = 1
+    for i, (it, c) in enumerate(zip(items, counts, strict=True)):
+        ids[i, width - c:] = torch.tensor(it.gen.prompt[p:p + c], dtype=torch.long)
+        mask[i, p + width - c:] = 1
+        positions[i, width - c:] = torch.arange(p, p + c)
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    past = None if p == 0 else [(torch.cat([it.kv[layer][0] for it in items]), torch.cat([it.kv[layer][1] for it in items]))
+                                for layer in range(len(items[0].kv))]
+    cache = DynamicCache() if past is None else DynamicCache(ddp_cache_data=past)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                   **cache_kwargs(model, cache)).logits[:, -1].float()
+    kv = [(layer.keys, layer.values) for layer in cache.layers]
+    for i, (it, c) in enumerate(zip(items, counts, strict=True)):
+        # row i: its past columns, then its real new ones (the padding in between is dropped)
+        if c == width:
+            it.kv = [(k[i:i + 1], v[i:i + 1]) for k, v in kv]
+        else:
+            it.kv = [(torch.cat([k[i:i + 1, :, :p], k[i:i + 1, :, p + width - c:]], dim=2),
+                      torch.cat([v[i:i + 1, :, :p], v[i:i + 1, :, p + width - c:]], dim=2)) for k, v in kv]
+        if it.remaining == 0:
+            it.logits = logits[i]
+
+
 class DecodeBatch:
     """The running sequences of one batch, their KV cache, and the decode step.
 
@@ -154,8 +231,9 @@ class DecodeBatch:
     ``mask`` [B, T] (0 = padding on the left), ``kv`` per layer ([B, H_kv, T, D] keys, values),
     ``next_pos`` [B] (the position id the row's next token gets), ``logits`` [B, V] (for the next token).
 
-    ``add`` prefills new prompts together (left-padded, position ids = cumsum(mask) - 1, LM head at the
-    last position only) and joins them to the batch; ``step`` samples one token per row, retires finished
+    ``add`` prefills new prompts together (one :func:`prefill` forward: left-padded, LM head at the last
+    position only) and joins them to the batch; ``join`` takes prompts prefilled elsewhere (in chunks,
+    from a cached prefix: the server's scheduler); ``step`` samples one token per row, retires finished
     rows and runs one forward for the rest. Not thread-safe: one thread drives a batch.
     """
 
@@ -186,49 +264,58 @@ class DecodeBatch:
 
         self.cache = DynamicCache(ddp_cache_data=kv)
 
-    @torch.inference_mode()
+    def prepare(self, gen: Generation) -> None:
+        """Check that ``gen`` fits the model's context and give a sampled row its own generator (on the
+        model's device, seeded with ``params.seed`` or at random). Raises :class:`SlimlmError` if too long."""
+        if self.max_positions and len(gen.prompt) >= self.max_positions:
+            raise SlimlmError(f"prompt of {len(gen.prompt)} tokens leaves no room in the model's context "
+                              f"({self.max_positions} positions)")
+        if gen.params.temperature > 0 and gen.generator is None:
+            gen.generator = torch.Generator(device=self.device)
+            if gen.params.seed is None:
+                gen.generator.seed()
+            else:
+                gen.generator.manual_seed(gen.params.seed)
+
     def add(self, gens: Sequence[Generation]) -> None:
         """Prefill ``gens`` in one left-padded forward and join them to the running batch."""
-        from transformers.cache_utils import DynamicCache
-
         if not gens:
             return
         for g in gens:
-            if g.params.temperature > 0 and g.generator is None:  # its own stream, on the model's device
-                g.generator = torch.Generator(device=self.device)
-                if g.params.seed is None:
-                    g.generator.seed()
-                else:
-                    g.generator.manual_seed(g.params.seed)
-            if self.max_positions and len(g.prompt) >= self.max_positions:
-                raise SlimlmError(f"prompt of {len(g.prompt)} tokens leaves no room in the model's context "
-                                  f"({self.max_positions} positions)")
-        n, width = len(gens), max(len(g.prompt) for g in gens)
-        ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        for i, g in enumerate(gens):
-            ids[i, width - len(g.prompt):] = torch.tensor(g.prompt, dtype=torch.long)
-            mask[i, width - len(g.prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=1, **cache_kwargs(self.model, cache)).logits[:, -1].float()
-        new_kv = [(layer.keys, layer.values) for layer in cache.layers]
-        next_pos = positions[:, -1] + 1
-        if not self.rows:
-            self.cache, self.mask, self.next_pos, self.logits = cache, mask, next_pos, logits
+            self.prepare(g)
+        items = [Prefill(g) for g in gens]
+        prefill(self.model, items, pad_id=self.pad_id)
+        self.join(items)
+
+    def join(self, items: Sequence[Prefill]) -> None:
+        """Join fully prefilled prompts (see :func:`prefill`) to the running batch.
+
+        Row i's KV [1, H_kv, n_i, D] is left-padded to the batch's width T' = max(T, max n_i) and
+        concatenated along the batch; its mask is 0 on the padding, its next position n_i."""
+        if not items:
+            return
+        if any(it.logits is None or it.done != len(it.gen.prompt) for it in items):
+            raise SlimlmError("only fully prefilled prompts can join the batch")
+        t = max([it.done for it in items] + ([self.mask.shape[1]] if self.rows else []))
+        if len(items) == 1:  # nothing to stack (a copy of the whole KV saved)
+            kv = [(_kv_left_pad(k, t), _kv_left_pad(v, t)) for k, v in items[0].kv]
         else:
-            t = max(self.mask.shape[1], width)
-            old_kv = self._kv()
-            self._set_kv([(torch.cat([_kv_left_pad(ko, t), _kv_left_pad(kn, t)]),
-                           torch.cat([_kv_left_pad(vo, t), _kv_left_pad(vn, t)]))
-                          for (ko, vo), (kn, vn) in zip(old_kv, new_kv, strict=True)])
-            pad = torch.nn.functional.pad
-            self.mask = torch.cat([pad(self.mask, (t - self.mask.shape[1], 0)), pad(mask, (t - width, 0))])
-            self.next_pos = torch.cat([self.next_pos, next_pos])
-            self.logits = torch.cat([self.logits, logits])
-        self.rows.extend(gens)
+            kv = [(torch.cat([_kv_left_pad(it.kv[layer][0], t) for it in items]),
+                   torch.cat([_kv_left_pad(it.kv[layer][1], t) for it in items])) for layer in range(len(items[0].kv))]
+        mask = torch.zeros((len(items), t), dtype=torch.long, device=self.device)
+        for i, it in enumerate(items):
+            mask[i, t - it.done:] = 1
+        next_pos = torch.tensor([it.done for it in items], dtype=torch.long, device=self.device)
+        logits = torch.stack([it.logits for it in items])
+        if self.rows:
+            kv = [(torch.cat([_kv_left_pad(ko, t), kn]), torch.cat([_kv_left_pad(vo, t), vn]))
+                  for (ko, vo), (kn, vn) in zip(self._kv(), kv, strict=True)]
+            mask = torch.cat([torch.nn.functional.pad(self.mask, (t - self.mask.shape[1], 0)), mask])
+            next_pos = torch.cat([self.next_pos, next_pos])
+            logits = torch.cat([self.logits, logits])
+        self._set_kv(kv)
+        self.mask, self.next_pos, self.logits = mask, next_pos, logits
+        self.rows.extend(it.gen for it in items)
 
     def _sample(self) -> list[int]:
         """One token per row. Rows with the same settings and generator sample together (one draw for the

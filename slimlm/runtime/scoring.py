@@ -21,6 +21,9 @@ two ways:
 :func:`score` packs groups of up to :data:`PACK_MAX_CANDIDATES` candidates (the crossing point measured by
 ``benchmarks/serve.py``) and broadcasts larger ones.
 
+Across calls, a :class:`~slimlm.runtime.prefix_cache.PrefixCache` keeps prefix KV: a prefix scored again
+(the same user with new candidates) takes the longest cached part of its KV and runs only the rest.
+
 The ``iter_*`` forms yield after each forward pass, so a caller that shares the model (the server's
 scheduler) can interleave other work between candidate batches; the plain forms run them to the end.
 """
@@ -35,6 +38,7 @@ import torch
 
 from slimlm import SlimlmError
 from slimlm.models import cache_kwargs
+from slimlm.runtime.prefix_cache import KV, PrefixCache, kv_len
 from slimlm.tasks.ranking import TokenizedRanking
 
 OnScored = Callable[[int], None]  # called with the number of candidates just scored (not a Progress)
@@ -123,40 +127,103 @@ def iter_label_probs_full(model, prompts: Sequence[Sequence[int]], label_ids: Se
 
 def label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
                               label_ids: Sequence[int], *, batch_size: int = 16, pad_id: int = 0,
-                              on_scored: OnScored | None = None) -> np.ndarray:
+                              past: KV | None = None, cache: PrefixCache | None = None,
+                              prefill_chunk: int | None = None, on_scored: OnScored | None = None) -> np.ndarray:
     """Label probabilities [N, L] for ``prefix + s`` for every suffix ``s``, running the prefix once.
 
     The prefix's KV cache [1, H_kv, P, D] per layer is broadcast to each candidate batch; suffixes run
     sorted by length (less padding) in batches of near-equal size, with positions P, P+1, ...
+
+    ``past``: the KV of ``prefix[:m]`` (e.g. kept from an earlier request); only ``prefix[m:]`` runs.
+    ``cache``: a :class:`~slimlm.runtime.prefix_cache.PrefixCache` to take the longest cached part of the
+    prefix from and to store the whole prefix's KV in (waiting, if another thread is computing the same
+    prefix, for its result). ``prefill_chunk``: run the prefix in forwards of at most this many tokens.
+    The scores equal those without reuse up to float rounding (the same KV, computed in other shapes).
     """
     return _drive(iter_label_probs_shared_prefix(model, prefix, suffixes, label_ids, batch_size=batch_size,
-                                                 pad_id=pad_id), on_scored)
+                                                 pad_id=pad_id, past=past, cache=cache, prefill_chunk=prefill_chunk,
+                                                 block=True), on_scored)
+
+
+def _extend_prefix(base, tokens: Sequence[int], past: KV | None, chunk: int | None) -> Generator[int, None, KV]:
+    """The KV [1, H_kv, len(tokens), D] per layer of ``tokens``, given ``past`` = the KV of ``tokens[:m]``:
+    runs ``tokens[m:]`` (positions m, m+1, ...) in forwards of at most ``chunk`` tokens, yielding 0
+    between them. ``past`` is only read (a fresh DynamicCache per forward grows by concatenation)."""
+    from transformers.cache_utils import DynamicCache
+
+    device = next(base.parameters()).device
+    done, kv = kv_len(past), past
+    if done > len(tokens):
+        raise SlimlmError(f"the cached KV covers {done} tokens, more than the prefix's {len(tokens)}")
+    while done < len(tokens):
+        n = len(tokens) - done if chunk is None else min(chunk, len(tokens) - done)
+        cache = DynamicCache() if kv is None else DynamicCache(ddp_cache_data=kv)
+        # no position ids: transformers numbers the new tokens from the cache's length, done, done + 1, ...
+        base(input_ids=torch.tensor([list(tokens[done:done + n])], device=device), use_cache=True,
+             **cache_kwargs(base, cache))
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        done += n
+        if done < len(tokens):
+            yield 0
+    return kv
 
 
 @torch.inference_mode()
 def iter_label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
-                                   label_ids: Sequence[int], *, batch_size: int = 16,
-                                   pad_id: int = 0) -> Generator[int, None, np.ndarray]:
-    """:func:`label_probs_shared_prefix` one step at a time: yields 0 after the prefix, then each
-    candidate batch's size; returns the [N, L] array."""
-    from transformers.cache_utils import DynamicCache
+                                   label_ids: Sequence[int], *, batch_size: int = 16, pad_id: int = 0,
+                                   past: KV | None = None, cache: PrefixCache | None = None,
+                                   prefill_chunk: int | None = None,
+                                   block: bool = False) -> Generator[int, None, np.ndarray]:
+    """:func:`label_probs_shared_prefix` one step at a time: yields 0 after each forward of the prefix,
+    then each candidate batch's size; returns the [N, L] array.
 
+    While another caller computes this prefix for ``cache``, it waits on that (``block``) or yields 0
+    until the result is in the cache (a scheduler advancing this generator between other work)."""
     _check_labels(model, label_ids)
     if not prefix:
         raise SlimlmError("shared-prefix scoring needs a non-empty prefix")
     if any(len(s) == 0 for s in suffixes):
         raise SlimlmError("every candidate suffix needs at least one token")
-    device = next(model.parameters()).device
-    w, b = _label_head(model, label_ids)
-    base = model.get_decoder()
-    p = len(prefix)
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise SlimlmError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     out = np.empty((len(suffixes), len(label_ids)), dtype=np.float64)
     if not suffixes:
         return out
-    pre = DynamicCache()
-    base(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, **cache_kwargs(base, pre))
-    kv = [(layer.keys, layer.values) for layer in pre.layers]
+    base = model.get_decoder()
+    claim = None
+    try:
+        if cache is not None:
+            found = cache.lookup(prefix, claim=True)
+            while found.pending is not None:  # someone else is computing (more of) this prefix: reuse theirs
+                if block:
+                    found.pending.wait()
+                else:
+                    yield 0
+                found = cache.lookup(prefix, claim=True)
+            claim = found.claim
+            if found.length > kv_len(past):
+                past = found.kv
+        kv = yield from _extend_prefix(base, prefix, past, prefill_chunk)
+        if cache is not None:
+            cache.insert(prefix, kv, claim=claim)
+            claim = None
+    finally:  # failed or abandoned (the generator closed): whoever waits on the claim must not wait forever
+        if claim is not None:
+            cache.release(claim)
     yield 0
+    return (yield from _iter_candidates(model, kv, suffixes, label_ids, out, batch_size=batch_size, pad_id=pad_id))
+
+
+def _iter_candidates(model, kv: KV, suffixes: Sequence[Sequence[int]], label_ids: Sequence[int], out: np.ndarray, *,
+                     batch_size: int, pad_id: int) -> Generator[int, None, np.ndarray]:
+    """Fill ``out`` [N, L] with the label probabilities of ``prefix + s`` per suffix, from the prefix's KV
+    [1, H_kv, P, D] per layer broadcast to each candidate batch; yields each batch's size."""
+    from transformers.cache_utils import DynamicCache
+
+    device = next(model.parameters()).device
+    w, b = _label_head(model, label_ids)
+    base = model.get_decoder()
+    p = kv_len(kv)
     order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
     for start, stop in _even_batches(len(order), batch_size):
         idx = order[start:stop]

@@ -40,7 +40,10 @@ class Metrics:
         with self._lock:
             self.counters[name] += n
 
-    def render(self, gauges: dict[str, tuple[str, float]]) -> str:
+    def render(self, gauges: dict[str, tuple[str, float]],
+               counters: dict[str, tuple[str, float]] | None = None) -> str:
+        """The text format: request counts and latencies, this object's counters, then ``counters`` and
+        ``gauges`` kept elsewhere (name -> (help, value))."""
         lines = []
 
         def head(name, kind, help_):
@@ -63,6 +66,9 @@ class Metrics:
                                 ("scored_candidates", "Candidates scored by /v1/score.")):
                 head(f"slimlm_{name}_total", "counter", help_)
                 lines.append(f"slimlm_{name}_total {self.counters[name]}")
+        for name, (help_, value) in (counters or {}).items():
+            head(name, "counter", help_)
+            lines.append(f"{name} {value}")
         for name, (help_, value) in gauges.items():
             head(name, "gauge", help_)
             lines.append(f"{name} {value}")

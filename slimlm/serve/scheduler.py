@@ -4,12 +4,20 @@ Between two decode steps of the running :class:`~slimlm.runtime.decoding.DecodeB
 
 1. runs one step of the current call (e.g. a scoring request) — so scoring and decoding share the
    model without two threads ever running it at once. A call that returns a generator is advanced one
-   ``next()`` per loop (a scoring request: the prefix, then one candidate batch at a time), so a large
-   scoring request delays running generations by one batch at a time, not by its whole duration;
-2. drops cancelled rows (a client that went away);
-3. admits waiting requests into free batch slots (up to ``max_batch`` rows and ``max_prefill_tokens``
-   prompt tokens per admission): they are prefilled together and joined to the running batch's KV cache;
-4. runs one decode step; finished rows leave the batch and their requests complete.
+   ``next()`` per loop (a scoring request: a chunk of the prefix, then one candidate batch at a time), so
+   a large scoring request delays running generations by one forward at a time, not by its whole duration;
+2. drops cancelled requests (a client that went away), running or still prefilling;
+3. admits waiting requests into free slots (running + prefilling <= ``max_batch``), starting each from
+   the longest prefix of its prompt in the ``prefix_cache`` (if one is given);
+4. runs one prefill forward of at most ``max_prefill_tokens`` new tokens (chunked prefill): the oldest
+   prefilling prompt's next chunk, together with later prompts at the same point whose whole rest fits
+   (B x C <= max_prefill_tokens for B rows of C tokens). Prompts that are complete join the running batch,
+   and their KV goes into the prefix cache. A long prompt therefore costs the running rows one chunk's
+   forward per step, not its whole prefill;
+5. runs one decode step; finished rows leave the batch and their requests complete.
+
+Compute once: a request whose prompt extends (or is a prefix of) one being computed right now for the
+cache — another request's prompt, a score request's prefix — waits in the queue until that is cached.
 
 Callers on other threads (the HTTP server's event loop) submit work and receive text pieces and the
 finish through callbacks, which the worker calls on its own thread: they must be quick and thread-safe
@@ -33,10 +41,13 @@ from slimlm.runtime.decoding import (
     DecodeBatch,
     Generation,
     OnDelta,
+    Prefill,
     SamplingParams,
     eos_token_ids,
+    prefill,
     tokenizer_pad_id,
 )
+from slimlm.runtime.prefix_cache import Claim, PrefixCache
 
 log = logging.getLogger("slimlm.serve")
 
@@ -73,11 +84,23 @@ class Request:
         return self._done.is_set()
 
 
+@dataclass(eq=False)
+class _Prefilling:
+    req: Request
+    item: Prefill
+    claim: Claim | None = None  # the prefix cache's claim on the prompt, resolved when it is inserted
+
+
 class Scheduler:
-    """Owns ``model`` on a worker thread; see the module docstring for the loop."""
+    """Owns ``model`` on a worker thread; see the module docstring for the loop.
+
+    ``max_prefill_tokens``: new prompt tokens per prefill forward (the chunk size of chunked prefill).
+    ``prefix_cache``: prompt KV shared across requests (the server shares it with its score requests).
+    """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 256,
-                 max_prefill_tokens: int = 4096, max_positions: int | None = None):
+                 max_prefill_tokens: int = 512, max_positions: int | None = None,
+                 prefix_cache: PrefixCache | None = None):
         if max_batch < 1 or max_waiting < 1 or max_prefill_tokens < 1:
             raise SlimlmError("max_batch, max_waiting and max_prefill_tokens must be >= 1")
         self.model, self.tokenizer = model, tokenizer
@@ -88,12 +111,16 @@ class Scheduler:
         self._calls: deque[tuple[Callable[[], object], Future]] = deque()
         self._current: tuple[Generator, Future] | None = None  # a stepwise call in progress
         self._running: dict[int, Request] = {}  # id(gen) -> request, for rows in the batch
+        self._prefilling: list[_Prefilling] = []  # admitted, prompt not yet complete, oldest first
+        self.prefix_cache = prefix_cache
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0  # decode steps run (for tests and metrics)
-        self.admissions = 0  # prefill batches run
+        self.admissions = 0  # groups of prompts that joined the running batch
+        self.prefill_forwards = 0  # prefill forwards (chunks) run
         self.peak_batch = 0  # most rows decoded together
+        self.cancelled = 0  # requests that finished cancelled (their client went away)
 
     # ------------------------------------------------------------------ life cycle
 
@@ -111,9 +138,12 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        for req in list(self._waiting) + list(self._running.values()):
+        for p in self._prefilling:
+            self._release(p)
+        for req in list(self._waiting) + [p.req for p in self._prefilling] + list(self._running.values()):
             self._fail(req, "server shutting down")
         self._waiting.clear()
+        self._prefilling.clear()
         self._running.clear()
         for _, fut in self._calls:
             fut.cancel()
@@ -167,7 +197,8 @@ class Scheduler:
 
     def stats(self) -> dict[str, int]:
         with self._cv:
-            return {"waiting": len(self._waiting), "calls_waiting": len(self._calls), "running": len(self.batch)}
+            return {"waiting": len(self._waiting), "calls_waiting": len(self._calls), "running": len(self.batch),
+                    "prefilling": len(self._prefilling)}
 
     # ------------------------------------------------------------------ the worker
 
@@ -175,7 +206,7 @@ class Scheduler:
         while True:
             with self._cv:
                 while (not self._stop and not self._waiting and not self._calls and not len(self.batch)
-                       and self._current is None):
+                       and self._current is None and not self._prefilling):
                     self._cv.wait()
                 if self._stop:
                     return
@@ -188,23 +219,21 @@ class Scheduler:
             self._drop_cancelled()
             if admit:
                 self._admit(admit)
+            if self._prefilling:
+                self._prefill_step()
             if len(self.batch):
                 self._step()
 
     def _take_admissions(self) -> list[Request]:
         """Pop waiting requests for the free slots (caller holds the lock). Cancelled ones finish here."""
-        out, tokens = [], 0
-        while self._waiting and len(self.batch) + len(out) < self.max_batch:
-            req = self._waiting[0]
+        out = []
+        while self._waiting and len(self.batch) + len(self._prefilling) + len(out) < self.max_batch:
+            req = self._waiting.popleft()
             if req.cancelled:
-                self._waiting.popleft()
                 req.gen.finish("cancelled")
                 self._complete(req)
                 continue
-            if out and tokens + len(req.gen.prompt) > self.max_prefill_tokens:
-                break
-            tokens += len(req.gen.prompt)
-            out.append(self._waiting.popleft())
+            out.append(req)
         return out
 
     def _run_call(self, fn, fut: Future) -> None:
@@ -236,19 +265,86 @@ class Scheduler:
         for g in [g for g in self.batch.rows if self._running[id(g)].cancelled]:
             self.batch.cancel(g)
             self._complete(self._running.pop(id(g)))
+        for p in [p for p in self._prefilling if p.req.cancelled]:
+            self._prefilling.remove(p)
+            self._release(p)
+            p.req.gen.finish("cancelled")
+            self._complete(p.req)
 
     def _admit(self, reqs: list[Request]) -> None:
-        try:
-            self.batch.add([r.gen for r in reqs])
-        except Exception as e:  # noqa: BLE001 - one bad admission must not stop the worker
-            log.exception("prefill failed")
-            for r in reqs:
+        """Start each request's prefill from the longest cached prefix of its prompt. One whose prompt is
+        being computed for the cache right now goes back to the head of the queue, to reuse that."""
+        later = []
+        for r in reqs:
+            try:
+                self.batch.prepare(r.gen)
+            except SlimlmError as e:
                 self._fail(r, f"prefill failed: {e}")
+                continue
+            kv, claim = None, None
+            if self.prefix_cache is not None:
+                # at most all but the last token: its forward gives the logits of the first new token
+                found = self.prefix_cache.lookup(r.gen.prompt, limit=len(r.gen.prompt) - 1, claim=True)
+                if found.pending is not None:
+                    later.append((r, found.pending))
+                    continue
+                kv, claim = found.kv, found.claim
+            self._prefilling.append(_Prefilling(r, Prefill(r.gen, kv), claim))
+        if later:
+            if not self._prefilling and not len(self.batch) and self._current is None:
+                later[0][1].wait(0.05)  # the work we wait for runs on another thread: don't spin
+            with self._cv:
+                self._waiting.extendleft(r for r, _ in reversed(later))
+
+    def _prefill_step(self) -> None:
+        """One prefill forward: the oldest prompt's next chunk plus the later prompts at the same point
+        whose whole rest fits the budget (padded size B x C <= max_prefill_tokens)."""
+        head = self._prefilling[0]
+        group, counts = [head], [min(head.item.remaining, self.max_prefill_tokens)]
+        width = counts[0]
+        for p in self._prefilling[1:]:
+            rest = p.item.remaining
+            if p.item.done == head.item.done and (len(group) + 1) * max(width, rest) <= self.max_prefill_tokens:
+                group.append(p)
+                counts.append(rest)
+                width = max(width, rest)
+        try:
+            prefill(self.model, [p.item for p in group], counts, pad_id=self.batch.pad_id)
+        except Exception as e:  # noqa: BLE001 - one bad prompt must not stop the worker
+            log.exception("prefill failed")
+            for p in group:
+                self._prefilling.remove(p)
+                self._release(p)
+                self._fail(p.req, f"prefill failed: {e}")
+            return
+        self.prefill_forwards += 1
+        done = [p for p in group if p.item.remaining == 0]
+        if not done:
+            return
+        for p in done:
+            self._prefilling.remove(p)
+            if self.prefix_cache is not None:
+                try:
+                    self.prefix_cache.insert(p.req.gen.prompt, p.item.kv, claim=p.claim)
+                except Exception:  # noqa: BLE001 - a cache that cannot store serves the request all the same
+                    log.exception("prefix cache insert failed")
+                p.claim = None
+        try:
+            self.batch.join([p.item for p in done])
+        except Exception as e:  # noqa: BLE001
+            log.exception("joining the batch failed")
+            for p in done:
+                self._fail(p.req, f"prefill failed: {e}")
             return
         self.admissions += 1
         self.peak_batch = max(self.peak_batch, len(self.batch))
-        for r in reqs:
-            self._running[id(r.gen)] = r
+        for p in done:
+            self._running[id(p.req.gen)] = p.req
+
+    def _release(self, p: _Prefilling) -> None:
+        if p.claim is not None:
+            self.prefix_cache.release(p.claim)
+            p.claim = None
 
     def _step(self) -> None:
         try:
@@ -274,6 +370,8 @@ class Scheduler:
 
     def _complete(self, req: Request) -> None:
         req.finished = time.perf_counter()
+        if req.gen.finish_reason == "cancelled":
+            self.cancelled += 1
         req._done.set()
         if req.on_finish is not None:
             try:

@@ -170,3 +170,79 @@ def test_a_stepwise_call_interleaves_with_decode_steps(model, tiny_tok):
         sched.cancel(long)
         long.wait(TIMEOUT)
         assert sched.call(lambda: 7).result(TIMEOUT) == 7
+
+
+# --------------------------------------------------------------------------- chunked prefill, prefix cache
+
+
+def _logged_forwards(model):
+    """Replace ``model.forward`` with one that logs each call's input shape [B, T]; returns (log, undo)."""
+    shapes, forward = [], model.forward
+
+    def logged(*a, **k):
+        shapes.append(tuple((k.get("input_ids") if "input_ids" in k else a[0]).shape))
+        return forward(*a, **k)
+
+    model.forward = logged
+    return shapes, lambda: setattr(model, "forward", forward)
+
+
+def test_chunked_prefill_gives_the_same_greedy_tokens(model, tiny_tok):
+    prompts = _prompts(6, seed=3) + _prompts(1, seed=9)
+    prompts[-1] = (prompts[-1] * 45)[:45]
+    params = SamplingParams(max_tokens=7, temperature=0, ignore_eos=True)
+    outputs = {}
+    for chunk in (4, 7, 512):
+        with Scheduler(model, tiny_tok, max_batch=3, max_prefill_tokens=chunk) as sched:
+            reqs = [sched.submit(p, params) for p in prompts]
+            outputs[chunk] = [r.wait(TIMEOUT).tokens for r in reqs]
+            if chunk == 4:
+                assert sched.prefill_forwards >= 45 // 4
+    want = [greedy_reference(model, p, 7) for p in prompts]
+    assert outputs[4] == outputs[7] == outputs[512] == want
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(model, tiny_tok):
+    long_prompt = [t for p in _prompts(30, seed=4) for t in p][:60]
+    assert len(long_prompt) == 60
+    shapes, undo = _logged_forwards(model)
+    try:
+        with Scheduler(model, tiny_tok, max_batch=2, max_prefill_tokens=8) as sched:
+            running = sched.submit([5, 6, 7], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+            _wait_for(lambda: sched.steps >= 2)
+            start = len(shapes)
+            late = sched.submit(long_prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+            got = late.wait(TIMEOUT).tokens
+            sched.cancel(running)
+            running.wait(TIMEOUT)
+    finally:
+        undo()
+    assert got == greedy_reference(model, long_prompt, 3)
+    log = shapes[start:]
+    chunks = [i for i, (b, t) in enumerate(log) if t > 1]
+    assert len(chunks) == 60 // 8 + 1 and all(log[i][1] <= 8 for i in chunks)
+    # a decode step of the running request between every two chunks of the long prompt
+    assert all(any(log[j] == (1, 1) for j in range(a + 1, b)) for a, b in zip(chunks, chunks[1:], strict=False))
+
+
+def test_generation_reuses_cached_prompt_prefixes_and_computes_them_once(model, tiny_tok):
+    from slimlm.runtime.prefix_cache import PrefixCache
+
+    system = [t for p in _prompts(20, seed=5) for t in p][:30]
+    prompts = [system + [7, 8, 9], system + [7, 8, 9], system + [11], system + [12, 13]]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    cache = PrefixCache(1 << 24, min_tokens=4)
+    shapes, undo = _logged_forwards(model)
+    try:
+        with Scheduler(model, tiny_tok, max_batch=4, prefix_cache=cache) as sched:
+            first = sched.submit(system, params)  # the "system prompt" request goes first
+            reqs = [sched.submit(p, params) for p in prompts]  # queued behind it: they wait for its KV
+            got = [first.wait(TIMEOUT).tokens] + [r.wait(TIMEOUT).tokens for r in reqs]
+    finally:
+        undo()
+    assert got == [greedy_reference(model, p, 5) for p in [system, *prompts]]
+    # the system prompt ran once, not five times: every later prompt ran only its own last tokens
+    assert shapes.count((1, 30)) == 1 and max(t for b, t in shapes if (b, t) != (1, 30)) <= 3
+    st = cache.stats()
+    assert (st["hits"], st["misses"], st["claims"]) == (4, 1, 0)
+    assert st["reused_tokens"] == 30 + 32 + 30 + 30  # the repeated prompt reused all but its last token
