@@ -156,6 +156,7 @@ def test_constructor_validation():
         Int4Linear(torch.zeros(4, 1, dtype=torch.int32), torch.ones(4, 1), None, 32, 8)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and fp8_matmul_supported(torch.device("cuda"))),
                     reason="needs a CUDA GPU with compute capability >= 8.9 (fp8 _scaled_mm)")
 @pytest.mark.parametrize("static", [False, True])
@@ -170,6 +171,7 @@ def test_fp8_scaled_mm_path_matches_fallback_on_gpu(static):
     assert rel_err(y, ref) < 1e-2  # bf16 output rounding
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_int8_linear_on_gpu_pads_small_batches():
     lin = fp32_layer(72, 40).cuda()
