@@ -41,6 +41,9 @@ from slimlm.models import cache_kwargs
 from slimlm.runtime.prefix_cache import KV, PrefixCache, kv_len
 from slimlm.tasks.ranking import TokenizedRanking
 
+# groups with more candidates than this are scored by KV broadcast, smaller ones packed (see the module doc)
+PACK_MAX_CANDIDATES = 16
+
 OnScored = Callable[[int], None]  # called with the number of candidates just scored (not a Progress)
 
 
@@ -128,11 +131,13 @@ def iter_label_probs_full(model, prompts: Sequence[Sequence[int]], label_ids: Se
 def label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
                               label_ids: Sequence[int], *, batch_size: int = 16, pad_id: int = 0,
                               past: KV | None = None, cache: PrefixCache | None = None,
-                              prefill_chunk: int | None = None, on_scored: OnScored | None = None) -> np.ndarray:
+                              prefill_chunk: int | None = None, pack_max: int = PACK_MAX_CANDIDATES,
+                              on_scored: OnScored | None = None) -> np.ndarray:
     """Label probabilities [N, L] for ``prefix + s`` for every suffix ``s``, running the prefix once.
 
     The prefix's KV cache [1, H_kv, P, D] per layer is broadcast to each candidate batch; suffixes run
-    sorted by length (less padding) in batches of near-equal size, with positions P, P+1, ...
+    sorted by length (less padding) in batches of near-equal size, with positions P, P+1, ... A cold prefix
+    with at most ``pack_max`` candidates runs packed instead, in one forward (0: always broadcast).
 
     ``past``: the KV of ``prefix[:m]`` (e.g. kept from an earlier request); only ``prefix[m:]`` runs.
     ``cache``: a :class:`~slimlm.runtime.prefix_cache.PrefixCache` to take the longest cached part of the
@@ -142,7 +147,7 @@ def label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Sequence[S
     """
     return _drive(iter_label_probs_shared_prefix(model, prefix, suffixes, label_ids, batch_size=batch_size,
                                                  pad_id=pad_id, past=past, cache=cache, prefill_chunk=prefill_chunk,
-                                                 block=True), on_scored)
+                                                 block=True, pack_max=pack_max), on_scored)
 
 
 def _extend_prefix(base, tokens: Sequence[int], past: KV | None, chunk: int | None) -> Generator[int, None, KV]:
@@ -168,14 +173,43 @@ def _extend_prefix(base, tokens: Sequence[int], past: KV | None, chunk: int | No
     return kv
 
 
+def _packed_with_prefix_kv(model, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
+                          label_ids: Sequence[int]) -> tuple[np.ndarray, KV]:
+    """One packed forward of ``prefix`` + every suffix (block mask, restarted positions): the [N, L] label
+    probabilities and the prefix's KV [1, H_kv, P, D] per layer (the first P cached positions: prefix tokens
+    attend to the prefix only, so their keys and values are exactly those of the prefix alone)."""
+    from transformers.cache_utils import DynamicCache
+
+    from slimlm.runtime.packing import attention_inputs, pack
+
+    device = next(model.parameters()).device
+    w, b = _label_head(model, label_ids)
+    base = model.get_decoder()
+    ids, pos, seg = pack(prefix, suffixes)
+    mask = torch.ones(1, len(ids), dtype=torch.long, device=device)
+    cache = DynamicCache()
+    hidden = base(input_ids=torch.tensor([ids], device=device), use_cache=True, **cache_kwargs(base, cache),
+                  **attention_inputs(base, mask, torch.tensor([pos], device=device),
+                                     torch.tensor([seg], device=device))).last_hidden_state
+    ends = np.cumsum([len(s) for s in suffixes]) + len(prefix) - 1
+    probs = _label_probs(hidden[0, torch.as_tensor(ends, device=device)], w, b).double().cpu().numpy()
+    p = len(prefix)
+    return probs, [(layer.keys[:, :, :p].clone(), layer.values[:, :, :p].clone()) for layer in cache.layers]
+
+
 @torch.inference_mode()
 def iter_label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
                                    label_ids: Sequence[int], *, batch_size: int = 16, pad_id: int = 0,
                                    past: KV | None = None, cache: PrefixCache | None = None,
-                                   prefill_chunk: int | None = None,
-                                   block: bool = False) -> Generator[int, None, np.ndarray]:
+                                   prefill_chunk: int | None = None, block: bool = False,
+                                   pack_max: int = PACK_MAX_CANDIDATES) -> Generator[int, None, np.ndarray]:
     """:func:`label_probs_shared_prefix` one step at a time: yields 0 after each forward of the prefix,
     then each candidate batch's size; returns the [N, L] array.
+
+    A prefix with nothing of it computed yet (no ``past``, nothing in ``cache``) and at most ``pack_max``
+    candidates runs as one packed forward (prefix and candidates together; its prefix KV still goes to
+    ``cache``), unless that row would exceed ``prefill_chunk``; otherwise the prefix runs first and its KV
+    is broadcast to candidate batches (see the module docstring for the crossing point).
 
     While another caller computes this prefix for ``cache``, it waits on that (``block``) or yields 0
     until the result is in the cache (a scheduler advancing this generator between other work)."""
@@ -203,6 +237,14 @@ def iter_label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Seque
             claim = found.claim
             if found.length > kv_len(past):
                 past = found.kv
+        row = len(prefix) + sum(len(x) for x in suffixes)
+        if kv_len(past) == 0 and len(suffixes) <= pack_max and (prefill_chunk is None or row <= prefill_chunk):
+            out[:], kv = _packed_with_prefix_kv(model, prefix, suffixes, label_ids)
+            if cache is not None:
+                cache.insert(prefix, kv, claim=claim)
+                claim = None
+            yield len(suffixes)
+            return out
         kv = yield from _extend_prefix(base, prefix, past, prefill_chunk)
         if cache is not None:
             cache.insert(prefix, kv, claim=claim)
@@ -238,10 +280,6 @@ def _iter_candidates(model, kv: KV, suffixes: Sequence[Sequence[int]], label_ids
         out[idx] = _label_probs(last, w, b).double().cpu().numpy()
         yield n
     return out
-
-
-# groups with more candidates than this are scored by KV broadcast, smaller ones packed (see the module doc)
-PACK_MAX_CANDIDATES = 16
 
 
 def label_probs_packed(model, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],

@@ -214,7 +214,8 @@ def test_eviction_under_a_tiny_budget_keeps_scores_exact(model):
     assert cache.stats()["evictions"] > 0
 
 
-def test_concurrent_threads_compute_a_shared_prefix_once(model):
+@pytest.mark.parametrize("pack_max", [0, 16])  # broadcast, or a packed first forward (prefix + candidates)
+def test_concurrent_threads_compute_a_shared_prefix_once(model, pack_max):
     prefix, suffixes = _ids(5, 30), [_ids(6 + i, 3) for i in range(4)]
     want = label_probs_shared_prefix(model, prefix, suffixes, LABELS)
     cache, prefix_forwards, lock = PrefixCache(1 << 24), [], threading.Lock()
@@ -234,7 +235,7 @@ def test_concurrent_threads_compute_a_shared_prefix_once(model):
 
         def run(i):
             gate.wait()
-            results[i] = label_probs_shared_prefix(model, prefix, suffixes, LABELS, cache=cache)
+            results[i] = label_probs_shared_prefix(model, prefix, suffixes, LABELS, cache=cache, pack_max=pack_max)
 
         threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
         for t in threads:
@@ -243,7 +244,7 @@ def test_concurrent_threads_compute_a_shared_prefix_once(model):
             t.join(60)
     finally:
         base.forward = forward
-    assert prefix_forwards == [30]
+    assert prefix_forwards == [30 if pack_max == 0 else 30 + 4 * 3]
     for r in results:
         np.testing.assert_allclose(r, want, atol=ATOL, rtol=0)
     st = cache.stats()
