@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -114,6 +116,15 @@ def _threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc). Each layer's calibration and solver temporaries are
+    freed but stay in malloc's arenas otherwise: on a 200M-parameter Llama on CPU the resident set grew by
+    ~50 MiB per layer (measured), so the peak grew with depth."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _choose(cfg: PruneConfig, W: torch.Tensor, H: torch.Tensor | None, m: int, keep: int,
@@ -235,6 +246,7 @@ def prune_model(model: torch.nn.Module, calib: Sequence[torch.Tensor] | None, cf
                     seconds["calibration"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 kept, weight, info = _choose(cfg, o.weight.detach(), H, m_attn, n_keep_attn, part, device)
+                H = None  # an 8B down_proj's Gram is 1.6 GB: don't carry it into the next step
                 seconds["solve"] += time.perf_counter() - t0
                 if cfg.head_mode == "kv":
                     kv = kept
@@ -255,6 +267,7 @@ def prune_model(model: torch.nn.Module, calib: Sequence[torch.Tensor] | None, cf
                 t0 = time.perf_counter()
                 old = down.weight.detach().clone()
                 kept, weight, info = _choose(cfg, old, H, 1, t.intermediate, None, device)
+                H = None
                 seconds["solve"] += time.perf_counter() - t0
                 mask_width(layer, mlp=kept, down_weight=weight)
                 mlp_kept.append(kept)
@@ -270,6 +283,7 @@ def prune_model(model: torch.nn.Module, calib: Sequence[torch.Tensor] | None, cf
                 inputs = propagate(layer, inputs)
                 seconds["calibration"] += time.perf_counter() - t0
             layers_report.append(entry)
+            _trim_heap()
             tick("prune layers", i + 1, len(layers))
         del inputs
         t0 = time.perf_counter()

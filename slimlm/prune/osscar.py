@@ -25,9 +25,10 @@ Algorithm.
 1. Greedy backward elimination (:func:`greedy`, :class:`SupportState`): ``Q = G⁻¹`` (one in-place Cholesky
    inverse), ``R = W``; then about ``steps`` times: score every kept group by its exact removal cost alone,
    remove the cheapest batch (respecting partition quotas) with one block downdate. Only Q and R are kept:
-   the local search's Z and U are built once afterwards from the greedy's Q and R — 2k²(n−k) + 2·out·k(n−k)
-   flops, where keeping them up to date during the greedy would cost 2n²(n−k) + 2·out·n(n−k), and
-   re-inverting G_KK at the hand-over (as this module once did) another k³ + 2n²k.
+   the local search's Z and U are built once afterwards from the greedy's Q and R (2k²(n−k) + 2·out·k(n−k)
+   flops). This module once built them at the start (2n³ + 2·out·n²), kept them up to date through the
+   greedy (2n²(n−k) + 2·out·n(n−k)) and then threw them away for a rebuild from a re-inverted G_KK
+   (≈ 2k³ + 2n²k + 2·out·n²): ~15x the flops for an 8B down_proj at 50%.
 2. Local search (:func:`local_search`, :class:`SwapState`, compact K×K / K×P arrays): swap t kept groups for
    t removed ones whenever the exact objective drops (all 1-for-1 swaps among the best candidates are scored
    exactly in one vectorised pass; larger swaps are proposed from the cheapest removals / largest gains).
@@ -37,28 +38,43 @@ Algorithm.
 Optional *partitions* constrain the support: group ``g`` belongs to partition ``part[g]`` and every
 partition keeps the same number of groups (used to keep the same number of query heads per KV group).
 
-Device and precision. :func:`solve` runs on ``device`` (the calibration device in the prune stage; default:
-where H is). G, C = WG and the final refit are always float64. The search state (Q, R, Z, U) is float64 by
-default; ``dtype=torch.float32`` halves its memory and doubles CPU speed but is *not* safe in general: the
-state inverts G whose condition number is about λ_max(H) / λ (λ = damping · mean diag H), ~10⁵–10⁶ for
-activations with outlier channels at damping 0.01, so fp32's 6·10⁻⁸ leaves the inverse with errors of
-10⁻³–10⁻¹ and the chosen support drifts (tests/prune/test_osscar.py::test_float32_state_on_ill_conditioned_gram
-measures it). Keep float64 for the solver unless λ is large; on data-centre GPUs float64 runs at ~1/2 the fp32 rate.
+Device and precision. :func:`solve` runs on ``device`` (the prune stage passes its calibration device;
+default: where H is). G and the final refit and objective are always float64 (the refit is k³/3 flops,
+and it keeps the returned weights exact). The search state (Q, R, Z, U) is float64 by default;
+``dtype=torch.float32`` halves it and runs ~2x faster on a CPU. Measured:
 
-Memory bound per layer (n inputs, ``out`` outputs, k kept columns, b = bytes of the search dtype: 8 fp64)::
+* SmolLM2-135M's down_proj Grams (n = 1536, 64 x 256 tokens of the built-in text, layers 0/10/20/29;
+  κ(G) = 4e3–6e4 at damping 0.01, up to 1.4e6 below 1e-4): float32 chose exactly the float64 supports for
+  greedy at every damping from 1e-2 to 1e-7, and osscar's local search differed by at most one near-tie
+  swap (objective ±6e-4). A float32 refit would have cost at most 1e-6 of the objective there.
+* Fewer calibration tokens than inputs (rank-deficient H, as for an 8B down_proj calibrated on < 14336
+  tokens; tests/prune/test_osscar.py::test_float32_state_needs_a_well_conditioned_gram and a 768-token,
+  n = 1024 synthetic MLP): float32's removal costs err by ≈ κ(G)·1e-9 relative, float64's by < 1e-10; at
+  κ(G) = 1e5–1e6 osscar's objective came out up to 7% worse in float32 (once 0.2% better), at 1e7–1e8
+  12–54% worse.
 
-    calibration      8 n²                                H (the caller's, float64)
-    problem          8 n² + 16·out·n                     G = H + λI, W and C = W G in float64
-    greedy           b n² + b·out·n                      Q = G⁻¹ (Cholesky and inverse in place: no workspace), R
-                     [+ b n² + 2b·out·n when b ≠ 8]      the search copies of G, W, C
-    local search     b (k² + 2k(n−k)) + b·out·n          Q_KK, Z_KP, G_KP (while built), R_K and U_P
-                     (replaces the greedy's Q and R: the peak is the greedy phase)
-    refit            8 (k² + k(n−k) + out·n)             G_KK, G_KS, Ŵ_K and U_S
+So float32 is allowed for a well-conditioned G (κ(G) ≲ 1e4: many more tokens than inputs and damping ≥ 0.01)
+and float64 is required otherwise; it is the default. (On A100/H100/H200 the fp64 tensor-core peak equals
+the fp32 one, so the default costs little there.)
 
-    peak ≈ 8 n² (H) + 8 n² (G) + b n² (Q) + (16 + b)·out·n        (b = 8: 24 n² + 24·out·n bytes)
+Memory per layer (n inputs, ``out`` outputs, k kept columns, b = bytes of the search dtype, 8 for float64)::
 
-For Llama-3.1-8B's ``down_proj`` (n = 14336, out = 4096) in float64: 4.9 GB + 1.4 GB = 6.3 GB (5.9 GiB);
-for its ``o_proj`` (n = 4096): 0.8 GB.
+    caller           8 n²                                 H (float64, from calibration)
+    problem          8 n² + 8·out·n                       G = H + λI and W in float64
+    greedy           b n² + b·out·n                       Q = G⁻¹ (Cholesky and inverse in place: no
+                                                          workspace) and R; when b ≠ 8 also the search
+                                                          copies b n² + b·out·n of G and W
+    hand-over        b (k² + out·k) − b·out·n             R_K gathered and R freed, then Q_KK gathered
+                                                          while Q still exists; then Q is freed and C = W G
+                                                          (b·out·n) formed
+    local search     b (k² + k(n−k) + out·n) + 8k(n−k)    Q_KK, Z_KP, R_K, U_P (and C); G_KP while Z is built
+    refit            8 (k² + k(n−k) + out·n + out·k)      G_KK (factored in place), G_KS, Ŵ_K, U_S, C_K
+                     + 8·out·n                            (and C = W G if the search was not float64)
+
+    peak (b = 8) = 8 n² + 16 n² + 8·out·n + max(8·out·n, 8 k² + 8·out·k)      (the first 8 n² is H)
+
+For Llama-3.1-8B's ``down_proj`` (n = 14336, out = 4096, k = 7168): 1.64 + 3.29 + 0.47 + 0.64 = 6.0 GB
+(5.6 GiB) with H; its ``o_proj`` (n = 4096, k = 3072): 0.7 GB.
 """
 
 from __future__ import annotations
@@ -309,12 +325,16 @@ class SwapState:
         self._build(Q, R)
 
     @classmethod
-    def from_support(cls, st: SupportState, C: Tensor) -> SwapState:
-        """Hand the greedy's state over without re-inverting anything (its embedded Q and R are released)."""
+    def from_support(cls, st: SupportState, C: Tensor | None = None) -> SwapState:
+        """Hand the greedy's state over without re-inverting anything. Its embedded Q and R are released as
+        soon as their K blocks are out, and only then is ``C = W G`` formed (when not given), so the greedy
+        never holds C."""
         K = st.cols(st.kept)
-        Q, R = st.Q[K[:, None], K], st.R[:, K]
-        st.Q = st.R = None  # the [n, n] inverse is no longer needed: free it before the new arrays are built
-        return cls(st.G, st.W, C, st.m, st.kept, Q=Q, R=R)
+        R = st.R[:, K]
+        st.R = None
+        Q = st.Q[K[:, None], K]
+        st.Q = None
+        return cls(st.G, st.W, st.W @ st.G if C is None else C, st.m, st.kept, Q=Q, R=R)
 
     def _build(self, Q: Tensor | None, R: Tensor | None) -> None:
         G, m = self.G, self.m
@@ -640,8 +660,7 @@ def solve(H: Tensor, W: Tensor, m: int, keep: int, *, damping: float = 0.01, loc
     ng = _check(G, W64, m, keep, part)
     if keep == ng:
         return SolveResult(list(range(ng)), W64.clone(), 0.0, 0.0, 0, [0.0])
-    C = W64 @ G
-    Gs, Ws, Cs = (G, W64, C) if dtype == F64 else (G.to(dtype), W64.to(dtype), C.to(dtype))
+    Gs, Ws = (G, W64) if dtype == F64 else (G.to(dtype), W64.to(dtype))
     _sync(dev)
     seconds["setup"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -649,11 +668,13 @@ def solve(H: Tensor, W: Tensor, m: int, keep: int, *, damping: float = 0.01, loc
     kept = state.kept
     _sync(dev)
     seconds["greedy"] = time.perf_counter() - t0
-    f_greedy, history, swaps = None, [], 0
+    f_greedy, history, swaps, C = None, [], 0, None
     if local:
         t0 = time.perf_counter()
-        ls = SwapState.from_support(state, Cs)
+        ls = SwapState.from_support(state)  # C = W G is formed there, after the greedy's Q is freed
         del state
+        if dtype == F64:
+            C = ls.C
         f_greedy = ls.objective()
         _, history, swaps = local_search(ls, f_greedy, part=part, max_iters=max_iters, max_swap=max_swap,
                                          candidates=candidates, refresh=refresh)
