@@ -35,6 +35,10 @@ Algorithm.
 3. An exact least-squares refit of the kept weights by a Cholesky solve, and the exact objective, in float64
    (:func:`refit_and_objective`).
 
+The module is long because the two incremental states (the greedy's embedded one, the local search's
+compact one) share one set of identities and the closed forms that test them; kept together, a change to
+one is read next to the other.
+
 Optional *partitions* constrain the support: group ``g`` belongs to partition ``part[g]`` and every
 partition keeps the same number of groups (used to keep the same number of query heads per KV group).
 
