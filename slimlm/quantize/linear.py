@@ -25,7 +25,10 @@ weights the layer stands for (in × out), used by :func:`slimlm.models.param_cou
 
 from __future__ import annotations
 
+import functools
+import os
 import threading
+import time
 
 import torch
 from torch import nn
@@ -58,12 +61,42 @@ def int8_matmul(a: torch.Tensor, w: torch.Tensor, *, pad: bool | None = None) ->
     n = w.shape[0]
     if m == 0:
         return torch.zeros(0, n, dtype=torch.int32, device=a.device)
+    if not a.is_cuda and not int_mm_is_fast():
+        # the same integer products summed in fp32 (exact while |sum| < 2^24; beyond, the rounding of one fp32
+        # accumulation, ~1e-7 relative): on CPUs without int8 dot-product instructions _int_mm is far slower
+        return torch.mm(a.float(), w.float().t()).round_().to(torch.int32)
     if pad is None:
         pad = a.is_cuda
     if pad and (m <= 16 or k % 8 or n % 8):
         mp, kp, np_ = max(m, 17), -(-k // 8) * 8, -(-n // 8) * 8
         return torch._int_mm(_pad_to(a, mp, kp), _pad_to(w, np_, kp).t())[:m, :n]
     return torch._int_mm(a, w.t())
+
+
+@functools.cache
+def int_mm_is_fast() -> bool:
+    """Whether this CPU's ``torch._int_mm`` beats an fp32 GEMM of the same integers, measured once per process
+    on a [512, 512] x [512, 512] product (``SLIMLM_INT8_KERNEL=int_mm|float`` forces a choice). With VNNI /
+    AMX int8 dot products it is several times faster; without them (AVX2-only CPUs) torch falls back to a
+    reference kernel ~20x slower than fp32, and the fp32 GEMM of the int8 values is the fast W8A8 path."""
+    forced = os.environ.get("SLIMLM_INT8_KERNEL")
+    if forced in ("int_mm", "float"):
+        return forced == "int_mm"
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (512, 512), dtype=torch.int8, generator=g)
+    af, wf = a.float(), w.float()
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    return best(lambda: torch._int_mm(a, w.t())) < best(lambda: af @ wf.t())
 
 
 def fp8_matmul_supported(device: torch.device) -> bool:

@@ -183,3 +183,18 @@ def test_int8_linear_on_gpu_pads_small_batches():
         + lin.bias.cpu().double()
     assert y.shape == (3, 40)
     torch.testing.assert_close(y.cpu().double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_matmul_float_path_equals_int_mm(monkeypatch):
+    """CPUs without int8 dot products take the fp32 GEMM of the int8 values: the same int32 sums (exact
+    while |sum| < 2^24, which K = 1000 at full-range int8 keeps: 127² x 1000 = 1.6e7)."""
+    from slimlm.quantize import linear as L
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (37, 1000), dtype=torch.int8, generator=g)
+    w = torch.randint(-127, 128, (24, 1000), dtype=torch.int8, generator=g)
+    ref = torch._int_mm(a, w.t())
+    for forced in (True, False):
+        monkeypatch.setattr(L, "int_mm_is_fast", lambda forced=forced: forced)
+        got = L.int8_matmul(a, w)
+        assert got.dtype == torch.int32 and torch.equal(got, ref)
