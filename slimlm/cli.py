@@ -355,11 +355,12 @@ def prune(
     damping: Annotated[float, typer.Option(help="OSSCAR ridge λ relative to mean(diag H).")] = 0.01,
     batch_size: int = 8,
     seed: int = 0,
-    device: str = "cpu",
+    device: DeviceOpt = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="PruneConfig YAML (options override it).")] = None,
 ) -> None:
     """Structured pruning (OSSCAR or a baseline): MLP neurons, attention heads, layers -> a smaller model."""
     from slimlm.config import PruneConfig, load_config
+    from slimlm.placement import choose
     from slimlm.prune.api import prune_dir
 
     overrides = [f"method={method}", f"head_mode={head_mode}", f"depth_metric={depth_metric}",
@@ -372,7 +373,7 @@ def prune(
             overrides.append(f"{key}={value}")
     cfg = load_config(PruneConfig, config, overrides)
     with progress_bar() as bar:
-        report = prune_dir(model, out_dir, cfg, device=device, progress=_bar_callback(bar),
+        report = prune_dir(model, out_dir, cfg, device=str(choose(device).device), progress=_bar_callback(bar),
                            status=lambda msg: console.print(msg, highlight=False))
     out.print_json(json.dumps({"out": str(out_dir), "arch_after": report["arch_after"],
                                "params_before": report["params_before"], "params_after": report["params_after"],
@@ -400,7 +401,8 @@ def serve(
     api_key: Annotated[str | None, typer.Option(envvar="SLIMLM_API_KEY", help="Require 'Authorization: Bearer "
                                                 "KEY' on /v1/ routes (or set SLIMLM_API_KEY).")] = None,
     model_name: Annotated[str | None, typer.Option(help="Model id clients send (default: directory name).")] = None,
-    device: str = "cpu",
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Sequences decoded together.")] = 8,
     max_prompt_tokens: Annotated[int, typer.Option(min=1, help="Longest prompt accepted (413 beyond).")] = 4096,
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for.")] = 512,
@@ -411,8 +413,10 @@ def serve(
                                                     "prompts are prefilled in chunks between decode steps.")] = 512,
 ) -> None:
     """Serve a model: /v1/score (ranking), OpenAI-compatible /v1/completions and /v1/chat/completions."""
+    from slimlm.placement import choose
     from slimlm.serve.app import ServeConfig, is_loopback, run_server
 
+    where = choose(device, dtype)  # before the model loads: a placement this machine cannot run is a one-line error
     cfg = ServeConfig(api_key=api_key, model_name=model_name, max_batch=max_batch,
                       max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_candidates=max_candidates,
                       prefix_cache_mb=prefix_cache_mb, max_prefill_tokens=max_prefill_tokens)
@@ -420,7 +424,7 @@ def serve(
         console.print(f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach "
                       "this address can use the model")
     console.print(f"serving {model} on http://{host}:{port} (Ctrl-C stops)")
-    run_server(model, cfg, host=host, port=port, device=device)
+    run_server(model, cfg, host=host, port=port, device=str(where.device), dtype=where.dtype)
 
 
 @app.command("bench-serve")

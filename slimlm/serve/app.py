@@ -197,7 +197,7 @@ class ServerState:
         return out
 
 
-def create_app(model_dir: str | Path, config: ServeConfig | None = None, *, device: str = "cpu",
+def create_app(model_dir: str | Path, config: ServeConfig | None = None, *, device: str = "cpu", dtype=None,
                model=None, tokenizer=None):
     """The FastAPI app serving ``model_dir`` (loaded now, so a bad directory fails before binding a port).
 
@@ -208,7 +208,7 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, *, devi
     config = config or ServeConfig()
     path = resolve_model(model_dir)
     if model is None:
-        model = load_model(path, device=device)
+        model = load_model(path, device=device, dtype=dtype)
     if tokenizer is None:
         tokenizer = load_tokenizer(path)
     # The worker decodes with its own tokenizer object, so the event loop (encoding) and the worker
@@ -582,10 +582,10 @@ def serve_in_thread(app, host: str = LOOPBACK, port: int = 0, *, log_level: str 
 
 
 def run_server(model_dir: str | Path, config: ServeConfig, *, host: str = LOOPBACK, port: int = 8000,
-               device: str = "cpu", log_level: str = "info") -> None:
+               device: str = "cpu", dtype=None, log_level: str = "info") -> None:
     """Serve ``model_dir`` in the foreground until interrupted (the ``slimlm serve`` command)."""
     import uvicorn
 
-    app = create_app(model_dir, config, device=device)
+    app = create_app(model_dir, config, device=device, dtype=dtype)
     uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=config.max_connections,
                 timeout_graceful_shutdown=5)
