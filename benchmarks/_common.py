@@ -33,3 +33,14 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def write_json(path, result) -> None:
+    """A benchmark's results as indented JSON at ``path`` (parent directories made), and say where."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")

@@ -28,13 +28,12 @@ validation split (every user's 2 validation candidates) and compared with a pair
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from _common import write_json  # benchmarks/ is on sys.path when a script runs
 
 
 def sequences(tokenizer, k: int, seed: int = 0):
@@ -194,10 +193,7 @@ def main() -> None:
     q.add_argument("--out", default="runs/bench/multi_item_quality.json")
     args = ap.parse_args()
     result = speed(args) if args.what == "speed" else quality(args)
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

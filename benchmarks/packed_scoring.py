@@ -18,11 +18,11 @@ The crossing point found here is slimlm.runtime.scoring.PACK_MAX_CANDIDATES.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
+
+from _common import write_json  # benchmarks/ is on sys.path when a script runs
 
 
 def main() -> None:
@@ -86,10 +86,7 @@ def main() -> None:
     out["evaluation"]["rows"] = len(rows)
     print(f"evaluation, {len(rows)} test rows (2 per user): packed {len(rows) / ev['packed']:.1f} rows/s, "
           f"broadcast {len(rows) / ev['broadcast']:.1f} rows/s ({ev['broadcast'] / ev['packed']:.2f}x)")
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":
