@@ -140,7 +140,7 @@ def choose_reference(results: dict[str, dict], origins: dict[str, dict], referen
 
     def chance_text(ref) -> str:
         m = primary_metric(metrics(ref))
-        return f"{m.label} {_metric_text(m, metrics(ref))}" if m else "?"
+        return f"{m.label} {metric_text(m, metrics(ref))}" if m else "?"
 
     if reference is not None:
         if reference not in results:
@@ -167,8 +167,8 @@ def choose_reference(results: dict[str, dict], origins: dict[str, dict], referen
     return None, "no reference: the starting teacher was not evaluated (name one with --reference)"
 
 
-def _metric_text(metric: Metric, metrics: dict) -> str:
-    """'0.7989 (0.777–0.819)': the value and its interval as the report prints them."""
+def metric_text(metric: Metric, metrics: dict) -> str:
+    """'0.7989 (0.777–0.819)': the value and its interval as the report prints them ('—' when absent)."""
     value = num(metrics.get(metric.key))
     if value is None:
         return "—"

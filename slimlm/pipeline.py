@@ -387,9 +387,11 @@ def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage
     def compare() -> None:
         write_comparison(stage_dir, results, scores, came_from, baseline=baseline, planned=list(models))
 
+    kept: set[str] = set()
     for ref, path in models.items():
         if ref in results and results[ref].get("model") == str(resolve_model(path)):  # scores.json is written first
             say(f"evaluating {ref}: done earlier, kept")
+            kept.add(ref)
             continue
         say(f"evaluating {ref}")
         t0 = time.perf_counter()
@@ -402,7 +404,8 @@ def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage
             atomic_write_json(stage_dir / "scores.json", scores)
         atomic_write_json(stage_dir / "results.json", results)  # partial results survive an interruption
         compare()
-    compare()
+    if all(ref in kept for ref in models):  # nothing evaluated in this run: the comparison of the kept results
+        compare()
     return results
 
 

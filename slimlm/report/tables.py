@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimlm.comparison import METRIC_BY_KEY, Metric, metric_ci, num, primary_metric
+from slimlm.comparison import METRIC_BY_KEY, metric_ci, metric_text, num, primary_metric, speeds
 from slimlm.report.plots import plot_quality
 
 MISSING = "—"
@@ -46,17 +46,6 @@ def _seconds(s: float | None) -> str:
     if s < 120:
         return f"{s:.1f} s"
     return f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"
-
-
-def _metric_text(metric: Metric, metrics: dict) -> str:
-    value = num(metrics.get(metric.key))
-    if value is None:
-        return MISSING
-    text = f"{value:.2f}" if metric.key == "perplexity" else f"{value:.4f}"
-    ci = metric_ci(metric, metrics)
-    if ci:
-        text += f" ({ci[0]:.3f}–{ci[1]:.3f})"
-    return text
 
 
 def _cell(text: Any) -> str:
@@ -112,18 +101,14 @@ def model_rows(results: dict[str, dict], planned: list[str], run: dict, comparis
                                "reference": name == reference}
         res = res if isinstance(res, dict) else {}
         cmp = (comparison.get("models") or {}).get(name) or {}
-        params, metrics, speed = res.get("params") or {}, res.get("metrics") or {}, res.get("speed") or {}
+        params, metrics = res.get("params") or {}, res.get("metrics") or {}
         metric = primary_metric(metrics)
         disk = num(res.get("disk_bytes"))
-        cands = num(speed.get("candidates_per_s"))
-        from_eval = cands is None and num(metrics.get("candidates_per_s")) is not None
         row.update({"params_total": num(params.get("total")), "params_non_embedding": num(params.get("non_embedding")),
                     "disk_mib": disk / 2**20 if disk is not None else None, "metric": metric,
                     "value": num(metrics.get(metric.key)) if metric else None, "metrics": metrics,
                     "at_chance": bool(cmp.get("at_chance")), "retention": num(cmp.get("retention")),
-                    "prefill": num(speed.get("prefill_tokens_per_s")), "decode": num(speed.get("decode_tokens_per_s")),
-                    "candidates": num(metrics.get("candidates_per_s")) if from_eval else cands,
-                    "candidates_from_eval": from_eval,
+                    **speeds(res),  # the same speeds the comparison's speed-ups were computed from
                     "speedup": {k: num((cmp.get("speedup") or {}).get(k)) for k in ("prefill", "decode", "candidates")},
                     "delta": cmp.get("delta_vs_reference"), "delta_baseline": cmp.get("delta_vs_baseline")})
         rows.append(row)
@@ -157,7 +142,7 @@ def render_baseline(base: dict | None, rows: list[dict], split: str | None) -> l
             continue
         verdict = "above" if d[1] > 0 else "below" if d[2] < 0 else "not distinguishable (the interval holds 0)"
         name = f"**{r['model']}**" if r["reference"] else r["model"]
-        table.append([name, _metric_text(r["metric"], r["metrics"]) if r["metric"] else MISSING, _delta_text(d), verdict])
+        table.append([name, metric_text(r["metric"], r["metrics"]) if r["metric"] else MISSING, _delta_text(d), verdict])
     return lines + _table(["model", "AUC (95% CI)", f"ΔAUC vs {base['model']}, paired (95% CI)", "at 95%"],
                           table, right={1, 2}) + [""]
 
@@ -189,7 +174,7 @@ def render_evaluation(ev: dict, run: dict, tmp: Path) -> list[str]:
             cells[5] = "missing"
             table.append(cells)
             continue
-        value = _metric_text(r["metric"], r["metrics"]) if r["metric"] else MISSING
+        value = metric_text(r["metric"], r["metrics"]) if r["metric"] else MISSING
         if r["metric"] is not None and metric is not None and r["metric"] != metric:
             value = f"{r['metric'].label} {value}"
         if r["at_chance"]:
