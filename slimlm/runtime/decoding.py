@@ -69,6 +69,8 @@ class SamplingParams:
             raise SlimlmError(f"temperature must be in [0, 100], got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise SlimlmError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise SlimlmError(f"seed must be a 64-bit integer, got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise SlimlmError("stop strings must be non-empty strings")
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -97,6 +99,7 @@ class Generation:
     on_delta: OnDelta | None = None  # called with each newly released piece of text
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None  # why the row failed (finish_reason "error"): its own failure, not the batch's
     _detok: Detokenizer | None = None
     _stop: StopText | None = None
 
@@ -135,6 +138,11 @@ class Generation:
                 return
         if len(self.tokens) >= self.params.max_tokens:
             self.finish("length")
+
+    def fail(self, message: str) -> None:
+        """End this row with ``error`` (no further text is released)."""
+        if not self.done:
+            self.error, self.finish_reason = message, "error"
 
     def finish(self, reason: str) -> None:
         if self.done:
@@ -329,7 +337,13 @@ class DecodeBatch:
         for idx in groups.values():
             p, gen = self.rows[idx[0]].params, self.rows[idx[0]].generator
             rows = self.logits if len(idx) == len(self.rows) else self.logits[idx]
-            for i, t in zip(idx, sample_next(rows, p.temperature, p.top_p, gen).tolist(), strict=True):
+            try:
+                picked = sample_next(rows, p.temperature, p.top_p, gen).tolist()
+            except Exception as e:  # noqa: BLE001 - these rows' settings or generator: they fail, not the batch
+                for i in idx:
+                    self.rows[i].fail(f"sampling failed: {type(e).__name__}: {e}")
+                continue
+            for i, t in zip(idx, picked, strict=True):
                 out[i] = t
         return out
 
@@ -359,13 +373,21 @@ class DecodeBatch:
     def step(self) -> list[Generation]:
         """Sample the next token of every row, retire finished rows, advance the rest by one forward.
 
-        Returns the rows that finished in this step (already removed from the batch)."""
+        Returns the rows that finished in this step (already removed from the batch). A failure of one
+        row's own work (its sampling, its text: detokenising, stop strings, its ``on_delta``) ends that row
+        with ``error`` set and the others carry on; a failure of the shared forward raises.
+        """
         if not self.rows:
             return []
         tokens = self._sample()
         positions = self.next_pos.tolist()
         for g, t, pos in zip(self.rows, tokens, positions, strict=True):
-            g._append(t, self._stop_ids(g))
+            if g.done:  # failed while sampling
+                continue
+            try:
+                g._append(t, self._stop_ids(g))
+            except Exception as e:  # noqa: BLE001
+                g.fail(f"decoding failed: {type(e).__name__}: {e}")
             if not g.done and self.max_positions and pos >= self.max_positions - 1:
                 g.finish("length")  # t took the model's last position: prompt + output fill the context
         finished = [g for g in self.rows if g.done]

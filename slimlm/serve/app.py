@@ -22,9 +22,12 @@ Prompts are prefilled in chunks of ``max_prefill_tokens`` between decode steps; 
 Guards: an optional API key (``Authorization: Bearer KEY``) on every ``/v1/`` route, checked before
 the body is read; a body-size limit (413); limits on prompt tokens (413), candidates per request (413),
 ``max_tokens`` and choices per request (400); a bounded queue (503 when full); a bounded number of open
-connections (uvicorn answers 503 beyond it). Status codes: 400 malformed JSON or an invalid value, 401
-wrong or missing key, 404 unknown model or route, 405 wrong method, 413 too large, 422 wrong types or
-unknown fields, 503 overloaded, 500 a failure inside the model (the server carries on).
+connections (uvicorn answers 503 beyond it). Status codes: 400 malformed JSON or an invalid value (out of
+the engine's range, text that is not valid Unicode, a candidate or label that tokenises to nothing), 401
+wrong or missing key, 404 unknown model or route, 405 wrong method, 413 too large, 422 wrong types, out-of-
+range numbers or unknown fields, 499 the client went away, 503 overloaded, 500 a failure inside the model.
+A 500 is that request's alone: the scheduler isolates failures (see ``serve/scheduler.py``), every error
+is a complete JSON response, and the keep-alive connection stays usable.
 
 Request models and error bodies are in ``serve/schemas.py``; metrics and the guarding middleware in
 ``serve/metrics.py``.
@@ -36,7 +39,6 @@ import asyncio
 import contextlib
 import copy
 import json
-import logging
 import socket
 import threading
 import time
@@ -58,6 +60,7 @@ from slimlm.runtime.scoring import iter_label_probs_full, iter_label_probs_share
 from slimlm.serve.metrics import Guard, Metrics
 from slimlm.serve.scheduler import QueueFull, Scheduler
 from slimlm.serve.schemas import (
+    INVALID_UNICODE,
     STATUS_TYPES,
     APIError,
     ChatCompletionRequest,
@@ -69,8 +72,6 @@ from slimlm.serve.schemas import (
     error_body,
     json_response,
 )
-
-log = logging.getLogger("slimlm.serve")
 
 LOOPBACK = "127.0.0.1"
 
@@ -131,15 +132,16 @@ class ServerState:
     def check_ids(self, ids: list[int], what: str) -> list[int]:
         bad = [i for i in ids if not 0 <= i < self.vocab]
         if bad:
-            raise APIError(400, f"{what}: token id {bad[0]} is outside the vocabulary (size {self.vocab})")
+            raise APIError(400, f"{what}: token id {bad[0]} is outside the vocabulary (size {self.vocab})",
+                           param=what)
         return ids
 
-    def check_prompt(self, n_tokens: int, what: str = "prompt") -> None:
+    def check_prompt(self, n_tokens: int, what: str = "prompt", param: str = "prompt") -> None:
         if n_tokens == 0:
-            raise APIError(400, f"{what} is empty")
+            raise APIError(400, f"{what} is empty", param=param)
         if n_tokens > self.max_prompt:
             raise APIError(413, f"{what} has {n_tokens} tokens; the limit is {self.max_prompt}",
-                           "request_too_large", "prompt_too_long")
+                           "request_too_large", "prompt_too_long", param)
 
     def sampling(self, req: SamplingRequest, max_tokens: int, prompt_len: int, choice: int) -> SamplingParams:
         if max_tokens > self.config.max_tokens:
@@ -151,6 +153,8 @@ class ServerState:
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4:
             raise APIError(400, "at most 4 stop strings", param="stop")
+        if any(not s for s in stop):
+            raise APIError(400, "stop strings must be non-empty", param="stop")
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                                   top_p=1.0 if req.top_p is None else req.top_p,
@@ -240,6 +244,10 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, *, devi
         if any(err.get("type") == "json_invalid" for err in errors):
             msg = errors[0].get("ctx", {}).get("error") or errors[0].get("msg")
             return json_response(400, error_body(f"malformed JSON body: {msg}", code="invalid_json"))
+        bad_text = [err for err in errors if err.get("type") == INVALID_UNICODE]
+        if bad_text:  # a value, not a type: 400, naming the field
+            return json_response(400, error_body(bad_text[0]["msg"], code=INVALID_UNICODE,
+                                                 param=bad_text[0]["ctx"]["param"]))
         parts = [f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body')}: {err.get('msg')}" for err in errors[:5]]
         param = ".".join(str(x) for x in errors[0].get("loc", ()) if x != "body") if errors else None
         return json_response(422, error_body("invalid request: " + "; ".join(parts), param=param or None))
@@ -249,11 +257,6 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, *, devi
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(e.status_code)
         return json_response(e.status_code, error_body(str(e.detail), STATUS_TYPES.get(e.status_code, "error"), code),
                               getattr(e, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception):
-        log.exception("internal error")
-        return json_response(500, error_body(f"internal error: {type(e).__name__}", "server_error"))
 
     # ------------------------------------------------------------------ plain routes
 
@@ -293,7 +296,7 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, *, devi
         for i, s in enumerate(suffixes):
             if not s:
                 raise APIError(400, f"candidates[{i}] is empty", param="candidates")
-        state.check_prompt(len(prefix) + max(len(s) for s in suffixes), "prefix + longest candidate")
+        state.check_prompt(len(prefix) + max(len(s) for s in suffixes), "prefix + longest candidate", "candidates")
         bs, pad = cfg.score_batch_size, state.tokenizer.pad_token_id or 0
         if prefix:  # stepwise: the worker interleaves prefix chunks and candidate batches with decode steps
             def fn():
@@ -405,7 +408,8 @@ def _jobs(state: ServerState, req: SamplingRequest, prompts: list[list[int]], ma
                        param="n")
     jobs = []
     for i, ids in enumerate(prompts):
-        state.check_prompt(len(ids), "prompt" if len(prompts) == 1 else f"prompt[{i}]")
+        state.check_prompt(len(ids), "prompt" if len(prompts) == 1 else f"prompt[{i}]",
+                           "messages" if isinstance(req, ChatCompletionRequest) else "prompt")
         for j in range(req.n):
             jobs.append((i, ids, state.sampling(req, max_tokens(len(ids)), len(ids), j)))
     return jobs

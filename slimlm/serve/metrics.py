@@ -7,6 +7,7 @@ request's status and duration in a :class:`Metrics`.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -16,6 +17,8 @@ from collections import defaultdict
 from starlette.exceptions import HTTPException
 
 from slimlm.serve.schemas import error_body, json_response
+
+log = logging.getLogger("slimlm.serve")
 
 
 class Metrics:
@@ -79,7 +82,8 @@ class Metrics:
 
 
 class Guard:
-    """ASGI middleware: API key and body-size limit on /v1/ routes, and request metrics on every route.
+    """ASGI middleware: API key and body-size limit on /v1/ routes, request metrics on every route, and
+the last word on errors: an exception no handler took becomes a complete 500 JSON response.
 
     The key is checked before any of the body is read, so an unauthenticated client cannot make the
     server buffer a large body; a body over the limit is refused by its Content-Length, or (chunked) as
@@ -94,7 +98,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start = time.perf_counter()
-        status = [500]
+        status: list[int | None] = [None]  # set when the response starts
 
         async def send_tracked(message):
             if message["type"] == "http.response.start":
@@ -107,8 +111,18 @@ class Guard:
             if refused is not None:
                 await refused(scope, receive, send_tracked)
                 return
-            await self.app(scope, self._limited(receive), send_tracked)
+            try:
+                await self.app(scope, self._limited(receive), send_tracked)
+            except Exception as e:
+                if status[0] is not None:  # mid-response: only closing the connection can tell the client
+                    raise
+                # Answered here, completely, and not re-raised: an exception that reaches the server
+                # makes it close the connection, and a keep-alive client's next request is reset.
+                log.exception("internal error")
+                await json_response(500, error_body(f"internal error: {type(e).__name__}", "server_error"))(
+                    scope, receive, send_tracked)
         finally:
+            status[0] = 500 if status[0] is None else status[0]
             self.metrics.observe(path if path in self.routes else "other", status[0], time.perf_counter() - start)
 
     def _refuse(self, scope):

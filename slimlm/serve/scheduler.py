@@ -21,8 +21,15 @@ cache — another request's prompt, a score request's prefix — waits in the qu
 
 Callers on other threads (the HTTP server's event loop) submit work and receive text pieces and the
 finish through callbacks, which the worker calls on its own thread: they must be quick and thread-safe
-(the server hands them to its event loop with ``call_soon_threadsafe``). A failure while prefilling or
-decoding fails the requests involved, never the worker.
+(the server hands them to its event loop with ``call_soon_threadsafe``).
+
+Failures stay with the request that caused them. Preparing a request (its seed, its length) fails it
+alone; a prefill forward that fails for a group of prompts is re-run prompt by prompt, so only the prompt
+that fails on its own fails and the others go on with the results they would have had alone; a row whose
+own decode work fails (sampling, detokenising, stop strings) leaves the batch alone. Only a failure of the
+shared decode forward itself, which no single row can be blamed for (e.g. the device running out of
+memory), fails the rows of that batch. The worker never dies of a request: anything unforeseen fails the
+requests it was handling and the loop goes on.
 """
 
 from __future__ import annotations
@@ -212,17 +219,33 @@ class Scheduler:
                     return
                 call = self._calls.popleft() if self._calls and self._current is None else None
                 admit = self._take_admissions()
-            if call is not None:
-                self._run_call(*call)
-            elif self._current is not None:
-                self._advance()
-            self._drop_cancelled()
-            if admit:
-                self._admit(admit)
-            if self._prefilling:
-                self._prefill_step()
-            if len(self.batch):
-                self._step()
+            try:
+                if call is not None:
+                    self._run_call(*call)
+                elif self._current is not None:
+                    self._advance()
+                self._drop_cancelled()
+                if admit:
+                    self._admit(admit)
+                    admit = []
+                if self._prefilling:
+                    self._prefill_step()
+                if len(self.batch):
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a bug must not kill the worker: fail what it was handling
+                log.exception("scheduler step failed")
+                self._fail_all(f"internal error: {type(e).__name__}: {e}", admit)
+
+    def _fail_all(self, message: str, admitting: list[Request]) -> None:
+        """Fail every request the worker holds (the state they were in can no longer be trusted)."""
+        for p in self._prefilling:
+            self._release(p)
+        for req in admitting + [p.req for p in self._prefilling] + list(self._running.values()):
+            if not req.done:
+                self._fail(req, message)
+        self._prefilling.clear()
+        self._running.clear()
+        self.batch.drop([])
 
     def _take_admissions(self) -> list[Request]:
         """Pop waiting requests for the free slots (caller holds the lock). Cancelled ones finish here."""
@@ -278,17 +301,17 @@ class Scheduler:
         for r in reqs:
             try:
                 self.batch.prepare(r.gen)
-            except SlimlmError as e:
-                self._fail(r, f"prefill failed: {e}")
+                kv, claim = None, None
+                if self.prefix_cache is not None:
+                    # at most all but the last token: its forward gives the logits of the first new token
+                    found = self.prefix_cache.lookup(r.gen.prompt, limit=len(r.gen.prompt) - 1, claim=True)
+                    if found.pending is not None:
+                        later.append((r, found.pending))
+                        continue
+                    kv, claim = found.kv, found.claim
+            except Exception as e:  # noqa: BLE001 - this request's settings: it fails, the others go on
+                self._fail(r, f"prefill failed: {_describe(e)}")
                 continue
-            kv, claim = None, None
-            if self.prefix_cache is not None:
-                # at most all but the last token: its forward gives the logits of the first new token
-                found = self.prefix_cache.lookup(r.gen.prompt, limit=len(r.gen.prompt) - 1, claim=True)
-                if found.pending is not None:
-                    later.append((r, found.pending))
-                    continue
-                kv, claim = found.kv, found.claim
             self._prefilling.append(_Prefilling(r, Prefill(r.gen, kv), claim))
         if later:
             if not self._prefilling and not len(self.batch) and self._current is None:
@@ -310,14 +333,18 @@ class Scheduler:
                 width = max(width, rest)
         try:
             prefill(self.model, [p.item for p in group], counts, pad_id=self.batch.pad_id)
-        except Exception as e:  # noqa: BLE001 - one bad prompt must not stop the worker
-            log.exception("prefill failed")
-            for p in group:
-                self._prefilling.remove(p)
-                self._release(p)
-                self._fail(p.req, f"prefill failed: {e}")
-            return
-        self.prefill_forwards += 1
+            self.prefill_forwards += 1
+        except Exception:  # noqa: BLE001 - find the prompt to blame: each alone (a failed forward changed nothing)
+            log.exception("prefill failed; running its %d prompt(s) one by one", len(group))
+            for p, c in zip(list(group), counts, strict=True):
+                try:
+                    prefill(self.model, [p.item], [c], pad_id=self.batch.pad_id)
+                    self.prefill_forwards += 1
+                except Exception as e:  # noqa: BLE001
+                    group.remove(p)
+                    self._prefilling.remove(p)
+                    self._release(p)
+                    self._fail(p.req, f"prefill failed: {_describe(e)}")
         done = [p for p in group if p.item.remaining == 0]
         if not done:
             return
@@ -331,14 +358,21 @@ class Scheduler:
                 p.claim = None
         try:
             self.batch.join([p.item for p in done])
-        except Exception as e:  # noqa: BLE001
-            log.exception("joining the batch failed")
+            joined = done
+        except Exception:  # noqa: BLE001 - a failed join changed nothing: join them one by one
+            log.exception("joining the batch failed; joining %d prompt(s) one by one", len(done))
+            joined = []
             for p in done:
-                self._fail(p.req, f"prefill failed: {e}")
+                try:
+                    self.batch.join([p.item])
+                    joined.append(p)
+                except Exception as e:  # noqa: BLE001
+                    self._fail(p.req, f"prefill failed: {_describe(e)}")
+        if not joined:
             return
         self.admissions += 1
         self.peak_batch = max(self.peak_batch, len(self.batch))
-        for p in done:
+        for p in joined:
             self._running[id(p.req.gen)] = p.req
 
     def _release(self, p: _Prefilling) -> None:
@@ -366,7 +400,10 @@ class Scheduler:
             r = self._running.pop(id(g))
             if r.first_token is None:
                 r.first_token = now
-            self._complete(r)
+            if g.error is not None:  # this row's own failure; the rest of the batch went on
+                self._fail(r, g.error)
+            else:
+                self._complete(r)
 
     def _complete(self, req: Request) -> None:
         req.finished = time.perf_counter()
@@ -384,6 +421,11 @@ class Scheduler:
         if not req.gen.done:
             req.gen.finish_reason = "error"
         self._complete(req)
+
+
+def _describe(e: Exception) -> str:
+    """An exception for a client: the message of slimlm's own errors, the type and message of others."""
+    return str(e) if isinstance(e, SlimlmError) else f"{type(e).__name__}: {e}"
 
 
 def _guarded(on_delta: OnDelta | None) -> OnDelta | None:

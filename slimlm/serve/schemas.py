@@ -1,17 +1,23 @@
 """The HTTP API's request models and error responses (OpenAI's shapes and names).
 
 Request bodies are pydantic models with ``extra="forbid"``: unknown fields are a 422, not silently
-ignored; value ranges (``temperature`` in [0, 2], ``top_p`` in (0, 1], ``n`` >= 1, ...) are checked
-here, limits that depend on the served model (context, vocabulary, the server's caps) in the app.
-Errors have OpenAI's body ``{"error": {"message", "type", "param", "code"}}``.
+ignored; value ranges (``temperature`` in [0, 2], ``top_p`` in (0, 1], ``n`` >= 1, ``seed`` a signed
+64-bit integer, ...) and text that is not valid Unicode (a lone UTF-16 surrogate: valid JSON, but no
+tokenizer takes it) are refused here, before a request reaches the model; limits that depend on the
+served model (context, vocabulary, the server's caps) are checked in the app. Errors have OpenAI's body
+``{"error": {"message", "type", "param", "code"}}``, serialised ASCII-only so that no echoed value can
+break the response.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 # --------------------------------------------------------------------------- errors
 
@@ -35,8 +41,16 @@ STATUS_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: 
                 503: "server_overloaded"}
 
 
+class _AsciiJSON(JSONResponse):
+    """JSON with non-ASCII characters escaped: an error message that quotes a client's string (even one
+    holding a lone surrogate) always encodes, so every error path sends a complete response."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def json_response(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(body, status_code=status, headers=headers)
+    return _AsciiJSON(body, status_code=status, headers=headers)
 
 
 # --------------------------------------------------------------------------- request models
@@ -46,6 +60,40 @@ class _Req(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
+    """Every string inside a parsed request (dict keys included), with its path: ``messages[0].content``."""
+    if isinstance(value, str):
+        yield path, value
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _strings(getattr(value, name), f"{path}.{name}" if path else name)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _strings(v, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k, f"{path} key")
+            yield from _strings(v, f"{path}[{k!r}]")
+
+
+INVALID_UNICODE = "invalid_unicode"
+
+
+class _Body(_Req):
+    """A request body: every string in it must be valid Unicode (checked once, on the whole body)."""
+
+    @model_validator(mode="after")
+    def _valid_unicode(self):
+        for path, text in _strings(self, ""):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise PydanticCustomError(
+                    INVALID_UNICODE, "{param}: not valid Unicode (a lone surrogate {char} at character {at})",
+                    {"param": path, "char": f"U+{ord(text[e.start]):04X}", "at": e.start}) from None
+        return self
+
+
 class StreamOptions(_Req):
     include_usage: bool = False
 
@@ -53,7 +101,7 @@ class StreamOptions(_Req):
 StopField = str | list[str] | None
 
 
-class SamplingRequest(_Req):
+class SamplingRequest(_Body):
     """Fields shared by completions and chat completions (OpenAI's names and defaults)."""
 
     model: str
@@ -61,7 +109,7 @@ class SamplingRequest(_Req):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1)
     stop: StopField = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # a signed 64-bit integer, as OpenAI's
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -105,7 +153,7 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None
 
 
-class ScoreRequest(_Req):
+class ScoreRequest(_Body):
     model: str | None = None
     prefix: str | list[int]
     candidates: list[str] | list[list[int]] = Field(min_length=1)
