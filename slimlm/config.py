@@ -102,6 +102,12 @@ class DistillConfig(Strict):
     eval_every: int = Field(50, ge=0)  # 0 = only at the end
     save_every: int = Field(50, ge=0)  # 0 = only at the end
     log_every: int = Field(1, ge=1)
+    # the divergence guard (slimlm.distill.guard): a non-finite loss or gradient norm stops the run, and so
+    # does either one above divergence_factor x its running median (same mode) once divergence_warmup steps
+    # are known; 0 or null turns the spike check off. A checkpoint is written only after the next step's
+    # loss and gradient norm on its weights passed, so the one named "last good" is.
+    divergence_factor: float | None = Field(100.0, ge=0.0)
+    divergence_warmup: int = Field(10, ge=1)
     tensorboard: bool = True
     trust_remote_code: bool = False
 

@@ -1,7 +1,8 @@
 """Atomic file and directory writes, and hashing.
 
 Every output slimlm writes (checkpoints, converted models, results) goes through these helpers, so
-an interrupted run never leaves a half-written file or directory where a finished one is expected.
+an interrupted run never leaves a half-written file or directory where a finished one is expected,
+and a killed directory replacement is finished (or undone) by :func:`recover_dir`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -57,14 +59,105 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def _ready(final: Path) -> Path:
+    """Where a finished replacement of ``final`` waits to be renamed in (its name says: complete)."""
+    return final.parent / f".{final.name}.new"
+
+
+def _aside(final: Path) -> Path:
+    """Where the replaced ``final`` waits to be removed."""
+    return final.parent / f".{final.name}.old"
+
+
+def _temporaries(final: Path) -> list[Path]:
+    """Temp files / directories that :func:`atomic_dir` and :func:`atomic_write_bytes` make for ``final``
+    (``.NAME.XXXXXXXX.tmp``, tempfile's eight random characters); a killed write leaves one behind."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.tmp")
+    if not final.parent.is_dir():
+        return []
+    return sorted(p for p in final.parent.iterdir() if pattern.fullmatch(p.name))
+
+
+def remove_temporaries(final: Path) -> list[str]:
+    """Remove what killed atomic writes of the file or directory ``final`` left beside it (only
+    slimlm's own temp names for ``final``); one line per removed path. Only while nothing writes ``final``."""
+    final = Path(final)
+    done = []
+    for path in _temporaries(final):
+        _remove(path)
+        done.append(f"{final.parent}: removed {path.name}")
+    return done
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _commit(final: Path) -> None:
+    """Rename the finished replacement in: ``final`` -> aside, ready -> ``final``, remove the aside.
+
+    At every instant ``final`` or the ready directory is complete, so :func:`recover_dir` can finish."""
+    ready, aside = _ready(final), _aside(final)
+    if final.exists():
+        if aside.exists():  # a removal of an earlier aside was cut short
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
+    os.replace(ready, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> list[str]:
+    """Bring ``final`` to the newest complete version a killed :func:`atomic_dir` left, and remove the rest.
+
+    * a ready directory (``.NAME.new``: its writer finished) is renamed in, ``final`` or not;
+    * else, if ``final`` is missing, the aside copy (``.NAME.old``, or ``.NAME.old.PID`` as earlier
+      versions named it) is renamed back;
+    * asides and temp directories/files of ``final`` (``.NAME.XXXXXXXX.tmp``: writes cut short) are removed.
+
+    Returns one line per thing done (empty when there was nothing to do). Run it before reading ``final``
+    in a process that may follow a killed one; :func:`atomic_dir` runs it before each write."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    done, ready, aside = [], _ready(final), _aside(final)
+    legacy = f".{final.name}.old."
+    asides = [aside, *sorted(p for p in final.parent.iterdir()
+                             if p.name.startswith(legacy) and p.name[len(legacy):].isdigit())]
+    if ready.is_dir():
+        stale = aside.exists()  # _commit removes it
+        _commit(final)
+        done.append(f"{final}: renamed in {ready.name}, the complete replacement a killed save left")
+        done += [f"{final.parent}: removed {aside.name}"] if stale else []
+    elif not final.exists():
+        for old in asides:
+            if old.is_dir():
+                os.replace(old, final)
+                done.append(f"{final}: restored from {old.name}")
+                break
+    for path in asides:
+        if path.exists():
+            _remove(path)
+            done.append(f"{final.parent}: removed {path.name}")
+    return done + remove_temporaries(final)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a fresh temp directory beside ``final``; on success it replaces ``final`` whole.
 
-    On any exception the temp directory is removed and ``final`` (if it existed) is untouched.
+    On any exception the temp directory is removed and ``final`` (if it existed) is untouched. The
+    replacement is three renames, ``tmp`` -> ``.NAME.new`` (complete), ``final`` -> ``.NAME.old``,
+    ``.NAME.new`` -> ``final``, then the aside is removed: a process killed at any instant leaves a
+    complete ``final`` or ``.NAME.new``, and :func:`recover_dir` (run here first) takes the newer.
+    One writer per ``final`` at a time.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o755)
     try:
@@ -72,13 +165,8 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old.{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    os.replace(tmp, _ready(final))
+    _commit(final)
 
 
 def read_json_or_none(path: Path) -> Any:

@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny random model directories and a tiny synthetic MovieLens in RecBole format."""
+"""Shared fixtures: tiny random model directories, a tiny synthetic MovieLens in RecBole format, simulated kills."""
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,54 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+# --------------------------------------------------------------------------- simulated kills
+
+
+class Killed(BaseException):
+    """Stands in for SIGKILL: a BaseException, which no ``except Exception`` in slimlm catches."""
+
+
+class Killer:
+    """Watches ``os.replace``, ``shutil.rmtree`` (and what :meth:`watch` adds) on paths under ``root``: each
+    call is numbered into ``events`` ((function name, path), in order) and, once :meth:`arm`-ed, call ``at``
+    raises :class:`Killed` before it acts (``when="before"``) or just after (``"after"``), and so does every
+    later watched call, cleanup included: a killed process does nothing more."""
+
+    def __init__(self, monkeypatch, root: Path):
+        self.monkeypatch, self.root = monkeypatch, Path(root)
+        self.arm(None)
+        self.watch(os, "replace")
+        self.watch(shutil, "rmtree")
+
+    def arm(self, at: int | None, when: str = "before") -> None:
+        self.at, self.when, self.dead, self.events = at, when, False, []
+
+    def watch(self, owner, name: str, path_arg: int = 0) -> None:
+        real = getattr(owner, name)
+
+        def call(*args, **kwargs):
+            path = Path(args[path_arg])
+            if not path.is_relative_to(self.root):
+                return real(*args, **kwargs)
+            i = len(self.events)
+            self.events.append((name, path))
+            if self.dead or (i == self.at and self.when == "before"):
+                self.dead = True
+                raise Killed(f"{name}({path.name}), event {i}")
+            result = real(*args, **kwargs)
+            if i == self.at:
+                self.dead = True
+                raise Killed(f"after {name}({path.name}), event {i}")
+            return result
+
+        self.monkeypatch.setattr(owner, name, call)
+
+
+def hidden(d: Path) -> list[str]:
+    """Names starting with a dot in directory ``d`` (slimlm's temporaries and asides are such)."""
+    return sorted(p.name for p in d.iterdir() if p.name.startswith(".")) if d.is_dir() else []
+
 
 # --------------------------------------------------------------------------- tiny models
 

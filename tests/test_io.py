@@ -1,4 +1,5 @@
-"""Atomic writes: an interrupted write leaves the previous file/directory whole and no temp files behind."""
+"""Atomic writes: an interrupted write leaves the previous file/directory whole and no temp files behind;
+a directory replacement killed at any instant is recovered to the newest complete version."""
 
 from __future__ import annotations
 
@@ -6,8 +7,17 @@ import hashlib
 import json
 
 import pytest
+from conftest import Killed, Killer, hidden
 
-from slimlm.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from slimlm.io import (
+    atomic_dir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    recover_dir,
+    remove_temporaries,
+    sha256_file,
+)
 
 
 def _tree(d):
@@ -88,3 +98,62 @@ def test_sha256_file_matches_hashlib_across_chunks(tmp_path):
     want = hashlib.sha256(data).hexdigest()
     assert sha256_file(p) == want
     assert sha256_file(p, chunk=7) == want  # chunk boundaries must not matter
+
+
+def _write(final, version: str) -> None:
+    with atomic_dir(final) as tmp:
+        (tmp / "v.txt").write_text(version)
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "x.txt").write_text(version * 3)
+
+
+@pytest.mark.parametrize("replacing", [False, True])
+def test_atomic_dir_killed_at_any_instant_recovers_the_newest_complete_version(tmp_path, monkeypatch, replacing):
+    """A kill before/after each rename and removal of the replacement: ``recover_dir`` then gives the old
+    version if the kill came before the new one was marked complete, the new one from then on, and
+    nothing else beside it."""
+    killer = Killer(monkeypatch, tmp_path)
+    _write(tmp_path / "plain" / "out", "old")
+    killer.arm(None)
+    _write(tmp_path / "plain" / "out", "new")  # unarmed: the events of one replacement
+    names = [name for name, _ in killer.events]
+    assert names == ["replace"] * 3 + ["rmtree"]  # tmp -> .new, out -> .old, .new -> out; remove .old
+    events = len(names) - (0 if replacing else 1)  # a first write has no out -> .old rename
+    new, old = {"v.txt": b"new", "sub/x.txt": b"newnewnew"}, {"v.txt": b"old", "sub/x.txt": b"oldoldold"}
+    for at in range(events):
+        for when in ("before", "after"):
+            root = tmp_path / f"{at}-{when}"
+            if replacing:
+                _write(root / "out", "old")
+            killer.arm(at, when)
+            with pytest.raises(Killed):
+                _write(root / "out", "new")
+            killer.arm(None)
+            left = hidden(root)
+            done = recover_dir(root / "out")
+            committed = at > 0 or when == "after"  # the first rename marks the new version complete
+            if committed or replacing:
+                assert _tree(root / "out") == (new if committed else old), (at, when)
+                assert sorted(p.name for p in root.iterdir()) == ["out"], (at, when)
+            else:
+                assert list(root.iterdir()) == [], (at, when)
+            said = " ".join(done)
+            assert all(name in said for name in left) and bool(done) == bool(left), (at, when, left, done)
+            assert recover_dir(root / "out") == []  # nothing left to do
+
+
+def test_recover_dir_restores_the_aside_and_removes_only_slimlms_leftovers(tmp_path):
+    out = tmp_path / "out"
+    _write(out, "old")
+    out.rename(tmp_path / ".out.old.4242")  # killed between the two renames of an earlier slimlm
+    (tmp_path / ".out.k3j_9x0a.tmp").mkdir()  # a killed body's temp directory
+    (tmp_path / ".out.k3j_9x0a.tmp" / "half.bin").write_bytes(b"\x00")
+    (tmp_path / ".out.qq8dj2ma.tmp").write_bytes(b"")  # a killed atomic_write_bytes of a file `out`
+    keep = [".out.notes", ".other.k3j_9x0a.tmp", ".out.k3j_9x0a.tmp.bak", "out.txt", ".out.old.x"]
+    for name in keep:
+        (tmp_path / name).write_text("not slimlm's")
+    done = recover_dir(out)
+    assert _tree(out) == {"v.txt": b"old", "sub/x.txt": b"oldoldold"}
+    assert done[0] == f"{out}: restored from .out.old.4242" and len(done) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *keep])
+    assert remove_temporaries(tmp_path / "out.txt") == [] and recover_dir(tmp_path / "none" / "x") == []

@@ -1,7 +1,9 @@
 """Atomic training checkpoints without pickle: model, optimizer, scheduler, RNG and data position.
 
-Layout of ``DIR/checkpoint/`` (replaced whole by an atomic rename, so a crash mid-save leaves the
-previous checkpoint intact):
+Layout of ``DIR/checkpoint/`` (replaced whole by :func:`slimlm.io.atomic_dir`: a process killed at any
+instant of a save leaves the previous or the new checkpoint complete, and the next start-up of the run
+takes the newer one and removes the rest; the trainer writes a checkpoint only once the next step's
+loss and gradient norm on its weights passed the divergence guard):
 
     model.safetensors       student weights (tied tensors stored once)
     optimizer.safetensors   every tensor of the optimizer state, keyed "<param key>.<name>" (the key is

@@ -7,11 +7,15 @@ Read :func:`train` top to bottom: set-up, resume, then each optimizer step is
        by the student's own samples, scored by the teacher);
     3. the window's target-token count, so the update is a per-token mean over the whole window;
     4. loss (chunked fused-linear: no [tokens x vocab] logits) and backward per micro-batch;
-    5. non-finite loss -> stop, keeping the last good checkpoint; else clip, step, schedule;
-    6. log (JSONL + TensorBoard), evaluate and checkpoint on their periods.
+    5. the gradient norm (before clipping) and clipping; the divergence guard (:mod:`slimlm.distill.guard`):
+       a non-finite or spiking loss or gradient norm stops the run; else a checkpoint requested after the
+       previous step is written now (its weights just passed), then step, schedule;
+    6. log (JSONL + TensorBoard), evaluate and request a checkpoint on their periods.
 
 The output directory holds ``model/`` (a standard HF directory), ``metrics.jsonl``, ``metrics.json``
-(final evaluation), ``config.yaml`` and, while running, ``checkpoint/`` (exact resume).
+(final evaluation), ``config.yaml`` and, while running, ``checkpoint/`` (exact resume). Start-up finishes
+or undoes a save that a killed run left half done (:func:`slimlm.io.recover_dir`), and trims
+``metrics.jsonl`` to the step it resumes from, so the log equals an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,10 +49,11 @@ from slimlm.distill.dist import (
     sum_int,
     wrap,
 )
+from slimlm.distill.guard import History, divergence, nonfinite_count, remember, total_grad_norm
 from slimlm.distill.losses import LossConfig, check_vocab, normalize
 from slimlm.distill.offload import OffloadAdamW
 from slimlm.distill.teacher import TeacherCache, write_teacher_cache
-from slimlm.io import atomic_write_json, atomic_write_text, read_jsonl
+from slimlm.io import atomic_write_json, atomic_write_text, read_jsonl, recover_dir, remove_temporaries
 from slimlm.loading import check_model_dir, load_model, load_tokenizer
 from slimlm.models import save_model
 from slimlm.runtime.packing import attention_inputs
@@ -239,7 +245,7 @@ def evaluate_student(module: DistillModule, tokenizer, cfg: DistillConfig, eval_
 
 # settings that may change between an interrupted run and its resume without changing what it computes
 RESUMABLE_CHANGES = ("out", "device", "parallel", "eval_every", "save_every", "log_every", "tensorboard",
-                     "gradient_checkpointing", "offload_optimizer")
+                     "gradient_checkpointing", "offload_optimizer", "divergence_factor", "divergence_warmup")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -271,7 +277,8 @@ def check_same_run(out: Path, cfg: DistillConfig) -> None:
 def train(cfg: DistillConfig, progress: Callable[[int, dict], None] | None = None,
           stop_after: int | None = None) -> Path:
     """Run (or resume) one distillation stage; return ``cfg.out``. ``stop_after`` ends the process's
-    work after that many optimizer steps as if interrupted (for resume tests)."""
+    work after that many optimizer steps as if interrupted (for resume tests), leaving their checkpoint
+    (written, as every checkpoint, once the next step's loss and gradient norm passed the guard)."""
     out = Path(cfg.out)
     check_same_run(out, cfg)
     if (out / "model" / "config.json").exists() and (out / "metrics.json").exists():
@@ -303,7 +310,9 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
                 raise SlimlmError(f"{role}: {e}") from None
     if dist.main:
         out.mkdir(parents=True, exist_ok=True)
+        clean_up(out)
         atomic_write_text(out / "config.yaml", dump_config(cfg))
+    barrier(dist)  # no rank reads checkpoint/ before it is recovered
     torch.manual_seed(cfg.seed)
 
     # -- data first (bad data fails before any model is loaded), then models --------------------
@@ -356,6 +365,7 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
 
     # -- resume ----------------------------------------------------------------------------------
     step, ckpt = 0, out / "checkpoint"
+    history: History = {}  # the divergence guard's recent losses and gradient norms
     seconds_before, t_start = 0.0, time.perf_counter()  # wall time of the earlier runs of this stage
     order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed, rank=dist.rank, world=dist.world)
     if (ckpt / "state.json").exists():
@@ -365,26 +375,41 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
             load_full_train_state(student, optimizer, state.pop("model_state"), state.pop("optimizer_state"))
         if isinstance(optimizer, OffloadAdamW):
             optimizer.resync()  # the masters must start from the restored weights
-        step, seconds_before = state["step"], state.get("train_seconds", 0.0)
+        step, seconds_before, history = state["step"], state.get("train_seconds", 0.0), state.get("guard", {})
         order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed, state["epoch"], state["cursor"],
                            rank=dist.rank, world=dist.world)
-        if dist.main:
-            _truncate_log(out / "metrics.jsonl", step)
+    if dist.main:  # rows past the step we resume from (all of them without a checkpoint) will come again
+        _truncate_log(out / "metrics.jsonl", step)
     barrier(dist)
     log = open(out / "metrics.jsonl", "a") if dist.main else None
     writer = _tensorboard(out / "tb") if cfg.tensorboard and dist.main else None
 
-    def checkpoint() -> None:
+    def snapshot() -> dict:
+        """What a checkpoint after this step holds besides weights, optimizer and scheduler (which stay
+        as they are until the next step's update, when :func:`checkpoint` writes them)."""
+        return {"state": {"step": step, **order.state(), "train_seconds": seconds_before + time.perf_counter()
+                          - t_start, "guard": {k: list(v) for k, v in history.items()}},
+                "rngs": gather_states(rng_state(generators), dist)}  # each rank samples its own on-policy stream
+
+    def checkpoint(snap: dict) -> None:
         model_state, optimizer_state = full_train_state(student, optimizer, dist)  # FSDP2: gathered
-        rngs = gather_states(rng_state(generators), dist)  # each rank samples its own on-policy stream
         if dist.main:
-            save_checkpoint(ckpt, student, optimizer, scheduler, {"step": step, **order.state(),
-                            "train_seconds": seconds_before + time.perf_counter() - t_start}, generators,
-                            model_state=model_state, optimizer_state=optimizer_state, rank_rngs=rngs)
+            save_checkpoint(ckpt, student, optimizer, scheduler, snap["state"], generators, model_state=model_state,
+                            optimizer_state=optimizer_state, rank_rngs=snap["rngs"])
         barrier(dist)
 
+    def diverged(at: int, reason: str) -> TrainingDiverged:
+        if log:
+            log.close()
+        hint = " (a larger divergence_factor, or 0, lets such a step pass)" if "median" in reason else ""
+        kept = (f"the last good checkpoint is {ckpt} (step {_ckpt_step(ckpt)})" if (ckpt / "state.json").exists()
+                else "no checkpoint was written yet")
+        return TrainingDiverged(f"step {at}: {reason}{hint}; training stopped, {kept}")
+
     # -- the loop --------------------------------------------------------------------------------
-    steps_done = 0
+    # A checkpoint requested after step s is written during step s + 1, once the loss and gradient norm of the
+    # weights it holds passed the guard (and before they change): the checkpoint on disk is always good.
+    steps_done, pending, stopping = 0, None, False
     while step < cfg.max_steps:
         t0 = time.perf_counter()
         mode = step_mode(cfg, step)
@@ -415,13 +440,24 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
             loss_total += loss_sum.detach().item()
             tokens += int(batch["attention_mask"].sum())
         loss = all_sum([loss_total], dist)[0] / max(n_targets, 1)
-        if not math.isfinite(loss):
-            if log:
-                log.close()
-            kept = f"the last good checkpoint is {ckpt} (step {_ckpt_step(ckpt)})" if ckpt.exists() else "no checkpoint was written yet"
-            raise TrainingDiverged(f"step {step + 1}: loss is {loss}; training stopped, {kept}")
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                     if cfg.optim.max_grad_norm else torch.tensor(0.0))
+        grad_norm = total_grad_norm(params, cfg.optim.max_grad_norm)  # the same on every rank, as the loss
+        factor, warmup = cfg.divergence_factor, cfg.divergence_warmup
+        reason = (divergence(history, f"{mode}.loss", loss, factor, warmup)
+                  or divergence(history, f"{mode}.grad_norm", grad_norm, factor, warmup))
+        if reason is None and pending is not None and sum_int(nonfinite_count(params), dist):
+            reason = "weights are not finite"
+        if reason is not None:
+            raise diverged(step + 1, reason)
+        if pending is not None:
+            t_save = time.perf_counter()
+            checkpoint(pending)
+            pending, t0 = None, t0 + time.perf_counter() - t_save  # the step's speed leaves the save out
+            if stopping:
+                if log:
+                    log.close()
+                return out
+        remember(history, f"{mode}.loss", loss)
+        remember(history, f"{mode}.grad_norm", grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -429,8 +465,7 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
         steps_done += 1
         seconds = time.perf_counter() - t0
         tokens = sum_int(tokens, dist)
-        row = {"step": step, "mode": mode, "loss": loss, "lr": scheduler.get_last_lr()[0],
-               "grad_norm": float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+        row = {"step": step, "mode": mode, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "targets": n_targets, "tokens": tokens, "tokens_per_s": tokens_per_second(tokens, seconds)}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
             with gathered(wrapped, dist):
@@ -441,18 +476,17 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
             _log(log, writer, row)
         if progress and dist.main:
             progress(step, row)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            checkpoint()
-        if stop_after is not None and steps_done >= stop_after and step < cfg.max_steps:
-            checkpoint()
-            if log:
-                log.close()
-            return out
+        stopping = stop_after is not None and steps_done >= stop_after and step < cfg.max_steps
+        if stopping or (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps):
+            pending = snapshot()
 
     # -- finish ----------------------------------------------------------------------------------
     with gathered(wrapped, dist):
         final = {"step": step, **evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device,
                                                   generation_eval, eval_teacher)}
+    bad = sum_int(nonfinite_count(params), dist)  # no step checked the last update's result: check it here
+    if bad or not math.isfinite(final.get("eval_kl", 0.0)):
+        raise diverged(step, "the final weights are not finite" if bad else f"the final held-out KL is {final['eval_kl']}")
     state_dict = full_state_dict(student, dist)  # every rank takes part in the gather
     if dist.main:
         _log(log, writer, final)
@@ -491,6 +525,17 @@ def build_teacher_cache(cfg: DistillConfig, progress: Callable[[int], None] | No
                                pad_id=tokenizer.pad_token_id, progress=progress)
 
 
+def clean_up(out: Path) -> list[str]:
+    """Finish or undo the saves a killed run left half done in the run directory ``out`` and remove its
+    temporaries (slimlm's own names for the run's files only); warn saying what was done, and return it."""
+    done = recover_dir(out / "checkpoint") + recover_dir(out / "model")
+    for name in ("metrics.jsonl", "metrics.json", "config.yaml"):
+        done += remove_temporaries(out / name)
+    if done:
+        warnings.warn(f"{out}: cleaned up after an interrupted run: " + "; ".join(done), stacklevel=2)
+    return done
+
+
 def _ckpt_step(ckpt: Path) -> int | str:
     try:
         return json.loads((ckpt / "state.json").read_text())["step"]
@@ -499,7 +544,7 @@ def _ckpt_step(ckpt: Path) -> int | str:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows past the checkpoint we resume from (they will be produced again)."""
+    """Drop log rows past ``step``, the checkpoint's we resume from or 0 (they will be produced again)."""
     if not path.exists():
         return
     rows = []

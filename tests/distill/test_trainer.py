@@ -1,15 +1,19 @@
-"""The trainer: schedule, batch order, token normalisation, exact resume, NaN stop, on-policy masking."""
+"""The trainer: schedule, batch order, token normalisation, exact resume (after a kill at any instant of a
+save too), the log after restarts, the divergence guard, on-policy masking."""
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
-from conftest import synth_movielens, write_movielens
+from conftest import Killed, Killer, hidden, synth_movielens, write_movielens
 from safetensors.torch import load_file, save_file
 
+import slimlm.distill.checkpoint
+import slimlm.distill.trainer
 from slimlm import SlimlmError
 from slimlm.config import DistillConfig, load_config
 from slimlm.distill.data import BatchOrder, Seq, collate, window_targets
@@ -23,7 +27,11 @@ from slimlm.distill.trainer import (
     tokens_per_second,
     train,
 )
+from slimlm.io import read_jsonl
+from slimlm.loading import load_model
 from slimlm.testing import save_tiny_model, tiny_model
+
+pytestmark = pytest.mark.one_thread  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +274,104 @@ def test_offloaded_optimizer_is_bit_identical_on_cpu(setup, tmp_path):
     b = load_file(str(tmp_path / "offload" / "model" / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _rows(out) -> list[dict]:
+    """metrics.jsonl without its timing field."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in read_jsonl(out / "metrics.jsonl")]
+
+
+def _restart(cfg) -> tuple[int, str]:
+    """Run ``cfg`` to the end; return the first step it ran and what its start-up said it cleaned up."""
+    steps = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(cfg, progress=lambda step, row: steps.append(step))
+    return steps[0], " ".join(str(w.message) for w in caught if "cleaned up" in str(w.message))
+
+
+def test_a_save_killed_at_any_instant_resumes_from_the_newest_complete_checkpoint(setup, tmp_path, monkeypatch):
+    """A kill before each file-system step of a save (the checkpoint replacing an older one, and the final
+    model) and after its last: the restart resumes from the newest complete checkpoint, says what it
+    cleaned up, and ends with the uninterrupted run's weights, log and files, nothing else."""
+    root, data = setup
+    kw = {"max_steps": 5, "save_every": 2}  # checkpoints of steps 2 and 4, the model after step 5
+    whole = train(config(root, data, tmp_path / "whole", **kw))
+    killer = Killer(monkeypatch, tmp_path)
+    killer.watch(slimlm.distill.checkpoint, "save_file", path_arg=1)
+    train(config(root, data, tmp_path / "events", **kw))
+    names = [(name, path.name if name != "save_file" else path.parent.name[:12]) for name, path in killer.events]
+    second = [i for i, (_, n) in enumerate(names) if n.startswith((".checkpoint", "checkpoint"))][5:]  # the step-4 save
+    model = [i for i, (_, n) in enumerate(names) if n.startswith((".model", "model"))]
+    assert [names[i][0] for i in second] == ["save_file", "save_file", "replace", "replace", "replace", "rmtree"]
+    assert [names[i][0] for i in model] == ["replace", "replace", "rmtree"]
+    kills = [(i, "before") for i in second + model] + [(second[-1], "after"), (model[-1], "after")]
+    a = load_file(str(whole / "model" / "model.safetensors"))
+    for at, when in kills:
+        cfg = config(root, data, tmp_path / f"{at}-{when}", **kw)
+        killer.arm(at, when)
+        with pytest.raises(Killed):
+            train(cfg)
+        killer.arm(None)
+        left = hidden(tmp_path / f"{at}-{when}")
+        first, said = _restart(cfg)
+        # the step-4 checkpoint is complete once its temp directory is renamed to .checkpoint.new
+        assert first == (3 if at < second[2] or (at == second[2] and when == "before") else 5), (at, when)
+        assert all(name in said for name in left) and bool(said) == bool(left), (at, when, left, said)
+        b = load_file(str(cfg.out) + "/model/model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a), (at, when)
+        assert _rows(tmp_path / f"{at}-{when}") == _rows(whole), (at, when)
+        assert sorted(p.name for p in (tmp_path / f"{at}-{when}").iterdir()) == sorted(p.name for p in whole.iterdir())
+
+
+def test_the_log_after_restarts_equals_the_uninterrupted_runs(setup, tmp_path):
+    """Killed before its first checkpoint (the restart starts over: the log too), and after one (the log is
+    trimmed to the checkpoint's step), with a torn last line: the rows are the uninterrupted run's."""
+    root, data = setup
+    whole = train(config(root, data, tmp_path / "whole", save_every=2))
+
+    def kill_at(n):
+        def progress(step, row):
+            if step == n:
+                raise Killed(f"step {n}")
+        return progress
+
+    for save_every, killed_at, resumed_from in ((0, 2, 0), (2, 3, 2)):
+        cfg = config(root, data, tmp_path / f"run{save_every}", save_every=save_every)
+        with pytest.raises(Killed):
+            train(cfg, progress=kill_at(killed_at))
+        assert [r["step"] for r in _rows(tmp_path / f"run{save_every}")] == list(range(1, killed_at + 1))
+        with open(tmp_path / f"run{save_every}" / "metrics.jsonl", "a") as f:
+            f.write('{"step": 9, "loss": 0.')
+        assert _restart(cfg)[0] == resumed_from + 1
+        assert _rows(tmp_path / f"run{save_every}") == _rows(whole)
+        assert [r["step"] for r in _rows(whole)] == [1, 2, 3, 4, 5, 6, 6]  # every step, then the final evaluation
+
+
+def _finite_logits(root, ckpt) -> bool:
+    model = load_model(str(root / "student"), device="cpu", dtype=torch.float32)
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=False)
+    with torch.no_grad():
+        return bool(torch.isfinite(model(torch.arange(1, 40)[None]).logits).all())
+
+
+@pytest.mark.parametrize("jump, reason", [(1e14, "(loss|grad norm) is (nan|inf)|weights are not finite"),
+                                          (1e3, "loss .* is over 100x its running median")])
+def test_a_diverging_run_names_a_checkpoint_that_gives_finite_logits(setup, tmp_path, monkeypatch, jump, reason):
+    """The learning rate jumps after step 3 (×1e14: weights ~1e11, non-finite logits; ×1e3: a finite blow-up
+    of the loss). The step-4 checkpoint holds the bad weights, so it is never written: the run stops at step
+    5 and names step 3's, whose logits are finite; with the spike check off the finite blow-up runs on."""
+    root, data = setup
+    monkeypatch.setattr(slimlm.distill.trainer, "lr_factor", lambda step, *args: 1.0 if step < 3 else jump)
+    cfg = config(root, data, tmp_path / "run", save_every=1, divergence_warmup=2, max_steps=8)
+    with pytest.raises(TrainingDiverged, match=rf"^step 5: ({reason}).*; training stopped, the last good "
+                                               rf"checkpoint is .*checkpoint \(step 3\)$"):
+        train(cfg)
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["step"] == 3
+    assert _finite_logits(root, tmp_path / "run" / "checkpoint")
+    assert not (tmp_path / "run" / "model").exists()
+    if jump == 1e3:  # the spike stays finite: only the spike check stops it
+        assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["guard"]["kd.loss"] == [
+            r["loss"] for r in _rows(tmp_path / "run")[:3]]
+        train(config(root, data, tmp_path / "off", save_every=1, divergence_factor=0, max_steps=8))
+        assert max(r["loss"] for r in _rows(tmp_path / "off") if "loss" in r) > 100 * _rows(tmp_path / "off")[0]["loss"]
