@@ -490,7 +490,11 @@ def quantize(
     static_activations: Annotated[bool, typer.Option(help="fp8: one calibrated scale per layer input (needs --calib).")] = False,
     ignore: Annotated[list[str] | None, typer.Option(help="Layers to keep in float (repeatable; exact name, class "
                                                            "name or re:REGEX). Default: lm_head; 'none' quantizes every Linear.")] = None,
-    dtype: Annotated[str, typer.Option(help="Storage dtype of the unquantized tensors: bfloat16 | float32.")] = "bfloat16",
+    dtype: Annotated[str, typer.Option(help="Storage dtype of the unquantized tensors, and config.json's dtype: "
+                                            "auto | bfloat16 | float32 (auto: float32 for a ranking model, so its "
+                                            "scores keep full resolution; bfloat16 otherwise).")] = "auto",
+    ranking: Annotated[bool | None, typer.Option("--ranking/--generation", help="What the model is for (auto dtype); "
+                                                 "default: ranking when --calib is a ranking task.")] = None,
     batch_size: int = 8,
     device: DeviceOpt = None,
 ) -> None:
@@ -519,11 +523,12 @@ def quantize(
         raise SlimlmError(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}") from None
     with progress_bar() as bar:
         report = quantize_dir(model, out_dir, cfg, progress=_bar_callback(bar),
-                              status=lambda msg: console.print(msg, highlight=False), placement=where)
+                              status=lambda msg: console.print(msg, highlight=False), placement=where,
+                              ranking=ranking)
     for note in report["notes"]:
         console.print(f"note: {note}")
     out.print_json(json.dumps({"out": str(out_dir), "scheme": cfg.scheme, "quantized_layers": report["quantized_layers"],
-                               "weights_bytes": report["weights_bytes"],
+                               "weights_bytes": report["weights_bytes"], "dtype": report["export_dtype"],
                                "source_weights_bytes": report["source_weights_bytes"], "seconds": report["seconds"]}))
 
 

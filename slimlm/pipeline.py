@@ -315,8 +315,10 @@ def run(recipe: Recipe, progress: Say | None = None, command: list[str] | None =
             metrics = prune_dir(model_dir(inputs["from"]), stage_dir / "model", cfg, device=str(where.device))
         elif kind == "quantize":
             from slimlm.quantize.api import quantize_dir
+            from slimlm.tasks import RANKING_TASKS
 
-            metrics = quantize_dir(model_dir(inputs["from"]), stage_dir / "model", cfg, placement=where)
+            metrics = quantize_dir(model_dir(inputs["from"]), stage_dir / "model", cfg, placement=where,
+                                   ranking=recipe.task.name in RANKING_TASKS)
         else:
             metrics = _evaluate(recipe, {r: model_dir(p) for r, p in inputs["models"].items()}, cfg, stage_dir, say,
                                 fp, steps, where)

@@ -101,7 +101,15 @@ class QuantizeConfig(QuantConfig):
     samples: int = Field(64, ge=1)  # calibration blocks
     seq_len: int = Field(512, ge=2)  # tokens per block
     batch_size: int = Field(8, ge=1)
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    # The float tensors' storage dtype and config.json's "dtype" (what engines run the model in). auto:
+    # float32 for a ranking model (label probabilities keep full resolution: in bf16 the P(" Yes") of one
+    # user's 100 candidates collapse to a dozen distinct values), bfloat16 for generation.
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+
+    def export_dtype(self, ranking: bool) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if ranking else torch.bfloat16
+        return getattr(torch, self.dtype)
 
     def check(self) -> None:
         super().check()
@@ -334,16 +342,20 @@ def _gptq_sequential(model, targets, groups, cfg: QuantConfig, blocks, batch_siz
 
 
 def quantize_dir(source: str | Path, out_dir: str | Path, cfg: QuantizeConfig, *, progress: Progress | None = None,
-                 status: Callable[[str], None] | None = None, placement: Placement | None = None) -> dict:
+                 status: Callable[[str], None] | None = None, placement: Placement | None = None,
+                 ranking: bool | None = None) -> dict:
     """Quantize the model in ``source`` (a directory or ``teacher``) and export it to ``out_dir`` in the
     compressed-tensors format (written atomically, report in ``quantize_report.json``); returns the report.
     Calibration, GPTQ and the quantization itself run where ``placement`` says (default:
-    :func:`slimlm.placement.choose`); the export is written from host memory in ``cfg.dtype``."""
+    :func:`slimlm.placement.choose`); the export is written from host memory in
+    ``cfg.export_dtype(ranking)`` — ``ranking``: the model scores a ranking task (default: it is
+    calibrated on one)."""
     from slimlm.calib import calibration_windows
     from slimlm.loading import load_model, load_tokenizer, resolve_model
     from slimlm.models import param_counts
     from slimlm.placement import choose
     from slimlm.quantize.export import export_quantized, is_compressed_tensors_dir
+    from slimlm.tasks import RANKING_TASKS
 
     path = resolve_model(str(source))
     if is_compressed_tensors_dir(path):
@@ -366,7 +378,13 @@ def quantize_dir(source: str | Path, out_dir: str | Path, cfg: QuantizeConfig, *
                   params=param_counts(model), source_params=before, placement=where.to_dict())
     if status:
         status(f"writing {out_dir}")
-    export_quantized(model, tokenizer, out_dir, dtype=getattr(torch, cfg.dtype), report=report)
+    ranking = cfg.calib in RANKING_TASKS if ranking is None else ranking
+    dtype = cfg.export_dtype(ranking)
+    report["export_dtype"] = str(dtype).removeprefix("torch.")
+    report["export_dtype_why"] = (f"dtype: {cfg.dtype}" if cfg.dtype != "auto" else
+                                  "auto: a ranking model (float32 keeps its scores' resolution)" if ranking else
+                                  "auto: bfloat16, as served for generation")
+    export_quantized(model, tokenizer, out_dir, dtype=dtype, report=report)
     report["weights_bytes"] = sum(f.stat().st_size for f in Path(out_dir).glob("*.safetensors"))
     report["source_weights_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     return report

@@ -12,10 +12,14 @@ scheme, targeting ``Linear`` or, when layers differ, ``re:`` patterns / names), 
 |---|---|---|
 | int8 W8A8 | int-quantized | ``P.weight`` int8 [out, in], ``P.weight_scale`` f32 [out, 1] |
 | fp8 W8A8 | float-quantized | ``P.weight`` float8_e4m3fn [out, in], ``P.weight_scale`` f32 [out, 1] (+ ``P.input_scale`` f32 [1] when static) |
-| int4 W4A16 | pack-quantized | ``P.weight_packed`` int32 [out, ceil(in/8)], ``P.weight_scale`` f32 [out, in/g], ``P.weight_shape`` int64 [2] (+ ``P.weight_zero_point`` int32 [ceil(out/8), in/g] when asymmetric) |
+| int4 W4A16 | pack-quantized | ``P.weight_packed`` int32 [out, ceil(in/8)], ``P.weight_scale`` ``dtype`` [out, in/g], ``P.weight_shape`` int64 [2] (+ ``P.weight_zero_point`` int32 [ceil(out/8), in/g] when asymmetric) |
 
-Everything else (embeddings, norms, ignored layers, biases) is stored in ``dtype`` (bf16 by default,
-as served; ``float32`` keeps it exact). Scales are always float32.
+Everything else (embeddings, norms, ignored layers, biases) is stored in ``dtype``, which config.json
+names as the model's ``dtype`` (bf16 for generation, as served; float32 for ranking, whose label
+probabilities need the resolution). Scale dtypes follow the consumers: INT8 / FP8 scales are float32 (vLLM
+and llm-compressor keep them so whatever the model dtype); INT4 group scales are in ``dtype``, the dtype
+of vLLM's WNA16 scale parameters (an fp32 scale in a bf16 model is a load warning per layer, and a
+rounding that would differ from what slimlm evaluated: the export is what slimlm loads back).
 
 :func:`load_quantized` reads such a directory (ours, or any compressed-tensors checkpoint that uses
 the schemes above) into slimlm's runtime modules; anything else is a clear :class:`SlimlmError`.
@@ -127,6 +131,8 @@ def export_state(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[
         state[key] = t.detach().to(dtype) if t.is_floating_point() else t.detach()
     for name, m in quantized.items():
         for leaf, t in m.compressed_state().items():
+            if isinstance(m, Int4Linear) and leaf == "weight_scale":
+                t = t.to(dtype)  # as vLLM's WNA16 parameter (see the module docstring)
             state[f"{name}.{leaf}"] = t.detach()
         if m.bias is not None:
             state[f"{name}.bias"] = m.bias.detach().to(dtype)

@@ -11,9 +11,9 @@ from safetensors import safe_open
 from slimlm import SlimlmError
 from slimlm.loading import load_model, load_tokenizer
 from slimlm.models import param_counts
-from slimlm.quantize.api import QuantConfig, quantize_model
+from slimlm.quantize.api import QuantConfig, QuantizeConfig, quantize_dir, quantize_model
 from slimlm.quantize.export import export_quantized, scheme_of
-from slimlm.quantize.linear import QuantizedLinear
+from slimlm.quantize.linear import Int4Linear, QuantizedLinear
 
 CONFIGS = {
     "int8": QuantConfig(scheme="int8"),
@@ -183,6 +183,39 @@ def test_bf16_storage_default(tiny_model_dirs, tmp_path):
         for p in model.parameters():  # the only difference: embeddings, norms and biases rounded to bf16
             p.copy_(p.bfloat16().float())
         assert torch.equal(model(ids()).logits, reloaded(ids()).logits)
+
+
+def test_int4_scales_are_stored_in_the_model_dtype(tiny_model_dirs, tmp_path):
+    """vLLM's WNA16 scale parameters are in the model dtype: a bf16 export stores its group scales in bf16 (no
+    per-layer load warning), and what slimlm loads back is exactly the model with those scales."""
+    model = quantized_export(tiny_model_dirs["llama"], QuantConfig(scheme="int4", method="rtn", group_size=32),
+                             tmp_path / "q", dtype=torch.bfloat16)
+    t = tensors(tmp_path / "q")
+    scales = [k for k in t if k.endswith("weight_scale")]
+    assert scales and all(t[k].dtype == torch.bfloat16 for k in scales)
+    reloaded = load_model(tmp_path / "q")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+        for m in model.modules():
+            if isinstance(m, Int4Linear):
+                m.weight_scale.copy_(m.weight_scale.bfloat16().float())
+        assert torch.equal(model(ids()).logits, reloaded(ids()).logits)
+    fp32 = tmp_path / "f"
+    quantized_export(tiny_model_dirs["llama"], QuantConfig(scheme="int4", method="rtn", group_size=32), fp32)
+    assert all(v.dtype == torch.float32 for k, v in tensors(fp32).items() if k.endswith("weight_scale"))
+
+
+def test_quantize_dir_picks_the_dtype_for_the_models_use(tiny_model_dirs, tmp_path):
+    """auto: float32 for a ranking model (its scores keep full resolution when served), bf16 for generation;
+    an explicit dtype wins. config.json names it and the report says why."""
+    for ranking, dtype, want in ((True, "auto", "float32"), (False, "auto", "bfloat16"), (True, "bfloat16", "bfloat16")):
+        out = tmp_path / f"{ranking}-{dtype}"
+        report = quantize_dir(tiny_model_dirs["llama"], out, QuantizeConfig(scheme="int8", dtype=dtype), ranking=ranking)
+        assert json.loads((out / "config.json").read_text())["dtype"] == want == report["export_dtype"]
+        assert tensors(out)["model.embed_tokens.weight"].dtype == getattr(torch, want)
+        assert ("ranking" in report["export_dtype_why"]) == (ranking and dtype == "auto")
+    assert QuantizeConfig(scheme="int8").export_dtype(ranking=False) == torch.bfloat16
 
 
 def _edit_config(path, fn):
