@@ -21,6 +21,7 @@ issue 23: with ``--dtype float32``, |ΔAUC| <= 0.002 and no more tied rows than 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -138,21 +139,36 @@ def summary(labels, groups, scores, reference=None) -> dict:
     return out
 
 
-def vllm_scores(python: str, model: Path, dtype: str, users: list[tuple[list[int], list[int], list[list[int]]]],
-                label_ids: list[int], n_rows: int, *, port: int, max_len: int, log_dir: Path, concurrency: int,
-                timeout: float) -> tuple[list[float], dict]:
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"vllm-serve-{dtype}.log"
-    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", str(max_len), "--enforce-eager", "--disable-log-stats"]
+@contextlib.contextmanager
+def vllm_server(python: str, model: Path, dtype: str, *, port: int, max_len: int, log_path: Path, timeout: float):
+    """Start vLLM's OpenAI server on loopback for ``model`` in ``dtype``; yield (url, seconds to ready, info)
+    once /health answers; stop it (and its engine processes) on exit. ``info`` gets the log's dtype warnings
+    when the server has stopped."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", dtype,
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", str(max_len), "--enforce-eager",
+           "--disable-log-stats"]
     print("$", " ".join(cmd), f"> {log_path}", flush=True)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
+    info = {"command": " ".join(cmd), "log": str(log_path)}
     try:
-        ready_s = wait_healthy(url, proc, timeout)
-        scores = [0.0] * n_rows
+        info["ready_s"] = round(wait_healthy(url, proc, timeout), 1)
+        yield url, info
+    finally:
+        stop(proc)
+        warnings = [ln for ln in log_path.read_text(errors="replace").splitlines() if "WARNING" in ln and "dtype" in ln]
+        info |= {"dtype_warnings": len(warnings), "dtype_warning_examples": warnings[:3]}
+
+
+def vllm_scores(python: str, model: Path, dtype: str, users: list[tuple[list[int], list[int], list[list[int]]]],
+                label_ids: list[int], n_rows: int, *, port: int, max_len: int, log_dir: Path, concurrency: int,
+                timeout: float) -> tuple[list[float], dict]:
+    scores = [0.0] * n_rows
+    with vllm_server(python, model, dtype, port=port, max_len=max_len, log_path=log_dir / f"vllm-serve-{dtype}.log",
+                     timeout=timeout) as (url, info):
 
         def one(user):
             prefix, rows, items = user
@@ -165,13 +181,7 @@ def vllm_scores(python: str, model: Path, dtype: str, users: list[tuple[list[int
         with ThreadPoolExecutor(concurrency) as pool:
             list(pool.map(one, users))
         seconds = time.perf_counter() - t0
-    finally:
-        stop(proc)
-    text = log_path.read_text(errors="replace")
-    warnings = [ln for ln in text.splitlines() if "WARNING" in ln and "dtype" in ln]
-    return scores, {"command": " ".join(cmd), "ready_s": round(ready_s, 1), "scoring_s": round(seconds, 1),
-                    "candidates_per_s": n_rows / seconds, "dtype_warnings": len(warnings),
-                    "dtype_warning_examples": warnings[:3], "log": str(log_path)}
+    return scores, {**info, "scoring_s": round(seconds, 1), "candidates_per_s": n_rows / seconds}
 
 
 def main() -> None:

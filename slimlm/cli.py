@@ -490,11 +490,12 @@ def quantize(
     static_activations: Annotated[bool, typer.Option(help="fp8: one calibrated scale per layer input (needs --calib).")] = False,
     ignore: Annotated[list[str] | None, typer.Option(help="Layers to keep in float (repeatable; exact name, class "
                                                            "name or re:REGEX). Default: lm_head; 'none' quantizes every Linear.")] = None,
-    dtype: Annotated[str, typer.Option(help="Storage dtype of the unquantized tensors, and config.json's dtype: "
-                                            "auto | bfloat16 | float32 (auto: float32 for a ranking model, so its "
-                                            "scores keep full resolution; bfloat16 otherwise).")] = "auto",
-    ranking: Annotated[bool | None, typer.Option("--ranking/--generation", help="What the model is for (auto dtype); "
-                                                 "default: ranking when --calib is a ranking task.")] = None,
+    dtype: Annotated[str, typer.Option(help="Storage dtype of the unquantized tensors: bfloat16 | float32.")] = "bfloat16",
+    run_dtype: Annotated[str, typer.Option(help="config.json's dtype, what the model is run in: auto | bfloat16 | "
+                                                "float32 (auto: float32 for a ranking model, so its scores keep "
+                                                "full resolution; else the storage dtype).")] = "auto",
+    ranking: Annotated[bool | None, typer.Option("--ranking/--generation", help="What the model is for (auto "
+                                                 "run dtype); default: ranking when --calib is a ranking task.")] = None,
     batch_size: int = 8,
     device: DeviceOpt = None,
 ) -> None:
@@ -517,7 +518,7 @@ def quantize(
         fields["ignore"] = [] if ignore == ["none"] else ignore
     try:
         cfg = QuantizeConfig(scheme=scheme, samples=samples, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
-                             **fields)
+                             run_dtype=run_dtype, **fields)
     except ValidationError as e:
         err = e.errors()[0]
         raise SlimlmError(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}") from None
@@ -528,7 +529,7 @@ def quantize(
     for note in report["notes"]:
         console.print(f"note: {note}")
     out.print_json(json.dumps({"out": str(out_dir), "scheme": cfg.scheme, "quantized_layers": report["quantized_layers"],
-                               "weights_bytes": report["weights_bytes"], "dtype": report["export_dtype"],
+                               "weights_bytes": report["weights_bytes"], "config_dtype": report["config_dtype"],
                                "source_weights_bytes": report["source_weights_bytes"], "seconds": report["seconds"]}))
 
 

@@ -101,15 +101,17 @@ class QuantizeConfig(QuantConfig):
     samples: int = Field(64, ge=1)  # calibration blocks
     seq_len: int = Field(512, ge=2)  # tokens per block
     batch_size: int = Field(8, ge=1)
-    # The float tensors' storage dtype and config.json's "dtype" (what engines run the model in). auto:
-    # float32 for a ranking model (label probabilities keep full resolution: in bf16 the P(" Yes") of one
-    # user's 100 candidates collapse to a dozen distinct values), bfloat16 for generation.
-    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"  # storage of the tensors left in float
+    # config.json's "dtype": what transformers loads the model in and what it should be served in. auto:
+    # float32 for a ranking model (its label probabilities need the resolution: in bf16 the P(" Yes") of
+    # one user's 100 candidates collapse onto a dozen distinct values), else the storage dtype. bf16
+    # storage under a float32 config is exact (every bf16 value is an fp32 value) and half the size.
+    run_dtype: Literal["auto", "bfloat16", "float32"] = "auto"
 
-    def export_dtype(self, ranking: bool) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.float32 if ranking else torch.bfloat16
-        return getattr(torch, self.dtype)
+    def config_dtype(self, ranking: bool) -> str:
+        if self.run_dtype == "auto":
+            return "float32" if ranking else self.dtype
+        return self.run_dtype
 
     def check(self) -> None:
         super().check()
@@ -348,8 +350,8 @@ def quantize_dir(source: str | Path, out_dir: str | Path, cfg: QuantizeConfig, *
     compressed-tensors format (written atomically, report in ``quantize_report.json``); returns the report.
     Calibration, GPTQ and the quantization itself run where ``placement`` says (default:
     :func:`slimlm.placement.choose`); the export is written from host memory in
-    ``cfg.export_dtype(ranking)`` — ``ranking``: the model scores a ranking task (default: it is
-    calibrated on one)."""
+    ``cfg.dtype``, its config.json naming ``cfg.config_dtype(ranking)`` — ``ranking``: the model scores a
+    ranking task (default: it is calibrated on one)."""
     from slimlm.calib import calibration_windows
     from slimlm.loading import load_model, load_tokenizer, resolve_model
     from slimlm.models import param_counts
@@ -379,12 +381,13 @@ def quantize_dir(source: str | Path, out_dir: str | Path, cfg: QuantizeConfig, *
     if status:
         status(f"writing {out_dir}")
     ranking = cfg.calib in RANKING_TASKS if ranking is None else ranking
-    dtype = cfg.export_dtype(ranking)
-    report["export_dtype"] = str(dtype).removeprefix("torch.")
-    report["export_dtype_why"] = (f"dtype: {cfg.dtype}" if cfg.dtype != "auto" else
-                                  "auto: a ranking model (float32 keeps its scores' resolution)" if ranking else
-                                  "auto: bfloat16, as served for generation")
-    export_quantized(model, tokenizer, out_dir, dtype=dtype, report=report)
+    config_dtype = cfg.config_dtype(ranking)
+    report |= {"storage_dtype": cfg.dtype, "config_dtype": config_dtype,
+               "config_dtype_why": (f"run_dtype: {cfg.run_dtype}" if cfg.run_dtype != "auto" else
+                                    "auto: a ranking model, run in float32 so its scores keep full resolution"
+                                    if ranking else "auto: the storage dtype (a generation model)")}
+    export_quantized(model, tokenizer, out_dir, dtype=getattr(torch, cfg.dtype), config_dtype=config_dtype,
+                     report=report)
     report["weights_bytes"] = sum(f.stat().st_size for f in Path(out_dir).glob("*.safetensors"))
     report["source_weights_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     return report

@@ -14,12 +14,14 @@ scheme, targeting ``Linear`` or, when layers differ, ``re:`` patterns / names), 
 | fp8 W8A8 | float-quantized | ``P.weight`` float8_e4m3fn [out, in], ``P.weight_scale`` f32 [out, 1] (+ ``P.input_scale`` f32 [1] when static) |
 | int4 W4A16 | pack-quantized | ``P.weight_packed`` int32 [out, ceil(in/8)], ``P.weight_scale`` ``dtype`` [out, in/g], ``P.weight_shape`` int64 [2] (+ ``P.weight_zero_point`` int32 [ceil(out/8), in/g] when asymmetric) |
 
-Everything else (embeddings, norms, ignored layers, biases) is stored in ``dtype``, which config.json
-names as the model's ``dtype`` (bf16 for generation, as served; float32 for ranking, whose label
-probabilities need the resolution). Scale dtypes follow the consumers: INT8 / FP8 scales are float32 (vLLM
-and llm-compressor keep them so whatever the model dtype); INT4 group scales are in ``dtype``, the dtype
-of vLLM's WNA16 scale parameters (an fp32 scale in a bf16 model is a load warning per layer, and a
-rounding that would differ from what slimlm evaluated: the export is what slimlm loads back).
+Everything else (embeddings, norms, ignored layers, biases) is stored in ``dtype`` (bf16 by default;
+``float32`` keeps it exact). config.json's ``dtype`` is what the model is meant to run in: the storage
+dtype, or float32 for a ranking model (``config_dtype``), whose label probabilities need the resolution;
+bf16 tensors under a float32 config widen exactly. Scale dtypes follow the consumers: INT8 / FP8 scales
+are float32 (vLLM keeps those parameters in float32 whatever the model dtype); INT4 group scales are in
+``dtype``, as vLLM's WNA16 scale parameters are in the model dtype (an fp32 scale loaded into a bf16
+parameter is a warning per layer; a bf16 one into fp32 widens exactly). What slimlm loads back is
+exactly what was written.
 
 :func:`load_quantized` reads such a directory (ours, or any compressed-tensors checkpoint that uses
 the schemes above) into slimlm's runtime modules; anything else is a clear :class:`SlimlmError`.
@@ -140,14 +142,15 @@ def export_state(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> dict[
 
 
 def export_quantized(model: nn.Module, tokenizer, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16,
-                     report: dict | None = None) -> Path:
-    """Write ``model`` (with slimlm runtime modules) as a compressed-tensors directory, atomically."""
+                     config_dtype: str | None = None, report: dict | None = None) -> Path:
+    """Write ``model`` (with slimlm runtime modules) as a compressed-tensors directory, atomically: float
+    tensors in ``dtype``, config.json's ``dtype`` = ``config_dtype`` (default: the same)."""
     from safetensors.torch import save_file
 
     qcfg = quantization_config(model)
     config = model.config.to_dict()
     config.pop("quantization_config", None)
-    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["dtype"] = config_dtype or str(dtype).removeprefix("torch.")
     config["quantization_config"] = qcfg
     state = export_state(model, dtype)
     out_dir = Path(out_dir)

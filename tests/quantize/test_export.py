@@ -206,16 +206,19 @@ def test_int4_scales_are_stored_in_the_model_dtype(tiny_model_dirs, tmp_path):
     assert all(v.dtype == torch.float32 for k, v in tensors(fp32).items() if k.endswith("weight_scale"))
 
 
-def test_quantize_dir_picks_the_dtype_for_the_models_use(tiny_model_dirs, tmp_path):
-    """auto: float32 for a ranking model (its scores keep full resolution when served), bf16 for generation;
-    an explicit dtype wins. config.json names it and the report says why."""
-    for ranking, dtype, want in ((True, "auto", "float32"), (False, "auto", "bfloat16"), (True, "bfloat16", "bfloat16")):
-        out = tmp_path / f"{ranking}-{dtype}"
-        report = quantize_dir(tiny_model_dirs["llama"], out, QuantizeConfig(scheme="int8", dtype=dtype), ranking=ranking)
-        assert json.loads((out / "config.json").read_text())["dtype"] == want == report["export_dtype"]
-        assert tensors(out)["model.embed_tokens.weight"].dtype == getattr(torch, want)
-        assert ("ranking" in report["export_dtype_why"]) == (ranking and dtype == "auto")
-    assert QuantizeConfig(scheme="int8").export_dtype(ranking=False) == torch.bfloat16
+def test_quantize_dir_names_the_run_dtype_for_the_models_use(tiny_model_dirs, tmp_path):
+    """config.json's dtype: float32 for a ranking model (its scores keep full resolution when served), else the
+    storage dtype; an explicit run_dtype wins. Storage stays as asked, and the report says why."""
+    cases = ((True, "auto", "bfloat16", "float32"), (False, "auto", "bfloat16", "bfloat16"),
+             (False, "auto", "float32", "float32"), (True, "bfloat16", "bfloat16", "bfloat16"))
+    for ranking, run_dtype, storage, want in cases:
+        out = tmp_path / f"{ranking}-{run_dtype}-{storage}"
+        report = quantize_dir(tiny_model_dirs["llama"], out, QuantizeConfig(scheme="int8", dtype=storage,
+                                                                             run_dtype=run_dtype), ranking=ranking)
+        assert json.loads((out / "config.json").read_text())["dtype"] == want == report["config_dtype"]
+        assert tensors(out)["model.embed_tokens.weight"].dtype == getattr(torch, storage)
+        assert ("ranking" in report["config_dtype_why"]) == (ranking and run_dtype == "auto")
+    assert QuantizeConfig(scheme="int8").config_dtype(ranking=False) == "bfloat16"
 
 
 def _edit_config(path, fn):

@@ -236,3 +236,5 @@ def test_an_abandoned_non_streaming_request_stops_decoding(server):
     assert steps - before["slimlm_decode_steps"] < 200  # it left the batch long before its 400 tokens
     assert after["slimlm_cancelled_requests_total"] - before["slimlm_cancelled_requests_total"] == 1
     assert after["slimlm_running_sequences"] == 0
+    _wait_for(lambda: metrics(url).get('slimlm_requests_total{endpoint="/v1/completions",status="499"}', 0)
+              > before.get('slimlm_requests_total{endpoint="/v1/completions",status="499"}', 0))
