@@ -52,9 +52,10 @@ def main() -> None:
         except SystemExit as e:  # the server did not come up
             row |= {"generates": False, "error": str(e)}
         row |= info
-        if log.exists() and not row["generates"]:
-            row["log_errors"] = [ln[-240:] for ln in log.read_text(errors="replace").splitlines()
-                                 if "Error" in ln and "Traceback" not in ln][-2:]
+        if log.exists() and not row["generates"]:  # the root cause, where the engine names one
+            lines = log.read_text(errors="replace").splitlines()
+            cause = [ln for ln in lines if "Worker failed with error" in ln]
+            row["log_errors"] = [ln[-300:] for ln in (cause or [ln for ln in lines if "Error" in ln])][-2:]
         print(json.dumps({k: row[k] for k in ("model", "kind", "served_dtype", "generates", "dtype_warnings")
                           if k in row}), flush=True)
         results.append(row)

@@ -167,7 +167,7 @@ def vllm_scores(python: str, model: Path, dtype: str, users: list[tuple[list[int
                 label_ids: list[int], n_rows: int, *, port: int, max_len: int, log_dir: Path, concurrency: int,
                 timeout: float) -> tuple[list[float], dict]:
     scores = [0.0] * n_rows
-    with vllm_server(python, model, dtype, port=port, max_len=max_len, log_path=log_dir / f"vllm-serve-{dtype}.log",
+    with vllm_server(python, model, dtype, port=port, max_len=max_len, log_path=log_dir / f"vllm-serve-{model.parent.name}-{model.name}-{dtype}.log",
                      timeout=timeout) as (url, info):
 
         def one(user):
