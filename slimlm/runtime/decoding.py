@@ -435,7 +435,15 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, te
     batch.add(gens)
     while len(batch):
         batch.step()
+    _raise_row_errors(gens)
     return [g.tokens for g in gens]
+
+
+def _raise_row_errors(gens: Sequence[Generation]) -> None:
+    """Library callers get a row's own failure as an error (the server's scheduler fails that request alone)."""
+    failed = next((g for g in gens if g.error is not None), None)
+    if failed is not None:
+        raise SlimlmError(failed.error)
 
 
 def generate_text(model, tokenizer, prompts: Sequence[str | Sequence[int]], params: SamplingParams = SamplingParams(),
@@ -451,6 +459,7 @@ def generate_text(model, tokenizer, prompts: Sequence[str | Sequence[int]], para
         if room > 0 and waiting:
             batch.add([waiting.pop() for _ in range(min(room, len(waiting)))])
         batch.step()
+    _raise_row_errors(gens)
     return gens
 
 
@@ -464,6 +473,7 @@ def stream(model, tokenizer, prompt: str | Sequence[int], params: SamplingParams
         batch.step()
         yield from pieces
         pieces.clear()
+    _raise_row_errors([gen])
 
 
 def tokenizer_pad_id(tokenizer) -> int:

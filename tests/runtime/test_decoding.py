@@ -191,3 +191,12 @@ def test_bf16_model_generates_and_scores_close_to_fp32():
     out = generate(m16, prompts(8), max_new_tokens=4, temperature=0)
     # batched, padded, KV-cached bf16 greedy equals the no-cache oracle on the same bf16 model
     assert out == [greedy_reference(m16, p, 4) for p in prompts(8)]
+
+
+def test_a_rows_own_failure_reaches_library_callers_as_an_error(tiny_tok):
+    """The batch ends a row whose sampling fails (the server fails that request alone); generate() and
+    generate_text() raise it rather than return the row's partial output as if it had finished."""
+    model = tiny_model("llama", seed=3, vocab_size=len(tiny_tok))
+    with pytest.raises(SlimlmError, match="sampling failed"):
+        generate(model, [[5, 6, 7]], max_new_tokens=3, temperature=0.7, generator="not a generator")
+    assert generate(model, [[5, 6, 7]], max_new_tokens=3, temperature=0) == [greedy_reference(model, [5, 6, 7], 3)]
