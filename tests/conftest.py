@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,6 +174,22 @@ def ml_synth(tmp_path) -> SynthMovieLens:
     users, items, ratings = synth_movielens()
     d = write_movielens(tmp_path / "ml", users, items, ratings)
     return SynthMovieLens(d, users, items, ratings)
+
+
+def wait_for(cond, timeout: float = 60) -> None:
+    """Poll ``cond()`` until it is true; fail the test after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.002)
+
+
+def prometheus(url: str) -> dict[str, float]:
+    """A server's /metrics as {series (name and labels): value}."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {k: float(v) for k, v in (ln.rsplit(" ", 1) for ln in text.splitlines() if ln and ln[0] != "#")}
 
 
 def greedy_reference(model, prompt, n, eos=None) -> list[int]:

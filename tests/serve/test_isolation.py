@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from conftest import greedy_reference
+from conftest import greedy_reference, prometheus, wait_for
 
 from slimlm import SlimlmError
 from slimlm.runtime.decoding import SamplingParams
@@ -52,13 +52,6 @@ GOOD = [[5, 6, 7, 8], [30, 31], [100, 90, 80, 70, 60], [9, 9, 9]]
 
 def greedy(n):
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-
-
-def _wait_for(cond, timeout=TIMEOUT):
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.002)
 
 
 # --------------------------------------------------------------------------- the scheduler
@@ -110,7 +103,7 @@ def test_a_row_failing_while_decoding_leaves_the_batch(reference, tiny_tok):
 def test_the_worker_survives_an_unforeseen_error(reference, tiny_tok):
     with Scheduler(reference, tiny_tok, max_batch=4) as sched:
         running = sched.submit([5, 6], greedy(200))
-        _wait_for(lambda: sched.steps >= 1)
+        wait_for(lambda: sched.steps >= 1)
         drop = sched._drop_cancelled
 
         def bug():  # a bug in the worker's own bookkeeping, once
@@ -144,11 +137,6 @@ def server(tmp_path_factory):
         yield url, app.state.slimlm
 
 
-def metrics(url) -> dict[str, float]:
-    text = httpx.get(url + "/metrics", timeout=30).text
-    return {ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
-
-
 def test_a_bad_request_in_the_same_prefill_batch_as_good_ones(server):
     url, state = server
     prompts = [[30 + i, 40 + i, 50 + i] for i in range(4)]
@@ -166,11 +154,11 @@ def test_a_bad_request_in_the_same_prefill_batch_as_good_ones(server):
         results[i] = httpx.post(url + "/v1/completions", json={**body, "prompt": prompt}, timeout=60)
 
     try:
-        _wait_for(hold.running)
+        wait_for(hold.running)
         threads = [threading.Thread(target=post, args=(i, p)) for i, p in enumerate([*prompts, [33, POISON, 35]])]
         for t in threads:
             t.start()
-        _wait_for(lambda: state.scheduler.stats()["waiting"] == 5)
+        wait_for(lambda: state.scheduler.stats()["waiting"] == 5)
         release.set()
         for t in threads:
             t.join(TIMEOUT)
@@ -219,22 +207,22 @@ def test_an_abandoned_non_streaming_request_stops_decoding(server):
     body = json.dumps({"model": "tiny", "prompt": "Hello", "max_tokens": 400, "temperature": 0,
                        "ignore_eos": True}).encode()
     host, port = url.removeprefix("http://").split(":")
-    before = metrics(url)
+    before = prometheus(url)
     state.model.forward = slow
     try:
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            _wait_for(lambda: state.scheduler.steps > before["slimlm_decode_steps"] + 5)
-        _wait_for(lambda: metrics(url)["slimlm_cancelled_requests_total"] > before["slimlm_cancelled_requests_total"])
-        steps = metrics(url)["slimlm_decode_steps"]
+            wait_for(lambda: state.scheduler.steps > before["slimlm_decode_steps"] + 5)
+        wait_for(lambda: prometheus(url)["slimlm_cancelled_requests_total"] > before["slimlm_cancelled_requests_total"])
+        steps = prometheus(url)["slimlm_decode_steps"]
         time.sleep(0.5)  # nothing decodes for nobody
-        after = metrics(url)
+        after = prometheus(url)
     finally:
         state.model.forward = forward
     assert after["slimlm_decode_steps"] == steps
     assert steps - before["slimlm_decode_steps"] < 200  # it left the batch long before its 400 tokens
     assert after["slimlm_cancelled_requests_total"] - before["slimlm_cancelled_requests_total"] == 1
     assert after["slimlm_running_sequences"] == 0
-    _wait_for(lambda: metrics(url).get('slimlm_requests_total{endpoint="/v1/completions",status="499"}', 0)
+    wait_for(lambda: prometheus(url).get('slimlm_requests_total{endpoint="/v1/completions",status="499"}', 0)
               > before.get('slimlm_requests_total{endpoint="/v1/completions",status="499"}', 0))

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+from conftest import prometheus
 
 from slimlm.loading import load_model, load_tokenizer
 from slimlm.runtime.decoding import SamplingParams, generate_text
@@ -41,11 +42,6 @@ def servers(ref, _one_thread):
         yield {"on": (on, apps["on"]), "off": (off, apps["off"]), "tiny": (tiny, apps["tiny"])}
 
 
-def metrics(url) -> dict[str, float]:
-    text = httpx.get(url + "/metrics").text
-    return {k: float(v) for k, v in (line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")}
-
-
 def user_prefix(u: int) -> str:
     return f"User: {20 + u}-year-old {'male' if u % 2 else 'female'} technician. Recently rated movies:\n"
 
@@ -70,20 +66,20 @@ def score(url, prefix, cands) -> np.ndarray:
 
 def test_scores_with_the_cache_equal_scores_without(servers, ref):
     on, off = servers["on"][0], servers["off"][0]
-    before = metrics(on)
+    before = prometheus(on)
     for rnd in range(3):  # each user scored three times, new candidates each time
         for u in range(3):
             cands = candidates(10 * u + rnd)
             got, plain = score(on, user_prefix(u), cands), score(off, user_prefix(u), cands)
             np.testing.assert_allclose(got, plain, atol=1e-5, rtol=0)
             np.testing.assert_allclose(got, reference_scores(ref, user_prefix(u), cands), atol=1e-5, rtol=0)
-    after = metrics(on)
+    after = prometheus(on)
     # the first round misses (or reuses the shared "User: ..." start of another user), later rounds hit whole
     assert after["slimlm_prefix_cache_hits_total"] - before["slimlm_prefix_cache_hits_total"] >= 6
     whole = 2 * sum(len(ref[2](user_prefix(u)).input_ids) for u in range(3))
     assert after["slimlm_prefix_cache_reused_tokens_total"] - before["slimlm_prefix_cache_reused_tokens_total"] >= whole
     assert after["slimlm_prefix_cache_bytes"] > 0 and after["slimlm_prefix_cache_capacity_bytes"] == 512 * 2**20
-    assert "slimlm_prefix_cache_hits_total" not in metrics(off)
+    assert "slimlm_prefix_cache_hits_total" not in prometheus(off)
     text = httpx.get(on + "/metrics").text
     for name in ("hits", "misses", "evictions", "reused_tokens"):
         assert f"# TYPE slimlm_prefix_cache_{name}_total counter" in text
@@ -99,7 +95,7 @@ def test_eviction_under_a_tiny_budget_keeps_scores_exact(servers, ref):
                                        atol=1e-5, rtol=0)
             cache = app.state.slimlm.prefix_cache
             assert cache.bytes <= cache.max_bytes
-    m = metrics(url)
+    m = prometheus(url)
     assert m["slimlm_prefix_cache_evictions_total"] > 0 and m["slimlm_prefix_cache_bytes"] <= 40 * TOKEN_BYTES
 
 
@@ -117,7 +113,7 @@ def test_concurrent_requests_for_one_prefix_compute_it_once(servers, ref):
                 prefix_tokens.append(ids.shape[1])
         return forward(*a, **k)
 
-    before = metrics(url)
+    before = prometheus(url)
     base.forward = counting
     try:
         with ThreadPoolExecutor(6) as pool:
@@ -127,7 +123,7 @@ def test_concurrent_requests_for_one_prefix_compute_it_once(servers, ref):
     for i, got in enumerate(results):
         np.testing.assert_allclose(got, reference_scores(ref, prefix, candidates(100 + i, 2)), atol=1e-5, rtol=0)
     assert sum(prefix_tokens) <= n_prefix  # once in all (in chunks of 16), less if a shared start was cached
-    after = metrics(url)
+    after = prometheus(url)
     assert after["slimlm_prefix_cache_hits_total"] - before["slimlm_prefix_cache_hits_total"] >= 5
     assert after["slimlm_prefix_cache_reused_tokens_total"] - before["slimlm_prefix_cache_reused_tokens_total"] >= 5 * n_prefix
 
@@ -136,7 +132,7 @@ def test_generation_reuses_a_cached_prompt_and_gives_the_same_text(servers, ref)
     url, _ = servers["on"]
     _, model, tok = ref
     system = {"role": "system", "content": "You rank movies for a 31-year-old writer who likes dramas."}
-    before = metrics(url)
+    before = prometheus(url)
     for q in ("Toy Story?", "GoldenEye?", "Toy Story?"):
         msgs = [system, {"role": "user", "content": q}]
         r = httpx.post(url + "/v1/chat/completions", json={"model": "tiny", "messages": msgs, "max_tokens": 6,
@@ -146,7 +142,7 @@ def test_generation_reuses_a_cached_prompt_and_gives_the_same_text(servers, ref)
                   add_special_tokens=False).input_ids
         want = generate_text(model, tok, [ids], SamplingParams(max_tokens=6, temperature=0))[0]
         assert r.json()["choices"][0]["message"]["content"] == want.text
-    after = metrics(url)
+    after = prometheus(url)
     assert after["slimlm_prefix_cache_hits_total"] - before["slimlm_prefix_cache_hits_total"] >= 2
     n_system = len(tok(tok.apply_chat_template([system], tokenize=False), add_special_tokens=False).input_ids)
     assert after["slimlm_prefix_cache_reused_tokens_total"] - before["slimlm_prefix_cache_reused_tokens_total"] >= 2 * n_system

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import greedy_reference
+from conftest import greedy_reference, wait_for
 
 from slimlm import SlimlmError
 from slimlm.runtime.decoding import SamplingParams, generate_text
@@ -34,13 +34,6 @@ def _prompts(n, seed=0):
     return [[rng.randrange(3, 380) for _ in range(rng.randrange(1, 20))] for _ in range(n)]
 
 
-def _wait_for(cond, timeout=TIMEOUT):
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, "timed out"
-        time.sleep(0.002)
-
-
 def test_concurrent_greedy_requests_equal_each_alone(model, tiny_tok):
     prompts = _prompts(10)
     budgets = [random.Random(i).randrange(2, 9) for i in range(10)]
@@ -48,7 +41,7 @@ def test_concurrent_greedy_requests_equal_each_alone(model, tiny_tok):
     with Scheduler(model, tiny_tok, max_batch=4, max_prefill_tokens=30) as sched:
         reqs = {i: sched.submit(prompts[i], SamplingParams(max_tokens=budgets[i], temperature=0, ignore_eos=True))
                 for i in (0, 1)}
-        _wait_for(lambda: sched.steps >= 2)  # the batch is decoding; the rest must join it
+        wait_for(lambda: sched.steps >= 2)  # the batch is decoding; the rest must join it
 
         def client(i):
             time.sleep(random.Random(i).random() * 0.02)
@@ -90,7 +83,7 @@ def test_calls_run_between_steps_and_their_failures_stay_theirs(model, tiny_tok)
     want = label_probs_shared_prefix(model, prefix, suffixes, (10, 20))
     with Scheduler(model, tiny_tok, max_batch=2) as sched:
         long = sched.submit([5, 6, 7], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
-        _wait_for(lambda: sched.steps >= 1)
+        wait_for(lambda: sched.steps >= 1)
         fut = sched.call(lambda: label_probs_shared_prefix(model, prefix, suffixes, (10, 20)))
         bad = sched.call(lambda: 1 / 0)
         np.testing.assert_allclose(fut.result(TIMEOUT), want, atol=1e-6)
@@ -109,7 +102,7 @@ def test_cancel_and_failing_callbacks_do_not_disturb_others(model, tiny_tok):
         noisy = sched.submit([4, 4], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), on_delta=boom,
                              on_finish=lambda g: 1 / 0)
         other = sched.submit([3, 1, 4, 1], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-        _wait_for(lambda: len(victim.gen.tokens) >= 2)
+        wait_for(lambda: len(victim.gen.tokens) >= 2)
         sched.cancel(victim)
         assert victim.wait(TIMEOUT).finish_reason == "cancelled" and len(victim.gen.tokens) < 200
         assert noisy.wait(TIMEOUT).tokens == greedy_reference(model, [4, 4], 6)
@@ -148,7 +141,7 @@ def test_a_stepwise_call_interleaves_with_decode_steps(model, tiny_tok):
     """A generator call advances one step per loop: decode steps run between its steps."""
     with Scheduler(model, tiny_tok, max_batch=2) as sched:
         long = sched.submit([5, 6, 7], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
-        _wait_for(lambda: sched.steps >= 1)
+        wait_for(lambda: sched.steps >= 1)
         seen = []
 
         def stepwise():
@@ -209,7 +202,7 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(model, tiny_tok):
     try:
         with Scheduler(model, tiny_tok, max_batch=2, max_prefill_tokens=8) as sched:
             running = sched.submit([5, 6, 7], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
-            _wait_for(lambda: sched.steps >= 2)
+            wait_for(lambda: sched.steps >= 2)
             start = len(shapes)
             late = sched.submit(long_prompt, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
             got = late.wait(TIMEOUT).tokens
