@@ -14,3 +14,11 @@ class SlimlmError(Exception):
 
 class AssetError(SlimlmError):
     """An offline asset could not be fetched or failed its checksum."""
+
+
+class InvalidValue(SlimlmError):
+    """A setting outside what slimlm can take; ``field`` names it (the server reports it as the error's param)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field

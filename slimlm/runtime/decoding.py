@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from slimlm import SlimlmError
+from slimlm import InvalidValue, SlimlmError
 from slimlm.models import cache_kwargs
 from slimlm.runtime.prefix_cache import KV, kv_len
 from slimlm.runtime.text import Detokenizer, StopText
@@ -64,15 +64,15 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.max_tokens < 1:
-            raise SlimlmError(f"max_tokens must be >= 1, got {self.max_tokens}")
+            raise InvalidValue("max_tokens", f"max_tokens must be >= 1, got {self.max_tokens}")
         if not 0 <= self.temperature <= 100:
-            raise SlimlmError(f"temperature must be in [0, 100], got {self.temperature}")
+            raise InvalidValue("temperature", f"temperature must be in [0, 100], got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise SlimlmError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidValue("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
-            raise SlimlmError(f"seed must be a 64-bit integer, got {self.seed}")
+            raise InvalidValue("seed", f"seed must be a 64-bit integer, got {self.seed}")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise SlimlmError("stop strings must be non-empty strings")
+            raise InvalidValue("stop", "stop strings must be non-empty strings")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
 

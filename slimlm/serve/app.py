@@ -160,8 +160,8 @@ class ServerState:
                                   top_p=1.0 if req.top_p is None else req.top_p,
                                   seed=None if req.seed is None else req.seed + choice, stop=tuple(stop),
                                   ignore_eos=req.ignore_eos)
-        except SlimlmError as e:
-            raise APIError(400, str(e)) from None
+        except SlimlmError as e:  # InvalidValue names the field
+            raise APIError(400, str(e), param=getattr(e, "field", None)) from None
 
     def unsupported(self, req: SamplingRequest, **neutral: Any) -> None:
         fields = {"presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
