@@ -346,19 +346,21 @@ def prune(
     head_mode: Annotated[str, typer.Option(help="kv: remove whole KV groups | query: the same number of query "
                                                 "heads from every KV group")] = "kv",
     layers_keep: Annotated[str | None, typer.Option(help="Decoder layers: a fraction or a count.")] = None,
+    hidden_keep: Annotated[str | None, typer.Option(help="Residual-stream channels (hidden_size: embedding, LM "
+                                                         "head, norms, projections): a fraction or a count.")] = None,
     depth_metric: Annotated[str, typer.Option(help="cosine (1 - cos(in, out)) | loss (loss increase when skipped)")] = "cosine",
     calib: Annotated[str, typer.Option(help="text (built-in prose) | movielens-ranking (train prompts) | a "
                                             ".txt/.jsonl/.parquet file")] = "text",
     samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
-    multiple: Annotated[int, typer.Option(help="Round intermediate_size to a multiple of this.")] = 8,
+    multiple: Annotated[int, typer.Option(help="Round intermediate_size and hidden_size to a multiple of this.")] = 8,
     damping: Annotated[float, typer.Option(help="OSSCAR ridge λ relative to mean(diag H).")] = 0.01,
     batch_size: int = 8,
     seed: int = 0,
     device: DeviceOpt = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="PruneConfig YAML (options override it).")] = None,
 ) -> None:
-    """Structured pruning (OSSCAR or a baseline): MLP neurons, attention heads, layers -> a smaller model."""
+    """Structured pruning (OSSCAR or a baseline): MLP neurons, attention heads, layers, hidden size -> a smaller model."""
     from slimlm.config import PruneConfig, load_config
     from slimlm.placement import choose
     from slimlm.prune.api import prune_dir
@@ -367,7 +369,7 @@ def prune(
                  f"calib={json.dumps(calib)}", f"samples={samples}", f"seq_len={seq_len}", f"multiple={multiple}",
                  f"damping={damping}", f"batch_size={batch_size}", f"seed={seed}"]
     for key, flag, text in (("mlp_keep", "--mlp-keep", mlp_keep), ("heads_keep", "--heads-keep", heads_keep),
-                            ("layers_keep", "--layers-keep", layers_keep)):
+                            ("layers_keep", "--layers-keep", layers_keep), ("hidden_keep", "--hidden-keep", hidden_keep)):
         value = _keep_value(flag, text)
         if value is not None:
             overrides.append(f"{key}={value}")

@@ -197,7 +197,10 @@ class PruneConfig(Strict):
     * ``heads_keep``: query heads per layer; ``head_mode`` ``kv`` removes whole KV groups with their query
       heads (the count must be a multiple of queries-per-KV-head), ``query`` removes the same number of
       query heads from every KV group (a multiple of the KV head count);
-    * ``layers_keep``: decoder layers, chosen by ``depth_metric``.
+    * ``layers_keep``: decoder layers, chosen by ``depth_metric``;
+    * ``hidden_keep``: residual-stream channels (``hidden_size``: the embedding, the LM head, every norm and
+      every projection's input or output; fractions rounded to ``multiple``), chosen by their calibration
+      energy into the maps that read them (weights alone with ``method: magnitude``).
     """
 
     method: Literal["osscar", "greedy", "activation", "magnitude"] = "osscar"
@@ -205,9 +208,10 @@ class PruneConfig(Strict):
     heads_keep: int | float | None = None
     head_mode: Literal["kv", "query"] = "kv"
     layers_keep: int | float | None = None
+    hidden_keep: int | float | None = None
     depth_metric: Literal["cosine", "loss"] = "cosine"
     depth_loss_samples: int = Field(16, ge=1)  # calibration sequences for the loss metric (one pass per layer)
-    multiple: int = Field(8, ge=1)  # intermediate_size is rounded to a multiple of this
+    multiple: int = Field(8, ge=1)  # intermediate_size and hidden_size are rounded to a multiple of this
     damping: float = Field(0.01, ge=0.0)  # λ = damping x mean(diag H)
     greedy_steps: int = Field(64, ge=1)  # the greedy removes its groups in about this many batched steps
     local_search_iters: int = Field(100, ge=0)  # accepted swaps per layer at most
@@ -224,10 +228,10 @@ class PruneConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> PruneConfig:
-        for name in ("mlp_keep", "heads_keep", "layers_keep"):
+        for name in ("mlp_keep", "heads_keep", "layers_keep", "hidden_keep"):
             v = getattr(self, name)
             if isinstance(v, bool) or (isinstance(v, float) and not 0.0 < v <= 1.0) or (isinstance(v, int) and v < 1):
                 raise ValueError(f"{name} must be a fraction in (0, 1] or a count >= 1, got {v!r}")
-        if self.mlp_keep is None and self.heads_keep is None and self.layers_keep is None:
-            raise ValueError("nothing to prune: set mlp_keep, heads_keep and/or layers_keep")
+        if self.mlp_keep is None and self.heads_keep is None and self.layers_keep is None and self.hidden_keep is None:
+            raise ValueError("nothing to prune: set mlp_keep, heads_keep, layers_keep and/or hidden_keep")
         return self

@@ -8,7 +8,10 @@
    heads' o_proj columns, write the refit kept columns), then the MLP on inputs that see the pruned
    attention (Gram of the down_proj inputs -> choose neurons -> same), then the layer's outputs feed
    the next layer. Masking is exactly equivalent to slicing (tested), so calibration can run on it.
-4. The working copy is sliced into a genuinely smaller model (slice.py) with a standard config.
+4. Hidden size: the residual-stream channels are scored on the width-pruned working copy (calibration
+   energy of every residual-stream norm's output into the maps that read it, see
+   :func:`slimlm.prune.baselines.channel_scores`) and the top ones kept, the same in every layer.
+5. The working copy is sliced into a genuinely smaller model (slice.py) with a standard config.
 
 Every layer keeps the same counts (selection per layer, count shared), so the result loads anywhere.
 """
@@ -41,6 +44,7 @@ class Targets:
     intermediate: int
     heads: int
     kv_heads: int
+    hidden: int
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -98,11 +102,23 @@ def prune_targets(facts: ArchFacts, cfg: PruneConfig) -> Targets:
                 raise SlimlmError(f"--heads-keep {cfg.heads_keep} gives {new_heads} query heads, which breaks GQA "
                                   f"({heads} heads / {kv} KV heads, the same number removed per KV group): valid "
                                   f"counts are {', '.join(map(str, valid))} (or use --head-mode kv)")
-    return Targets(layers, new_inter, new_heads, new_kv)
+    new_hidden = facts.hidden_size
+    if cfg.hidden_keep is not None:
+        d = facts.hidden_size
+        if isinstance(cfg.hidden_keep, float):
+            new_hidden = min(d, max(cfg.multiple, round(cfg.hidden_keep * d / cfg.multiple) * cfg.multiple))
+        else:
+            new_hidden = cfg.hidden_keep
+            if new_hidden > d:
+                raise SlimlmError(f"--hidden-keep {new_hidden}: the model's hidden size is only {d}")
+            if new_hidden % cfg.multiple and new_hidden != d:
+                raise SlimlmError(f"--hidden-keep {new_hidden} is not a multiple of {cfg.multiple} (--multiple)")
+    return Targets(layers, new_inter, new_heads, new_kv, new_hidden)
 
 
 def needs_calibration(cfg: PruneConfig, facts: ArchFacts, t: Targets) -> bool:
-    width = t.intermediate < facts.intermediate_size or t.heads < facts.num_heads
+    width = (t.intermediate < facts.intermediate_size or t.heads < facts.num_heads
+             or t.hidden < facts.hidden_size)
     return (width and cfg.method != "magnitude") or t.layers < facts.num_layers
 
 
@@ -286,9 +302,25 @@ def prune_model(model: torch.nn.Module, calib: Sequence[torch.Tensor] | None, cf
             _trim_heap()
             tick("prune layers", i + 1, len(layers))
         del inputs
+
+    # ---- hidden size (on the width-pruned working copy, which computes what the sliced model will)
+    prune_hidden = t.hidden < facts.hidden_size
+    hidden_kept = None
+    if prune_hidden:
+        t0 = time.perf_counter()
+        tick("hidden channels", 0, 1)
+        energy = calibrate.norm_output_energy(work, calib if cfg.method != "magnitude" else None)
+        readers = [[m.weight for m in mods] for _, mods in calibrate.residual_readers(work)]
+        scores = baselines.channel_scores(energy, readers)
+        hidden_kept = baselines.top_groups(scores, t.hidden)
+        report["hidden"] = {"kept": hidden_kept,
+                            "score_kept_fraction": float(scores[hidden_kept].sum() / scores.sum().clamp_min(1e-300))}
+        seconds["calibration"] += time.perf_counter() - t0
+        tick("hidden channels", 1, 1)
+    if prune_mlp or prune_heads or prune_hidden:
         t0 = time.perf_counter()
         small = slice_width(work, mlp=mlp_kept if prune_mlp else None, heads=heads_kept if prune_heads else None,
-                            kv_heads=kv_kept if prune_heads else None)
+                            kv_heads=kv_kept if prune_heads else None, hidden=hidden_kept)
         seconds["slice"] = time.perf_counter() - t0
     else:
         small = work

@@ -9,6 +9,9 @@ same per-partition counts as OSSCAR when partitions are given) and keep the kept
 * ``activation`` (Minitron-style): ``‖X[:, group]‖_F`` over the calibration tokens, i.e. the L2 norm of
   the neuron's activation / of the head's attention output, ``sqrt(Σ_{c∈group} H_cc)``.
 
+Residual-stream channels (hidden-size pruning) are scored by :func:`channel_scores`: the energy a channel
+carries into the linear maps that read it, summed over every residual-stream norm.
+
 One baseline does refit: :func:`fmchisel_greedy`, the greedy OSSCAR of the paper team's FMCHISEL library
 (OBS-style removal of one group at a time with the inverse Gram matrix, then a least-squares refit), written
 here from the algorithm's description to compare slimlm's solver with on the same objective
@@ -33,6 +36,19 @@ def magnitude_scores(W: torch.Tensor, m: int) -> torch.Tensor:
 def activation_scores(h_diag: torch.Tensor, m: int) -> torch.Tensor:
     """[n/m] L2 norms of the groups' calibration activations from ``diag(H) [n]`` (sums of squares)."""
     return h_diag.to(torch.float64).reshape(-1, m).sum(1).clamp_min(0).sqrt()
+
+
+def channel_scores(energy: list[torch.Tensor], readers: list[list[torch.Tensor]]) -> torch.Tensor:
+    """[d] importance of residual-stream channels: Σ_norms E[y_c²] · Σ_readers ‖W[:, c]‖², with ``energy[k]``
+    the mean squared output of norm k per channel ([d], from calibration; ones without data) and
+    ``readers[k]`` the weights [out, d] reading norm k's output — the output energy channel c would feed
+    into those maps if the channels were uncorrelated (the diagonal of the layer objective, as in the
+    Wanda / Minitron activation scores)."""
+    score = torch.zeros_like(energy[0], dtype=torch.float64)
+    for e, ws in zip(energy, readers, strict=True):
+        col = sum(w.detach().to(torch.float64).pow(2).sum(0).cpu() for w in ws)
+        score += e.to(torch.float64).cpu() * col
+    return score
 
 
 def top_groups(scores: torch.Tensor, keep: int, part: torch.Tensor | None = None) -> list[int]:

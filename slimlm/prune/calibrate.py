@@ -117,6 +117,53 @@ def shift_outputs(outs: Sequence[torch.Tensor], acts: Sequence[torch.Tensor], de
     return [y + a @ delta.to(a.dtype).T for y, a in zip(outs, acts, strict=True)]
 
 
+# --------------------------------------------------------------------------- residual-stream statistics
+
+
+def residual_readers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, list[torch.nn.Module]]]:
+    """Every RMSNorm over the residual stream with the linear maps that read its output: per decoder layer
+    (input norm: q/k/v), (post-attention norm: gate/up), then (final norm: LM head)."""
+    dec = model.get_decoder()
+    pairs = []
+    for layer in dec.layers:
+        a, m = layer.self_attn, layer.mlp
+        pairs.append((layer.input_layernorm, [a.q_proj, a.k_proj, a.v_proj]))
+        pairs.append((layer.post_attention_layernorm, [m.gate_proj, m.up_proj]))
+    pairs.append((dec.norm, [model.get_output_embeddings()]))
+    return pairs
+
+
+@torch.no_grad()
+def norm_output_energy(model: torch.nn.Module, input_batches: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Per residual-stream norm (in :func:`residual_readers` order): the mean over calibration tokens of
+    each channel's squared output, float64 [hidden]; all ones without data (``input_batches`` None).
+    One forward pass of the decoder per batch (the LM head is not run)."""
+    pairs = residual_readers(model)
+    d = model.config.hidden_size
+    if not input_batches:
+        return [torch.ones(d, dtype=torch.float64) for _ in pairs]
+    sums = [torch.zeros(d, dtype=torch.float64) for _ in pairs]
+    count = [0]
+
+    def hook(i):
+        def fn(_module, _args, output):
+            y = output.detach().reshape(-1, d).float()
+            sums[i] += (y * y).sum(0).to(torch.float64).cpu()
+            if i == 0:
+                count[0] += y.shape[0]
+        return fn
+
+    handles = [norm.register_forward_hook(hook(i)) for i, (norm, _) in enumerate(pairs)]
+    device = next(model.parameters()).device
+    try:
+        for ids in input_batches:
+            model.get_decoder()(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return [s / max(count[0], 1) for s in sums]
+
+
 # --------------------------------------------------------------------------- depth statistics
 
 

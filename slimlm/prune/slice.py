@@ -11,6 +11,18 @@ keeps the same counts, so the result is a standard config (``intermediate_size``
 ``num_key_value_heads``; ``head_dim`` written explicitly) that vanilla transformers loads.
 :func:`mask_width` is the same operation done by zeroing the removed columns of down/o in place (the
 model keeps its shapes and computes exactly what the sliced model computes): calibration runs on it.
+
+Hidden size (``slice_width(..., hidden=kept)``): the residual stream keeps channels ``kept`` everywhere —
+columns of the embedding and the LM head, entries of every residual-stream RMSNorm, input columns of
+q/k/v/gate/up, output rows of o/down. The oracle is :func:`mask_hidden`: the same model with the removed
+channels zeroed wherever they enter the residual stream (embedding columns, o/down rows), so they stay 0
+through every layer. The two differ only in the RMSNorms, which average over d channels in the masked
+model and over d' = len(kept) in the sliced one: rsqrt(S/d + ε)·w = rsqrt(S/d' + ε·d/d')·w·sqrt(d/d')
+for the sum of squares S of the kept channels, so the sliced model writes ``rms_norm_eps·d/d'`` into its
+config and multiplies the norm weights by sqrt(d/d') — exactly the masked model's function. Qwen3's q/k
+norms (over head_dim) read the same ``rms_norm_eps``; there ε stays as it is and the residual-stream
+norms differ from the masked model by the ε term alone (relative ε·(d/d'−1)/mean(x²), ~1e-6 for a real
+residual stream; tested).
 """
 
 from __future__ import annotations
@@ -109,10 +121,12 @@ def _kv_for_heads(heads: Sequence[int], qpk: int, kv: Sequence[int]) -> None:
 
 def slice_width(model: torch.nn.Module, *, mlp: Kept | None = None, heads: Kept | None = None,
                 kv_heads: Kept | None = None, down_weights: Sequence[torch.Tensor] | None = None,
-                o_weights: Sequence[torch.Tensor] | None = None) -> torch.nn.Module:
+                o_weights: Sequence[torch.Tensor] | None = None,
+                hidden: Sequence[int] | None = None) -> torch.nn.Module:
     """A new, smaller model keeping per layer the neurons ``mlp[i]``, query heads ``heads[i]`` and KV heads
-    ``kv_heads[i]`` (None = all). ``down_weights[i]`` [hidden, len(mlp[i])] and ``o_weights[i]``
-    [hidden, len(heads[i]) * head_dim] replace the kept columns of down_proj / o_proj when given."""
+    ``kv_heads[i]`` (None = all), and the residual-stream channels ``hidden`` (None = all; module
+    docstring). ``down_weights[i]`` [hidden, len(mlp[i])] and ``o_weights[i]`` [hidden, len(heads[i]) *
+    head_dim] replace the kept columns of down_proj / o_proj when given (in the source's hidden size)."""
     from transformers import AutoModelForCausalLM
 
     from slimlm.models import arch_facts
@@ -122,6 +136,7 @@ def slice_width(model: torch.nn.Module, *, mlp: Kept | None = None, heads: Kept 
     _check_kept("mlp", mlp, n, facts.intermediate_size)
     _check_kept("heads", heads, n, facts.num_heads)
     _check_kept("kv_heads", kv_heads, n, facts.num_kv_heads)
+    _check_kept("hidden", None if hidden is None else [hidden], 1, facts.hidden_size)
     all_heads = [list(range(facts.num_heads))] * n
     all_kv = [list(range(facts.num_kv_heads))] * n
     heads_l = [list(h) for h in heads] if heads is not None else all_heads
@@ -135,11 +150,20 @@ def slice_width(model: torch.nn.Module, *, mlp: Kept | None = None, heads: Kept 
         config.intermediate_size = len(mlp[0])
     config.num_attention_heads = len(heads_l[0])
     config.num_key_value_heads = len(kv_l[0])
+    norm_scale = 1.0
+    if hidden is not None:
+        d, d_new = facts.hidden_size, len(hidden)
+        config.hidden_size = d_new
+        norm_scale = (d / d_new) ** 0.5
+        if not _eps_shared(model):
+            config.rms_norm_eps = model.config.rms_norm_eps * d / d_new
     dtype = next(model.parameters()).dtype
     small = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     prefix = _layers_prefix(model) + "."
     src = model.state_dict()
+    residual = _residual_params(model) if hidden is not None else {}
+    keep_h = None if hidden is None else torch.as_tensor(list(hidden), dtype=torch.long)
     state = {}
     for name in small.state_dict():
         t = src[name]
@@ -147,6 +171,13 @@ def slice_width(model: torch.nn.Module, *, mlp: Kept | None = None, heads: Kept 
             i, rest = name[len(prefix):].split(".", 1)
             i = int(i)
             t = _slice_param(rest, t, i, mlp, heads_l, kv_l, hd, down_weights, o_weights)
+        role = residual.get(name)
+        if role == "reads":  # [out, d]: keep the input columns
+            t = t[:, keep_h.to(t.device)]
+        elif role == "writes":  # [d, in]: keep the output rows
+            t = t[keep_h.to(t.device)]
+        elif role == "norm":
+            t = t[keep_h.to(t.device)] * norm_scale
         state[name] = t
     try:
         small.load_state_dict(state)
@@ -155,6 +186,40 @@ def slice_width(model: torch.nn.Module, *, mlp: Kept | None = None, heads: Kept 
         raise SlimlmError(f"this architecture has layer weights slimlm cannot slice: {detail}") from e
     small.generation_config = copy.deepcopy(model.generation_config)
     return small.eval()
+
+
+def _eps_shared(model: torch.nn.Module) -> bool:
+    """Whether RMSNorms outside the residual stream read ``rms_norm_eps`` too (Qwen3's q/k norms)."""
+    return any(hasattr(layer.self_attn, "q_norm") for layer in model.get_decoder().layers)
+
+
+def _residual_params(model: torch.nn.Module) -> dict[str, str]:
+    """Every parameter with a residual-stream (hidden-size) dimension, by state-dict name: ``reads``
+    ([out, d] weights that take the stream as input, and the embedding and LM head, whose columns are
+    channels), ``writes`` ([d, in]: o/down rows) and ``norm`` (the RMSNorm weights over d)."""
+    roles: dict[int, str] = {}
+    dec = model.get_decoder()
+    roles[id(model.get_input_embeddings())] = "reads"
+    head = model.get_output_embeddings()
+    if head is not None:
+        roles[id(head)] = "reads"
+    roles[id(dec.norm)] = "norm"
+    for layer in dec.layers:
+        a, m = layer.self_attn, layer.mlp
+        for mod in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj):
+            roles[id(mod)] = "reads"
+        for mod in (a.o_proj, m.down_proj):
+            roles[id(mod)] = "writes"
+        roles[id(layer.input_layernorm)] = roles[id(layer.post_attention_layernorm)] = "norm"
+    out: dict[str, str] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        role = roles.get(id(mod))
+        if role is None:
+            continue
+        for p_name, p in mod.named_parameters(recurse=False):
+            if p_name == "weight" or (role == "writes" and p_name == "bias"):
+                out[f"{mod_name}.{p_name}" if mod_name else p_name] = role
+    return out
 
 
 def _slice_param(rest: str, t: torch.Tensor, i: int, mlp: Kept | None, heads: list[list[int]],
@@ -198,3 +263,21 @@ def mask_width(layer: torch.nn.Module, *, mlp: Sequence[int] | None = None, head
         new = w[:, cols] if o_weight is None else o_weight.to(w.device, w.dtype)
         w.zero_()
         w[:, cols] = new
+
+
+@torch.no_grad()
+def mask_hidden(model: torch.nn.Module, hidden: Sequence[int]) -> None:
+    """In place: zero the residual-stream channels not in ``hidden`` wherever they enter the stream
+    (embedding columns, o_proj / down_proj rows) and wherever they are read (q/k/v/gate/up and LM head
+    columns): the removed channels are 0 in every layer, the oracle :func:`slice_width` with ``hidden``
+    equals (module docstring)."""
+    d = model.config.hidden_size
+    drop = torch.ones(d, dtype=torch.bool)
+    drop[torch.as_tensor(list(hidden), dtype=torch.long)] = False
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, role in _residual_params(model).items():
+        t = params[name]
+        if role == "reads":
+            t[:, drop.to(t.device)] = 0
+        elif role == "writes":
+            t[drop.to(t.device)] = 0

@@ -33,13 +33,13 @@ def test_prune_cli_writes_a_smaller_loadable_model(method, tmp_path, calib_txt):
                           num_hidden_layers=3, intermediate_size=96)
     out = tmp_path / "pruned"
     res = runner.invoke(app, ["prune", str(src), "--out", str(out), "--method", method, "--mlp-keep", "0.5",
-                              "--heads-keep", "4", "--layers-keep", "2", "--calib", str(calib_txt),
+                              "--heads-keep", "4", "--layers-keep", "2", "--hidden-keep", "0.5", "--calib", str(calib_txt),
                               "--samples", "6", "--seq-len", "24", "--batch-size", "3"])
     assert res.exit_code == 0, res.output
     model = AutoModelForCausalLM.from_pretrained(out)
     c = model.config
-    assert (c.num_hidden_layers, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == \
-        (2, 48, 4, 2, 32)
+    assert (c.num_hidden_layers, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            c.hidden_size) == (2, 48, 4, 2, 32, 32)
     report = json.loads((out / "prune_report.json").read_text())
     assert report["method"] == method and len(report["kept_layers"]) == 2
     assert report["calibration"]["tokens"] == 6 * 24
@@ -55,6 +55,7 @@ def test_prune_cli_errors_before_any_work(tmp_path, calib_txt):
     out = tmp_path / "never"
     cases = [
         (["--mlp-keep", "1000"], "only 128 MLP neurons"),
+        (["--hidden-keep", "100"], "hidden size is only 96"),
         (["--heads-keep", "5"], "breaks GQA"),
         (["--mlp-keep", "half"], "fraction like 0.5"),
         (["--mlp-keep", "0.5", "--method", "obs"], "method"),

@@ -203,7 +203,7 @@ def test_nothing_pruned_is_identity(tiny_tok):
     model = tiny_model("mistral", seed=6, vocab_size=len(tiny_tok), **GQA)
     calib = [torch.randint(3, len(tiny_tok), (2, 12))]
     small, report = prune_model(model, calib, PruneConfig(method="osscar", mlp_keep=1.0, heads_keep=6))
-    assert report["targets"] == {"layers": 3, "intermediate": 80, "heads": 6, "kv_heads": 3}
+    assert report["targets"] == {"layers": 3, "intermediate": 80, "heads": 6, "kv_heads": 3, "hidden": 96}
     for a, b in zip(model.state_dict().values(), small.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
