@@ -216,7 +216,7 @@ def _residual_params(model: torch.nn.Module) -> dict[str, str]:
         role = roles.get(id(mod))
         if role is None:
             continue
-        for p_name, p in mod.named_parameters(recurse=False):
+        for p_name, _p in mod.named_parameters(recurse=False):
             if p_name == "weight" or (role == "writes" and p_name == "bias"):
                 out[f"{mod_name}.{p_name}" if mod_name else p_name] = role
     return out

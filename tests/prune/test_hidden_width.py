@@ -145,7 +145,7 @@ def test_channel_scores_naive():
     energy = [torch.rand(7, generator=g, dtype=torch.float64) for _ in range(3)]
     readers = [[torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g)], [torch.randn(4, 7, generator=g)],
                [torch.randn(9, 7, generator=g)]]
-    want = [sum(float(e[c]) * sum(float((w[:, c].double() ** 2).sum()) for w in ws) for e, ws in zip(energy, readers))
+    want = [sum(float(e[c]) * sum(float((w[:, c].double() ** 2).sum()) for w in ws) for e, ws in zip(energy, readers, strict=True))
             for c in range(7)]
     torch.testing.assert_close(baselines.channel_scores(energy, readers), torch.tensor(want, dtype=torch.float64))
 
