@@ -20,7 +20,9 @@ runs/bench/quality/teacher-sft/model when it exists), level and method, `slimlm 
 
 Levels: mlp75 / mlp50 (MLP neurons kept), kv2 (one of three KV groups removed: 9 -> 6 query heads, 3 -> 2
 KV heads), q6 (one query head of three removed from every KV group: 9 -> 6 query heads, KV heads kept),
-layers20 (30 -> 20 decoder layers). OSSCAR, its greedy and the two baselines are width methods;
+layers20 (30 -> 20 decoder layers), hidden75 / hidden50 (residual-stream channels kept: 576 -> 432 / 288; the
+embedding shrinks too; rows compare channels chosen by calibration energy, "activation", with channels chosen
+from the weights that read them, "magnitude"). OSSCAR, its greedy and the two baselines are width methods;
 at the depth level the rows compare the depth importance measures instead (cosine = 1 − cos(in, out),
 loss = loss increase when skipped, evenly = evenly spaced layers as `slimlm init-student` picks them).
 ``--redistill-steps N`` re-distils the OSSCAR mlp50 model by KD from its teacher on the prose that follows
@@ -48,9 +50,12 @@ LEVELS = {
     "kv2": ["--heads-keep", "6", "--head-mode", "kv"],
     "q6": ["--heads-keep", "6", "--head-mode", "query"],
     "layers20": ["--layers-keep", "20"],
+    "hidden75": ["--hidden-keep", "0.75"],
+    "hidden50": ["--hidden-keep", "0.5"],
 }
 WIDTH_METHODS = ("osscar", "greedy", "activation", "magnitude")
 DEPTH_METHODS = ("cosine", "loss", "evenly")
+HIDDEN_METHODS = ("activation", "magnitude")  # channels by calibration energy vs by reader weights alone
 
 
 
@@ -145,7 +150,8 @@ def main() -> None:
         results.append({"model": name, "level": "none", "method": "unpruned", **base})
         print(json.dumps({k: v for k, v in results[-1].items() if k != "scores"}))
         for level in (args.sft_levels if sft else args.levels).split(","):
-            methods = DEPTH_METHODS if level.startswith("layers") else args.methods.split(",")
+            methods = DEPTH_METHODS if level.startswith("layers") else \
+                HIDDEN_METHODS if level.startswith("hidden") else args.methods.split(",")
             for method in methods:
                 out = args.work / name / level / method
                 t0 = time.perf_counter()
