@@ -1,13 +1,16 @@
 """Does quantization really move ranking AUC, and how far? A paired diagnostic on one fine-tuned model.
 
     python benchmarks/quantize_auc.py [--model runs/bench/quality/teacher-sft/model] [--limit 200]
-                                      [--calib movielens-ranking] [--out runs/bench/int8_auc.json]
+                                      [--calib movielens-ranking] [--variants int8,int8-smooth,...]
+                                      [--out runs/bench/int8_auc.json]
 
 Every variant is quantized in memory (no export, so every tensor left in float stays fp32) and scores the same
 MovieLens test rows. For each variant against fp32: ΔAUC with a paired bootstrap 95% interval (1,000
 resamples of the rows, both models scored on the same resample), the correlation of the two models'
 P(pos) and their mean absolute difference. Variants: int8; int8 leaving down_proj in float (the layer with
-the widest activations); int8 with SmoothQuant calibrated on ``--calib``; fp8 (dynamic).
+the widest activations); int8 with SmoothQuant calibrated on ``--calib``; fp8 (dynamic); INT4 weight-only
+(``int4-{rtn,gptq,gptq-ao,quantease}-g{G}``: round-to-nearest, GPTQ, GPTQ with activation order, QuantEase;
+group size G, calibrated on ``--calib``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,23 @@ import numpy as np
 import torch
 
 
+def variant_config(name: str):
+    from slimlm.quantize.api import QuantConfig
+
+    fixed = {"int8": QuantConfig(scheme="int8"),
+             "int8-no-down": QuantConfig(scheme="int8", ignore=["lm_head", "re:.*down_proj$"]),
+             "int8-smooth": QuantConfig(scheme="int8", smooth=True),
+             "fp8": QuantConfig(scheme="fp8")}
+    if name in fixed:
+        return fixed[name]
+    if name.startswith("int4-") and "-g" in name:
+        method, group = name[len("int4-"):].rsplit("-g", 1)
+        act_order = method == "gptq-ao"
+        method = "gptq" if act_order else method
+        return QuantConfig(scheme="int4", method=method, act_order=act_order, group_size=int(group))
+    raise SystemExit(f"unknown variant {name!r}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="runs/bench/quality/teacher-sft/model")
@@ -29,13 +49,15 @@ def main() -> None:
     ap.add_argument("--calib", default="movielens-ranking", help="SmoothQuant calibration data")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--resamples", type=int, default=1000)
+    ap.add_argument("--variants", default="int8,int8-no-down,int8-smooth,fp8",
+                    help="comma-separated; fp32 always runs (the reference)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/int8_auc.json"))
     args = ap.parse_args()
 
     from slimlm.calib import calibration_windows
     from slimlm.evaluate import evaluate_ranking, paired_auc_delta, roc_auc
     from slimlm.loading import load_model, load_tokenizer
-    from slimlm.quantize.api import QuantConfig, quantize_model
+    from slimlm.quantize.api import quantize_model
     from slimlm.tasks import load_ranking_task
 
     torch.set_num_threads(2)
@@ -43,13 +65,7 @@ def main() -> None:
     examples = load_ranking_task("movielens-ranking", None, "test", args.limit, 0)
     y = np.array([e.label for e in examples])
     calib = calibration_windows(tok, args.calib, args.calib_samples, 256)
-    variants = {
-        "fp32": None,
-        "int8": QuantConfig(scheme="int8"),
-        "int8-no-down": QuantConfig(scheme="int8", ignore=["lm_head", "re:.*down_proj$"]),
-        "int8-smooth": QuantConfig(scheme="int8", smooth=True),
-        "fp8": QuantConfig(scheme="fp8"),
-    }
+    variants = {"fp32": None, **{name: variant_config(name) for name in args.variants.split(",")}}
     scores: dict[str, np.ndarray] = {}
     for name, cfg in variants.items():
         t = time.perf_counter()
