@@ -129,6 +129,7 @@ class RowIndex:
         return RowIndex(self.path, self.positions[idx], None if self.lines is None else self.lines[idx], self.stamp)
 
     def line(self, i: int) -> int:
+        """Row ``i``'s line (Parquet: row number), 0 where the index keeps none (the row was checked when indexed)."""
         if self.path.suffix.lower() == ".parquet":
             return int(self.positions[i]) + 1
         return int(self.lines[i]) if self.lines is not None else 0
