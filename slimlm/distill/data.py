@@ -14,6 +14,9 @@ A :class:`Seq` is ``input_ids`` with ``labels`` (-100 where no loss is taken) an
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +28,8 @@ from slimlm.config import TaskConfig
 from slimlm.distill.losses import count_targets
 from slimlm.runtime.packing import PAD_SEGMENT, attention_inputs, pack
 from slimlm.tasks import load_ranking_task
-from slimlm.tasks.completion import IGNORE_INDEX, load_completion_file, tokenize_completion
-from slimlm.tasks.ranking import TokenizedRanking, label_token_ids, tokenize_ranking
+from slimlm.tasks.completion import IGNORE_INDEX, index_completion_file, read_completions, tokenize_completion
+from slimlm.tasks.ranking import TokenizedRanking, index_ranking_file, label_token_ids, tokenize_ranking
 
 
 @dataclass(frozen=True)
@@ -65,30 +68,33 @@ def _prompt_len(labels: list[int]) -> int:
     return next((i for i, v in enumerate(labels) if v != IGNORE_INDEX), len(labels))
 
 
-def build_sequences(task: TaskConfig, tokenizer, split: str, limit: int | None, seed: int = 0) -> list[Seq]:
-    """Tokenized training sequences of ``split`` (at most ``limit``; deterministic given ``seed``)."""
+def _completion_seq(example, tokenizer, max_length: int) -> Seq:
+    enc = tokenize_completion(example, tokenizer)
+    ids, labels = _truncate_left(enc["input_ids"], enc["labels"], max_length)
+    return Seq(tuple(ids), tuple(labels), _prompt_len(labels))
+
+
+def build_sequences(task: TaskConfig, tokenizer, split: str, limit: int | None, seed: int = 0) -> Sequence[Seq]:
+    """Tokenized training sequences of ``split`` (at most ``limit``; deterministic given ``seed``).
+
+    A user file (``completion``, ``ranking``) gives a :class:`FileSequences`: its rows are checked now, in
+    one streamed pass, but read and tokenized only when drawn, so memory does not grow with the file. The
+    built-in tasks (MovieLens, arithmetic, text) are small and give a list."""
     out: list[Seq] = []
-    if task.name in ("movielens-ranking", "ranking"):
+    if task.name in ("ranking", "completion") and task.data is None:
+        raise SlimlmError(f"task '{task.name}' needs task.data (a .jsonl or .parquet file)")
+    if task.name == "ranking":
+        out = ranking_file_sequences(task, tokenizer, split, limit, seed)
+    elif task.name == "movielens-ranking":
         examples = load_ranking_task(task.name, task.data, split, limit, seed, task.candidates_per_prefix)
         out = ranking_sequences(tokenize_ranking(examples, tokenizer), label_token_ids(tokenizer),
                                 task.candidates_per_prefix, task.max_length)
     elif task.name == "completion":
-        if task.data is None:
-            raise SlimlmError("task 'completion' needs task.data (a .jsonl or .parquet file)")
-        examples = load_completion_file(task.data, split)
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(examples))[:limit] if limit else range(len(examples))
-        for i in order:
-            enc = tokenize_completion(examples[int(i)], tokenizer)
-            ids, labels = _truncate_left(enc["input_ids"], enc["labels"], task.max_length)
-            out.append(Seq(tuple(ids), tuple(labels), _prompt_len(labels)))
+        out = completion_file_sequences(task, tokenizer, split, limit, seed)
     elif task.name == "arithmetic":  # built-in chain sums: fixed examples per split, trained like completion
         from slimlm.tasks.arithmetic import arithmetic_examples
 
-        for ex in arithmetic_examples(split, limit, task.data):
-            enc = tokenize_completion(ex, tokenizer)
-            ids, labels = _truncate_left(enc["input_ids"], enc["labels"], task.max_length)
-            out.append(Seq(tuple(ids), tuple(labels), _prompt_len(labels)))
+        out = [_completion_seq(ex, tokenizer, task.max_length) for ex in arithmetic_examples(split, limit, task.data)]
     elif task.name == "text":
         from slimlm.tasks.text import read_texts, split_blocks
 
@@ -96,10 +102,120 @@ def build_sequences(task: TaskConfig, tokenizer, split: str, limit: int | None, 
             out.append(Seq(tuple(block), (IGNORE_INDEX, *block[1:]), 1))
     else:
         raise SlimlmError(f"unknown task {task.name!r}")
-    if not out:
+    if not len(out):
         source = Path(task.data).name if task.data else task.name
         raise SlimlmError(f"{source}: no training sequences for split '{split}'")
     return out
+
+
+SEQUENCE_FORMAT = 1  # how rows become sequences; bump it when that changes (file-keyed teacher caches then rebuild)
+
+
+class FileSequences(Sequence[Seq]):
+    """The training sequences of a user file, made when drawn.
+
+    Only where the examples are is kept (:class:`slimlm.tasks.files.RowIndex`: 8 bytes a row, 16 for
+    ranking); ``self[i]``, slices and :meth:`take` read the rows of the requested sequences from the file
+    and tokenize them, so a batch costs its own rows. Length, order and values equal the list the same task
+    would give read whole (tested). ``read(idx)`` returns the examples at positions ``idx`` of the example
+    order; sequence ``j`` is made by ``make`` from the examples ``packs[j]:packs[j + 1]`` (ranking packs
+    of one group) or example ``j`` alone (``packs`` None)."""
+
+    ITER_CHUNK = 256  # sequences read together while iterating
+
+    def __init__(self, read: Callable[[list[int]], list], make: Callable[[list], Seq], n_examples: int,
+                 packs: np.ndarray | None, *, path: Path, settings: dict, tokenizer):
+        self._read, self._make, self._packs = read, make, packs
+        self._n = len(packs) - 1 if packs is not None else n_examples
+        self.path, self.settings, self._tokenizer = path, settings, tokenizer
+
+    def __len__(self) -> int:
+        return self._n
+
+    def take(self, idx: Sequence[int]) -> list[Seq]:
+        """The sequences ``idx`` (repeats allowed), their rows read from the file in one pass."""
+        spans = []
+        for j in idx:
+            j = int(j)
+            if not 0 <= j < self._n:
+                raise IndexError(f"sequence {j} of {self._n}")
+            spans.append(range(int(self._packs[j]), int(self._packs[j + 1])) if self._packs is not None
+                         else range(j, j + 1))
+        examples = self._read([i for span in spans for i in span])
+        out, at = [], 0
+        for span in spans:
+            out.append(self._make(examples[at:at + len(span)]))
+            at += len(span)
+        return out
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(self._n)))
+        return self.take([i + self._n if i < 0 else i])[0]
+
+    def __iter__(self):
+        for c in range(0, self._n, self.ITER_CHUNK):
+            yield from self.take(range(c, min(c + self.ITER_CHUNK, self._n)))
+
+    def data_key(self) -> str:
+        """sha256 over the file's bytes, the settings that pick and cut its sequences, the tokenizer and
+        :data:`SEQUENCE_FORMAT`: equal keys give equal sequences, without making them (a pass over the
+        file, not over every token)."""
+        from slimlm.io import sha256_file
+
+        return hashlib.sha256(json.dumps({"format": SEQUENCE_FORMAT, "file": sha256_file(self.path),
+                                          "settings": self.settings,
+                                          "tokenizer": tokenizer_digest(self._tokenizer)},
+                                         sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of what decides a tokenizer's output: its class, its full spec (a fast tokenizer's JSON, else
+    its vocabulary), special tokens and chat template; not its path."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(json.dumps([type(tokenizer).__name__, spec, tokenizer.special_tokens_map,
+                                      getattr(tokenizer, "chat_template", None)], sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
+def take(seqs: Sequence[Seq], idx: Sequence[int]) -> list[Seq]:
+    """``[seqs[i] for i in idx]``; a :class:`FileSequences` reads the batch's rows in one pass."""
+    return seqs.take(idx) if isinstance(seqs, FileSequences) else [seqs[i] for i in idx]
+
+
+def _settings(task: TaskConfig, split: str, limit: int | None, seed: int) -> dict:
+    return {"task": task.name, "split": split, "limit": limit, "seed": seed, "max_length": task.max_length,
+            "candidates_per_prefix": task.candidates_per_prefix if task.name == "ranking" else 1}
+
+
+def completion_file_sequences(task: TaskConfig, tokenizer, split: str, limit: int | None, seed: int) -> FileSequences:
+    """A completion file's sequences of ``split``: all in file order, or ``limit`` of them in a seeded order."""
+    index = index_completion_file(task.data, split)
+    # the order the sequences would have in a list (a copy: the slice alone would keep the whole permutation)
+    order = np.random.default_rng(seed).permutation(len(index))[:limit].copy() if limit else None
+
+    def read(idx: list[int]) -> list:
+        return read_completions(index, [int(order[i]) for i in idx] if order is not None else idx)
+
+    return FileSequences(read, lambda exs: _completion_seq(exs[0], tokenizer, task.max_length),
+                         len(order) if order is not None else len(index), None, path=Path(task.data),
+                         settings=_settings(task, split, limit, seed), tokenizer=tokenizer)
+
+
+def ranking_file_sequences(task: TaskConfig, tokenizer, split: str, limit: int | None, seed: int) -> FileSequences:
+    """A ranking file's sequences of ``split``: candidates of one group packed ``candidates_per_prefix`` at a
+    time, as :func:`ranking_sequences` packs them (whole groups, seeded, with ``limit``)."""
+    k = task.candidates_per_prefix
+    rows = index_ranking_file(task.data, split, limit, seed, k)
+    label_ids = label_token_ids(tokenizer)
+
+    def make(examples: list) -> Seq:
+        (seq,) = ranking_sequences(tokenize_ranking(examples, tokenizer), label_ids, k, task.max_length)
+        return seq
+
+    return FileSequences(rows.examples, make, len(rows), rows.packs, path=Path(task.data),
+                         settings=_settings(task, split, limit, seed), tokenizer=tokenizer)
 
 
 def ranking_sequences(examples: list[TokenizedRanking], label_ids: tuple[int, int], k: int,

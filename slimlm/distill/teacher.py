@@ -5,7 +5,7 @@ teacher runs once over the data instead of once per epoch, and the student train
 
 Layout of a cache directory::
 
-    index.json            k, temperature, vocab, counts, shard list, fingerprint of the sequences + settings
+    index.json            k, temperature, vocab, counts, shard list, fingerprint of the data + settings
     shard-00000.safetensors
         ids       [T, k] int32    the teacher's top-k token ids per target token
         logprobs  [T, k] float16  their log-probabilities (at the cache's temperature)
@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,22 +33,28 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slimlm import SlimlmError
-from slimlm.distill.data import Seq, collate, model_kwargs
+from slimlm.distill.data import FileSequences, Seq, collate, model_kwargs
 from slimlm.io import atomic_dir
 
 FORMAT_VERSION = 1
 FINGERPRINT_SCHEME = 2  # 1 (slimlm <= 0.1): sha256 of JSON-dumped sequences, without the settings
 
 
-def fingerprint(seqs: list[Seq], *, k: int, temperature: float, vocab: int) -> str:
-    """sha256 over the cache's settings and every sequence's tokens and labels, streamed.
+def fingerprint(seqs: Sequence[Seq], *, k: int, temperature: float, vocab: int) -> str:
+    """sha256 over the cache's settings and the sequences. A cache only serves the exact data and settings
+    it was made for.
 
-    Per sequence the hash takes its length and the bytes of ``input_ids`` and ``labels`` as little-endian
-    int64 arrays, so its cost is a pass over the tokens (no text rendering) and its memory one sequence.
-    A cache only serves the exact data and settings it was made for.
+    The sequences of a user file (:class:`~slimlm.distill.data.FileSequences`) are keyed by
+    :meth:`~slimlm.distill.data.FileSequences.data_key`: the file's bytes, the settings that make its
+    sequences and the tokenizer, so checking a cache costs a read of the file, not a tokenization of every
+    row. Other sequences (built-in tasks, lists) are hashed themselves, streamed: per sequence its length
+    and the bytes of ``input_ids`` and ``labels`` as little-endian int64 arrays (memory: one sequence).
     """
     h = hashlib.sha256(json.dumps({"scheme": FINGERPRINT_SCHEME, "k": int(k), "temperature": float(temperature),
                                    "vocab": int(vocab)}, sort_keys=True).encode())
+    if isinstance(seqs, FileSequences):
+        h.update(b"file:" + seqs.data_key().encode())
+        return h.hexdigest()
     for s in seqs:
         h.update(np.int64(len(s.input_ids)).astype("<i8").tobytes())
         h.update(np.asarray(s.input_ids, dtype="<i8").tobytes())
@@ -131,7 +137,7 @@ def chunked_top_k(h: torch.Tensor, weight: torch.Tensor, k: int, *, bias: torch.
 
 
 @torch.no_grad()
-def write_teacher_cache(teacher, seqs: list[Seq], out_dir: str | Path, *, k: int = 64, temperature: float = 1.0,
+def write_teacher_cache(teacher, seqs: Sequence[Seq], out_dir: str | Path, *, k: int = 64, temperature: float = 1.0,
                         vocab_size: int | None = None, batch_size: int = 8, pad_id: int = 0,
                         shard_sequences: int = 4096, vocab_chunk: int = 8192, row_block: int = 4096,
                         progress: Callable[[int], None] | None = None) -> dict:
@@ -209,7 +215,7 @@ class TeacherCache:
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, tuple[object, torch.Tensor]] = OrderedDict()
 
-    def check(self, seqs: list[Seq], temperature: float) -> None:
+    def check(self, seqs: Sequence[Seq], temperature: float) -> None:
         """Refuse a cache made for other data, other settings or another temperature (before training)."""
         if abs(self.index["temperature"] - temperature) > 1e-12:
             raise SlimlmError(f"{self.path}: cache temperature {self.index['temperature']} != loss temperature "

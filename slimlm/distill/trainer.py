@@ -25,7 +25,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -34,7 +34,7 @@ from slimlm import SlimlmError
 from slimlm.config import DistillConfig, dump_config
 from slimlm.distill.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from slimlm.distill.chunked import fused_linear_cached_kd_loss, fused_linear_kd_loss
-from slimlm.distill.data import BatchOrder, Seq, build_sequences, collate, window_targets
+from slimlm.distill.data import BatchOrder, Seq, build_sequences, collate, take, window_targets
 from slimlm.distill.dist import (
     all_sum,
     barrier,
@@ -168,7 +168,7 @@ def generation_eval_set(cfg: DistillConfig, tokenizer) -> tuple[list, str, int] 
     ``max_new_tokens`` leaves room for the longest reference plus a few tokens (and EOS)."""
     import numpy as np
 
-    from slimlm.tasks.completion import load_completion_file
+    from slimlm.tasks.completion import index_completion_file, read_completions
 
     task = cfg.task
     if task.name == "arithmetic":
@@ -176,9 +176,9 @@ def generation_eval_set(cfg: DistillConfig, tokenizer) -> tuple[list, str, int] 
 
         examples, rule = arithmetic_examples(task.eval_split, task.eval_limit, task.data), "number"
     elif task.name == "completion" and task.data is not None:
-        rows = load_completion_file(task.data, task.eval_split)
-        order = np.random.default_rng(cfg.seed).permutation(len(rows))[:task.eval_limit]
-        examples, rule = [rows[int(i)] for i in order], "exact"
+        index = index_completion_file(task.data, task.eval_split)  # only the chosen rows are read
+        order = np.random.default_rng(cfg.seed).permutation(len(index))[:task.eval_limit]
+        examples, rule = read_completions(index, order), "exact"
     else:
         return None
     longest = max(len(tokenizer(ex.response, add_special_tokens=False).input_ids) for ex in examples)
@@ -188,7 +188,7 @@ def generation_eval_set(cfg: DistillConfig, tokenizer) -> tuple[list, str, int] 
 EVAL_TEACHER_BUDGET = 512 * 2**20  # bytes of teacher hidden states kept for the held-out KL
 
 
-def eval_teacher_memo(teacher, eval_seqs: list[Seq]) -> list[torch.Tensor] | None:
+def eval_teacher_memo(teacher, eval_seqs: Sequence[Seq]) -> list[torch.Tensor] | None:
     """An empty memo for :func:`evaluate_student` when the teacher's hidden states at the held-out targets
     fit :data:`EVAL_TEACHER_BUDGET` (else None: every evaluation runs the teacher)."""
     if teacher is None:
@@ -199,7 +199,7 @@ def eval_teacher_memo(teacher, eval_seqs: list[Seq]) -> list[torch.Tensor] | Non
 
 
 @torch.no_grad()
-def evaluate_student(module: DistillModule, tokenizer, cfg: DistillConfig, eval_seqs: list[Seq],
+def evaluate_student(module: DistillModule, tokenizer, cfg: DistillConfig, eval_seqs: Sequence[Seq],
                      ranking_eval, device, generation_eval: tuple[list, str, int] | None = None,
                      teacher_memo: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Held-out teacher->student forward KL per target token (if a teacher is loaded) and the task metric:
@@ -416,7 +416,7 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
         window = []
         for _ in range(cfg.grad_accum):
             picked = order.next()
-            seqs = [train_seqs[i] for i in picked]
+            seqs = take(train_seqs, picked)  # a user file's rows are read (and tokenized) now
             micro_mode = mode
             if mode == "on_policy":
                 coin = float(torch.rand((), generator=coins))

@@ -14,8 +14,8 @@ def load_ranking_task(name: str, data: str | Path | None, split: str, limit: int
     """Ranking examples of ``split``: the built-in MovieLens task (``data`` = its directory, optional) or a
     user ranking file (``data`` required); at most ``limit``, as whole groups, seeded. ``candidates_per_prefix``:
     MovieLens train rows share a prefix in groups of this many consecutive ratings (see its module)."""
-    from slimlm.tasks.movielens import SplitConfig, movielens_examples, subsample
-    from slimlm.tasks.ranking import load_ranking_file
+    from slimlm.tasks.movielens import SplitConfig, movielens_examples
+    from slimlm.tasks.ranking import index_ranking_file
 
     if name == "movielens-ranking":
         return movielens_examples(split, data_dir=data, limit=limit, seed=seed,
@@ -24,4 +24,5 @@ def load_ranking_task(name: str, data: str | Path | None, split: str, limit: int
         raise SlimlmError(f"unknown ranking task {name!r}; expected one of {', '.join(RANKING_TASKS)}")
     if data is None:
         raise SlimlmError("task 'ranking' needs data: a .jsonl or .parquet file (schema in the README)")
-    return subsample(load_ranking_file(data, split), limit, seed)
+    rows = index_ranking_file(data, split, limit, seed)  # only the chosen rows are read (and kept)
+    return rows.examples(range(len(rows)))

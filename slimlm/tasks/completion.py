@@ -13,10 +13,22 @@ those the model sees at generation time; ``labels`` is -100 on prompt tokens.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
-from slimlm.tasks.files import HOLDOUT, SPLITS, RowError, check_split, field, holdout_indices, iter_records
+import numpy as np
+
+from slimlm.tasks.files import (
+    HOLDOUT,
+    SPLITS,
+    RowError,
+    RowIndex,
+    check_split,
+    field,
+    holdout_positions,
+    scan_records,
+)
 
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -35,45 +47,69 @@ class CompletionExample:
         return self.messages[-1]["content"]
 
 
-def load_completion_file(path: str | Path, split: str | None = None) -> list[CompletionExample]:
-    """The rows of a completion file; with ``split``, only those of that split: by the rows' optional
-    ``split`` field (``train`` / ``val`` / ``test``; a row without one is ``train``) when any row has it,
-    else by the fixed 90/5/5 hold-out of :func:`slimlm.tasks.files.holdout_indices`."""
-    out, splits = [], []
-    for line, row in iter_records(path):
-        splits.append(field(path, line, row, "split", str, default=None, check=lambda v: v in SPLITS,
-                            expect=" or ".join(SPLITS)))
-        if "messages" in row:
-            msgs = field(path, line, row, "messages", list, check=bool, expect="a non-empty list")
-            clean = []
-            for k, m in enumerate(msgs):
-                if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
-                    raise RowError(f"{path}:{line}: field 'messages[{k}]' must be "
-                                   f"{{\"role\": one of {'/'.join(ROLES)}, \"content\": string}}")
-                clean.append({"role": m["role"], "content": m["content"]})
-            if clean[-1]["role"] != "assistant":
-                raise RowError(f"{path}:{line}: field 'messages' must end with an assistant message")
-            out.append(CompletionExample(tuple(clean)))
-        else:
-            prompt = field(path, line, row, "prompt", str)
-            response = field(path, line, row, "response", str)
-            out.append(CompletionExample(({"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": response})))
-    if not out:
+SPLIT_CODES = {None: 0, "train": 1, "val": 2, "test": 3}  # a row's own split field, 1 byte a row while indexing
+
+
+def completion_example(path: str | Path, line: int, row: dict) -> CompletionExample:
+    """The conversation of one row (``prompt``/``response`` or ``messages``), checked: a RowError names
+    ``file:line: field``."""
+    if "messages" in row:
+        msgs = field(path, line, row, "messages", list, check=bool, expect="a non-empty list")
+        clean = []
+        for k, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+                raise RowError(f"{path}:{line}: field 'messages[{k}]' must be "
+                               f"{{\"role\": one of {'/'.join(ROLES)}, \"content\": string}}")
+            clean.append({"role": m["role"], "content": m["content"]})
+        if clean[-1]["role"] != "assistant":
+            raise RowError(f"{path}:{line}: field 'messages' must end with an assistant message")
+        return CompletionExample(tuple(clean))
+    prompt = field(path, line, row, "prompt", str)
+    response = field(path, line, row, "response", str)
+    return CompletionExample(({"role": "user", "content": prompt}, {"role": "assistant", "content": response}))
+
+
+def index_completion_file(path: str | Path, split: str | None = None) -> RowIndex:
+    """Where the rows of ``split`` are (all rows without one), in file order, from one streamed pass that
+    checks every row (errors name ``file:line: field``) and keeps only its position; read the examples with
+    :func:`read_completions`. The split is a row's optional ``split`` field (``train`` / ``val`` / ``test``;
+    a row without one is ``train``) when any row has it, else the fixed 90/5/5 hold-out of
+    :func:`slimlm.tasks.files.holdout_positions`."""
+    if split is not None:
+        check_split(split, allow_all=True)
+    positions, codes = array("q"), array("B")
+    for line, pos, row in scan_records(path):
+        codes.append(SPLIT_CODES[field(path, line, row, "split", str, default=None, check=lambda v: v in SPLITS,
+                                       expect=" or ".join(SPLITS))])
+        completion_example(path, line, row)  # checked now; read again when drawn
+        positions.append(pos)
+    if not positions:
         raise RowError(f"{path}: no rows")
-    if split is None:
-        return out
-    check_split(split, allow_all=True)
-    if split == "all":
-        return out
-    if any(splits):
-        kept = [ex for ex, s in zip(out, splits, strict=True) if (s or "train") == split]
+    index = RowIndex.build(path, positions)
+    if split is None or split == "all":
+        return index
+    marks = np.frombuffer(codes, dtype=np.uint8)
+    if marks.any():
+        keep = marks == SPLIT_CODES[split]
+        kept = np.flatnonzero((keep | (marks == 0)) if split == "train" else keep)
     else:
-        kept = [out[i] for i in holdout_indices(len(out), split)]
-    if not kept:
+        kept = holdout_positions(len(index), split)
+    if not len(kept):
         raise RowError(f"{path}: no rows with split '{split}' (give rows a \"split\" field, or add rows: "
                        f"without one, {100 * HOLDOUT:.0f}% each are held out for val and test)")
-    return kept
+    return index.take(kept)
+
+
+def read_completions(index: RowIndex, idx) -> list[CompletionExample]:
+    """The examples at ``idx`` (indices into ``index``), read from the file now."""
+    return [completion_example(index.path, line, row) for line, row in index.read(idx)]
+
+
+def load_completion_file(path: str | Path, split: str | None = None) -> list[CompletionExample]:
+    """Every example of ``split`` (all rows without one) in a list; see :func:`index_completion_file`, which
+    the training data uses to read examples only when drawn."""
+    index = index_completion_file(path, split)
+    return read_completions(index, range(len(index)))
 
 
 def render(example: CompletionExample, tokenizer) -> tuple[str, str]:

@@ -14,11 +14,14 @@ User files (JSONL or Parquet), one row per candidate::
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from slimlm import SlimlmError
-from slimlm.tasks.files import RowError, field, iter_records
+from slimlm.tasks.files import RowError, RowIndex, field, scan_records
 
 DEFAULT_LABELS = (" Yes", " No")
 
@@ -80,21 +83,91 @@ def tokenize_ranking(examples: list[RankingExample], tokenizer) -> list[Tokenize
             for ex, s in zip(examples, suffix_ids, strict=True)]
 
 
+def ranking_example(path: str | Path, line: int, row: dict, split: str | None = None) -> RankingExample | None:
+    """The candidate of one row, checked (a RowError names ``file:line: field``); None when ``split`` is
+    given and the row belongs to another."""
+    prefix = field(path, line, row, "prefix", str)
+    suffix = field(path, line, row, "suffix", str, check=bool, expect="a non-empty string")
+    label = field(path, line, row, "label", (int, bool), check=lambda v: v in (0, 1), expect="0 or 1")
+    row_split = field(path, line, row, "split", str, default="test")
+    if split is not None and row_split != split:
+        return None
+    return RankingExample(
+        id=str(field(path, line, row, "id", (str, int), default=f"{Path(path).name}:{line}")),
+        group=str(field(path, line, row, "group", (str, int), default=prefix)),
+        prefix=prefix, suffix=suffix, label=int(label),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class RankingRows:
+    """The candidates of one split of a ranking file, located but not read: ``index`` (file order),
+    ``order`` (indices into it in example order; None = file order) and ``packs`` ([S + 1] starts into that
+    order of the training sequences, each ≤ k consecutive candidates of one group; None = one candidate each)."""
+
+    index: RowIndex
+    order: np.ndarray | None
+    packs: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.order) if self.order is not None else len(self.index)
+
+    def examples(self, idx) -> list[RankingExample]:
+        """The candidates at ``idx`` (positions in example order), read from the file now."""
+        rows = [int(self.order[i]) for i in idx] if self.order is not None else idx
+        return [ranking_example(self.index.path, line, row) for line, row in self.index.read(rows)]
+
+
+def index_ranking_file(path: str | Path, split: str | None = None, limit: int | None = None, seed: int = 0,
+                       k: int = 1) -> RankingRows:
+    """Where the candidates of ``split`` are, from one streamed pass that checks every row (errors name
+    ``file:line: field``) and keeps its position and line (16 bytes a candidate, and 8 a pack when ``k`` > 1;
+    with ``limit``, also 4 a candidate and one entry per distinct group while the groups are drawn). The order and packing equal :func:`load_ranking_file`, then
+    :func:`slimlm.tasks.movielens.subsample` (``limit``, ``seed``), then
+    :func:`slimlm.distill.data.ranking_sequences` (``k``)."""
+    import random
+
+    positions, lines = array("q"), array("q")
+    starts, run, prev = array("q"), 0, None  # packs of consecutive candidates of one group, file order
+    names: dict[str, int] = {}  # group -> id, only to subsample whole groups
+    gids = array("i")
+    for line, pos, row in scan_records(path):
+        ex = ranking_example(path, line, row, split)
+        if ex is None:
+            continue
+        if k > 1 and (not positions or ex.group != prev or run == k):
+            starts.append(len(positions))
+            run = 0
+        run, prev = run + 1, ex.group
+        if limit is not None:
+            gids.append(names.setdefault(ex.group, len(names)))
+        positions.append(pos)
+        lines.append(line)
+    if not positions:
+        raise RowError(f"{path}: no rows" + (f" with split '{split}'" if split else ""))
+    index = RowIndex.build(path, positions, lines)
+    n = len(index)
+    if limit is None or limit >= n:
+        starts.append(n)
+        return RankingRows(index, None, np.frombuffer(starts, dtype=np.int64) if k > 1 else None)
+    groups = np.frombuffer(gids, dtype=np.int32)
+    sizes = np.bincount(groups, minlength=len(names))
+    by_group = np.argsort(groups, kind="stable")  # each group's candidates together, in file order
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    shuffled = sorted(names)
+    random.Random(seed).shuffle(shuffled)
+    parts, packs, total = [], [0], 0
+    for name in shuffled:
+        g = names[name]
+        if total + sizes[g] <= limit:
+            parts.append(by_group[first[g]:first[g] + sizes[g]])
+            packs.extend(total + min(j + k, int(sizes[g])) for j in range(0, int(sizes[g]), k))
+            total += int(sizes[g])
+    order = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return RankingRows(index, order, np.array(packs, dtype=np.int64) if k > 1 else None)
+
+
 def load_ranking_file(path: str | Path, split: str | None = None) -> list[RankingExample]:
     """Read a user ranking file (schema in the module docstring); keep rows of ``split`` if given."""
-    out = []
-    for line, row in iter_records(path):
-        prefix = field(path, line, row, "prefix", str)
-        suffix = field(path, line, row, "suffix", str, check=bool, expect="a non-empty string")
-        label = field(path, line, row, "label", (int, bool), check=lambda v: v in (0, 1), expect="0 or 1")
-        row_split = field(path, line, row, "split", str, default="test")
-        if split is not None and row_split != split:
-            continue
-        out.append(RankingExample(
-            id=str(field(path, line, row, "id", (str, int), default=f"{Path(path).name}:{line}")),
-            group=str(field(path, line, row, "group", (str, int), default=prefix)),
-            prefix=prefix, suffix=suffix, label=int(label),
-        ))
-    if not out:
-        raise RowError(f"{path}: no rows" + (f" with split '{split}'" if split else ""))
-    return out
+    rows = index_ranking_file(path, split)
+    return rows.examples(range(len(rows)))

@@ -210,6 +210,35 @@ def test_resume_is_exact(setup, tmp_path, mode, k):
     assert (tmp_path / "split" / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_resume_is_exact_on_a_streamed_user_file(setup, tmp_path, fmt):
+    """A completion file's rows are read when drawn (slimlm.distill.data.FileSequences): the batch order,
+    and so a resume mid-epoch (36 training rows, 6 a step: the second epoch starts at step 7), are those of
+    a list."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root, _ = setup
+    rows = [{"prompt": f"What is {i} + {i % 7}?", "response": str(i + i % 7)} for i in range(40)]
+    path = tmp_path / f"c.{fmt}"
+    if fmt == "parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=8)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"name": "completion", "data": str(path), "eval_limit": 3}
+    full = train(config(root, path, tmp_path / "full", mode="kd", max_steps=9, task=task))
+    cfg = config(root, path, tmp_path / "split", mode="kd", max_steps=9, task=task)
+    train(cfg, stop_after=4)
+    assert json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())["step"] == 4
+    train(cfg)
+    a = load_file(str(full / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    logs = [[json.loads(x)["loss"] for x in (d / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+            for d in (full, tmp_path / "split")]
+    assert logs[0] == logs[1] and len(logs[0]) == 9
+
+
 def test_nan_loss_stops_and_keeps_checkpoint(setup, tmp_path):
     root, data = setup
     bad_teacher = tmp_path / "bad-teacher"
