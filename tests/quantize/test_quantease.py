@@ -3,6 +3,7 @@ GPTQ start; monotone sweeps), then end to end: quantize_model -> compressed-tens
 
 from __future__ import annotations
 
+import json
 from itertools import pairwise
 
 import pytest
@@ -218,3 +219,143 @@ def test_errors():
     q, s, z = rtn_int4(w, 32, True)
     with pytest.raises(ValueError, match="do not fit"):
         quantease_refine(w, torch.eye(64), q, s, z, group_size=16, qmin=-8, qmax=7)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def calib_blocks(n=6, t=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 380, (n, t), generator=g).tolist()
+
+
+def test_quantize_model_reports_each_layers_objective_and_beats_gptq_per_layer():
+    """Through quantize_model: each layer's QuantEase objective is at most its GPTQ start's (same Hessian), and
+    on the first decoder layer — whose calibration inputs both runs share — the calibrated output error
+    ‖X (Ŵ − W)ᵀ‖ of every linear is at most GPTQ's."""
+    from slimlm.quantize.api import QuantConfig, quantize_model
+    from slimlm.testing import tiny_model
+
+    calib = calib_blocks(8, 64)
+    ref = tiny_model("llama", seed=3)
+    layer0 = {n: m for n, m in ref.named_modules() if n.startswith("model.layers.0.") and isinstance(m, torch.nn.Linear)}
+    weights = {n: m.weight.detach().clone() for n, m in layer0.items()}
+    x: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, inp, _o, n=n: x.__setitem__(n, inp[0].reshape(-1, inp[0].shape[-1])))
+             for n, m in layer0.items()]
+    with torch.no_grad():
+        ref.model(input_ids=torch.tensor(calib), use_cache=False)
+    for hook in hooks:
+        hook.remove()
+
+    errs, reports = {}, {}
+    for method in ("gptq", "quantease"):
+        model = tiny_model("llama", seed=3)
+        extra = {"quantease_iters": 10} if method == "quantease" else {}
+        cfg = QuantConfig(scheme="int4", group_size=32, method=method, **extra)
+        reports[method] = quantize_model(model, cfg, calib)
+        errs[method] = {n: output_error(x[n], weights[n], model.get_submodule(n).dequantized_weight()) for n in layer0}
+    qe = reports["quantease"]["quantease"]
+    assert "quantease" not in reports["gptq"]
+    assert qe["init"] == "gptq" and len(qe["layers"]) == 14
+    for name, o in qe["layers"].items():
+        assert o["final"] <= o["init"] * (1 + 1e-6) and 1 <= o["sweeps"] <= 10, (name, o)
+    assert qe["final_over_init"]["median"] < 1
+    for n in layer0:
+        assert errs["quantease"][n] <= errs["gptq"][n] * (1 + 1e-6), (n, errs)
+    assert sum(errs["quantease"].values()) < 0.97 * sum(errs["gptq"].values()), errs
+
+
+@pytest.fixture(scope="module")
+def quantease_export(tiny_model_dirs, tmp_path_factory):
+    from slimlm.loading import load_model, load_tokenizer
+    from slimlm.quantize.api import QuantConfig, quantize_model
+    from slimlm.quantize.export import export_quantized
+
+    out = tmp_path_factory.mktemp("quantease") / "q"
+    src = tiny_model_dirs["llama"]
+    model = load_model(src)
+    cfg = QuantConfig(scheme="int4", method="quantease", group_size=32, quantease_iters=8)
+    report = quantize_model(model, cfg, calib_blocks(4, 32, seed=6))
+    export_quantized(model, load_tokenizer(src), out, dtype=torch.float32, report=report)
+    ids = torch.randint(3, 380, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids).logits
+    return out, model, ids, want
+
+
+def test_export_is_gptqs_format_and_validates(quantease_export):
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from safetensors.torch import load_file
+
+    from slimlm.quantize.export import scheme_of
+
+    path, model, _, _ = quantease_export
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    QuantizationConfig.model_validate(qc)
+    assert qc["format"] == "pack-quantized" and qc["quant_method"] == "compressed-tensors"
+    (group,) = qc["config_groups"].values()
+    assert group["weights"]["num_bits"] == 4 and group["weights"]["group_size"] == 32 and "actorder" not in group["weights"]
+    t = load_file(str(path / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    m = model.get_submodule(name)
+    fields = scheme_of(m)
+    mine = {k[len(name) + 1:]: v for k, v in t.items() if k.startswith(name + ".")}
+    dense = BaseCompressor.get_value_from_registry(fields["format"]).decompress(
+        dict(mine), QuantizationScheme(targets=["Linear"], **fields))["weight"]
+    assert torch.equal(dense.float(), m.dequantized_weight())
+    report = json.loads((path / "slimlm_quantize.json").read_text())
+    assert report["config"]["method"] == "quantease" and report["quantease"]["max_sweeps"] == 8
+
+
+def test_export_reloads_to_the_same_logits_in_slimlm_and_transformers(quantease_export):
+    from transformers import AutoModelForCausalLM
+
+    from slimlm.loading import load_model
+
+    path, _, ids, want = quantease_export
+    with torch.no_grad():
+        assert torch.equal(load_model(path)(ids).logits, want)
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        got = hf(ids).logits
+    assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+def test_int8_quantease_end_to_end(tiny_model_dirs, tmp_path):
+    """int8 W8A8 weights refined by QuantEase (after SmoothQuant): the int-quantized format, reloaded exactly."""
+    from slimlm.loading import load_model, load_tokenizer
+    from slimlm.quantize.api import QuantConfig, quantize_model
+    from slimlm.quantize.export import export_quantized
+    from slimlm.quantize.linear import Int8Linear
+
+    src = tiny_model_dirs["qwen2"]
+    model = load_model(src)
+    report = quantize_model(model, QuantConfig(scheme="int8", method="quantease", smooth=True, quantease_iters=4), calib_blocks())
+    assert report["smoothed_groups"] == 6 and report["quantease"]["init"] == "round-to-nearest"
+    assert all(o["final"] <= o["init"] * (1 + 1e-6) for o in report["quantease"]["layers"].values())
+    assert report["quantease"]["final_over_init"]["median"] < 0.9
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Int8Linear)
+    assert model.model.layers[0].self_attn.q_proj.input_role == "lead"  # sibling sharing as for plain int8
+    export_quantized(model, load_tokenizer(src), tmp_path / "q", dtype=torch.float32, report=report)
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["format"] == "int-quantized"
+    ids = torch.randint(3, 380, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "q")(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("fields, flags, label", [
+    ({"scheme": "int4", "method": "quantease", "act_order": True, "quantease_iters": 12},
+     "--group-size 128 --symmetric --method quantease --act-order --quantease-iters 12", "quantize (int4 g128 quantease)"),
+    ({"scheme": "int8", "method": "quantease", "smooth": True}, "--method quantease --quantease-iters 25 --smooth",
+     "quantize (int8 quantease)"),
+])
+def test_report_names_and_reproduces_a_quantease_stage(tmp_path, fields, flags, label):
+    from slimlm.quantize.api import QuantizeConfig
+    from slimlm.report.reproduce import stage_commands
+    from slimlm.report.tables import stage_label
+
+    cfg = QuantizeConfig(calib="text", **fields).model_dump()
+    stage = {"name": "q", "kind": "quantize", "config": cfg, "inputs": {"from": "teacher"}}
+    (cmd,), _ = stage_commands(stage, {"run_dir": tmp_path}, tmp_path / "repro", None)
+    assert flags in cmd and stage_label(stage) == label
