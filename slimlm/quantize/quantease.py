@@ -57,8 +57,12 @@ from slimlm.quantize.schemes import (
 
 
 def prepare_hessian(hessian: torch.Tensor, damp: float = 0.01, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The Hessian GPTQ works with, in ``dtype``: dead inputs (H_jj = 0) get H_jj = 1, then + λ·mean(diag H)·I."""
-    h = hessian.to(dtype).clone()
+    """The Hessian GPTQ works with, in ``dtype``: dead inputs (H_jj = 0) get H_jj = 1, then + λ·mean(diag H)·I.
+
+    Symmetrised exactly ((H + Hᵀ) / 2: a float XᵀX can differ from its transpose in the last bit), since f
+    only sees the symmetric part and the sweeps read H by rows."""
+    h = hessian.to(dtype)
+    h = (h + h.T) / 2
     diag = h.diagonal()
     diag[diag == 0] = 1.0
     diag.add_(damp * diag.mean().clamp_min(1e-12))
@@ -133,7 +137,7 @@ def quantease_refine(w: torch.Tensor, hessian: torch.Tensor, q: torch.Tensor, sc
                 if zt is not None:
                     c.sub_(zt[g])
                 c.mul_(st[g])
-                rb.addr_(hb[:, i], c - wh[j])  # R += H_j ⊗ δ_j within the block (H_jj is 0 here)
+                rb.addr_(hb[i], c - wh[j])  # R += H_j ⊗ δ_j within the block (H_jj is 0 here)
                 wh[j] = c
             qt[b0:b1] = qb.to(torch.int8)
             if b1 < n:  # the block's changes reach the later columns in one product
