@@ -1,7 +1,7 @@
 """Quantization benchmark: quality, checkpoint size and CPU speed of FP8 / INT8 / INT4 vs fp32 and other int8 paths.
 
     python benchmarks/quantize.py [--quick] [--speed-only] [--models teacher,small,teacher-sft]
-                                  [--out runs/bench/quantize.json]
+                                  [--variants V1,V2,...] [--quantease-iters N] [--out runs/bench/quantize.json]
 
 Models: ``teacher`` (built-in SmolLM2-135M-Instruct, zero-shot), ``small`` (the 8-layer SFT student from
 benchmarks/distill_quality.py at runs/bench/quality/student-sft/model if present, else an 8-layer
@@ -9,7 +9,8 @@ student made by ``slimlm init-student teacher --layers 8``), and ``teacher-sft``
 teacher at runs/bench/quality/teacher-sft/model, if present: the only teacher whose AUC is not chance).
 
 Variants: slimlm's fp8 (dynamic / static activations), int8 W8A8 (plain / SmoothQuant / with the LM
-head), int4 (RTN and GPTQ, groups of 128 and 32, GPTQ also with activation order); and as comparison points torch.ao
+head), int4 (RTN and GPTQ, groups of 128 and 32, GPTQ also with activation order; QuantEase from GPTQ and
+from act-order GPTQ, groups of 128); and as comparison points torch.ao
 ``quantize_dynamic`` (qint8) and torchao's ``Int8DynamicActivationInt8WeightConfig`` and
 ``Int8WeightOnlyConfig``. slimlm variants are quantized, exported (compressed-tensors, bf16 for the
 unquantized tensors) and reloaded with ``slimlm.loading.load_model``, so what is measured is what a
@@ -70,6 +71,9 @@ SLIMLM = {
     "int4-gptq-g128-act": dict(scheme="int4", method="gptq", group_size=128, act_order=True),
     "int4-gptq-g128-asym-act": dict(scheme="int4", method="gptq", group_size=128, symmetric=False, act_order=True),
     "int4-gptq-g32-act": dict(scheme="int4", method="gptq", group_size=32, act_order=True),
+    # QuantEase: coordinate descent on GPTQ's layer objective, from GPTQ's solution (-act: act-order GPTQ's)
+    "int4-quantease-g128": dict(scheme="int4", method="quantease", group_size=128),
+    "int4-quantease-g128-act": dict(scheme="int4", method="quantease", group_size=128, act_order=True),
 }
 BASELINES = ("ao-dynamic-qint8", "torchao-int8-dyn", "torchao-int8-wo")
 # speed only: the int8 export with every layer quantizing its own input (the A/B for sibling sharing)
@@ -154,6 +158,8 @@ def make_exports(mname: str, info: dict, args, results: dict, only: tuple[str, .
         out = WORK / mname / vname
         if (out / "config.json").exists() and not args.fresh:
             continue
+        if fields.get("method") == "quantease" and args.quantease_iters:
+            fields = {**fields, "quantease_iters": args.quantease_iters}
         cfg = QuantConfig(**fields)
         if cfg.needs_calibration and calib is None:
             calib = calibration_windows(tok, "text", args.calib_samples, args.calib_len)
@@ -166,6 +172,14 @@ def make_exports(mname: str, info: dict, args, results: dict, only: tuple[str, .
         report["calibration"] = f"text, {args.calib_samples} x {args.calib_len} tokens" if cfg.needs_calibration else None
         export_quantized(model, tok, out, report=report)
         results.setdefault("quantize_seconds", {}).setdefault(mname, {})[vname] = round(took, 1)
+        if "quantease" in report:  # the layer objective after the sweeps / before (GPTQ's), over the layers
+            qe = report["quantease"]
+            sweeps = sorted(o["sweeps"] for o in qe["layers"].values())
+            results.setdefault("quantease_objective", {}).setdefault(mname, {})[vname] = {
+                "final_over_init": qe["final_over_init"], "max_sweeps": cfg.quantease_iters,
+                "median_sweeps": sweeps[len(sweeps) // 2]}
+            print(f"  {mname} {vname}: layer objective / GPTQ's {qe['final_over_init']}, "
+                  f"median sweeps {sweeps[len(sweeps) // 2]}")
         del model
 
 
@@ -201,7 +215,7 @@ def quality(mname: str, info: dict, args, results: dict) -> None:
             row.update(auc=metrics["auc"], auc_n=metrics["n"])
         row["eval_seconds"] = round(time.perf_counter() - t0, 1)
         rows[vname] = row
-        print(f"  {mname:12s} {vname:18s} ppl {row['perplexity']:9.3f}" +
+        print(f"  {mname:12s} {vname:23s} ppl {row['perplexity']:9.3f}" +
               (f"  auc {row['auc']:.4f}" if "auc" in row else "") + (f"  {size / 1e6:8.1f} MB" if size else ""),
               flush=True)
         del model
@@ -273,7 +287,7 @@ def speed(mname: str, info: dict, args, results: dict) -> None:
     for v, r in rows.items():
         r["prefill_x_fp32"] = round(r["prefill_tok_s"] / rows["fp32"]["prefill_tok_s"], 2)
         r["decode_x_fp32"] = round(r["decode_tok_s"] / rows["fp32"]["decode_tok_s"], 2)
-        print(f"  {mname:12s} {v:18s} prefill {r['prefill_tok_s']:8.1f} tok/s ({r['prefill_x_fp32']:.2f}x)  "
+        print(f"  {mname:12s} {v:23s} prefill {r['prefill_tok_s']:8.1f} tok/s ({r['prefill_x_fp32']:.2f}x)  "
               f"decode {r['decode_tok_s']:6.2f} tok/s ({r['decode_x_fp32']:.2f}x)", flush=True)
     results.setdefault("speed", {})[mname] = {
         "threads": torch.get_num_threads(), "reps": args.reps, "prefill_shape": [args.prefill_batch, args.prefill_len],
@@ -300,6 +314,8 @@ def main() -> None:
     ap.add_argument("--auc-limit", type=int, default=400)
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=512)
+    ap.add_argument("--quantease-iters", type=int, default=None, help="QuantEase variants: most sweeps per layer "
+                    "(default: QuantConfig's)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--prefill-batch", type=int, default=16)
     ap.add_argument("--prefill-len", type=int, default=128)

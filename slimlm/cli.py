@@ -485,9 +485,13 @@ def quantize(
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = 512,
     group_size: Annotated[int | None, typer.Option(help="int4: 128 | 64 | 32 input columns per scale.")] = None,
     symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", help="int4: zero points or not.")] = None,
-    method: Annotated[str | None, typer.Option(help="int4: gptq (needs --calib) | rtn.")] = None,
+    method: Annotated[str | None, typer.Option(help="int4: gptq | quantease (GPTQ refined by coordinate descent) "
+                                                    "| rtn; int8: rtn | quantease. gptq and quantease need --calib.")] = None,
     act_order: Annotated[bool, typer.Option(help="int4 gptq: columns by decreasing activation energy "
-                                                 "(static groups; same export format).")] = False,
+                                                 "(static groups; same export format); quantease: start from that.")] = False,
+    quantease_iters: Annotated[int | None, typer.Option(help="quantease: most coordinate-descent sweeps per layer "
+                                                             "(stops early when the objective stops improving; "
+                                                             "default 25).")] = None,
     smooth: Annotated[bool, typer.Option(help="int8: SmoothQuant smoothing (needs --calib).")] = False,
     static_activations: Annotated[bool, typer.Option(help="fp8: one calibrated scale per layer input (needs --calib).")] = False,
     ignore: Annotated[list[str] | None, typer.Option(help="Layers to keep in float (repeatable; exact name, class "
@@ -508,7 +512,8 @@ def quantize(
     from slimlm.quantize.api import QuantizeConfig, quantize_dir
 
     where = choose(device)  # calibration, GPTQ and the quantization run here (bf16 on CUDA, fp32 on CPU)
-    given = {"group_size": group_size, "symmetric": symmetric, "method": method, "calib": calib}
+    given = {"group_size": group_size, "symmetric": symmetric, "method": method, "calib": calib,
+             "quantease_iters": quantease_iters}
     fields = {k: v for k, v in given.items() if v is not None}
     if smooth:
         fields["smooth"] = True

@@ -9,10 +9,14 @@ replaced by the runtime module of the scheme (:mod:`slimlm.quantize.linear`):
   SmoothQuant first moves activation outliers into the weights (calibrated; exact in real arithmetic):
   q/k/v inputs via the input RMSNorm, gate/up via the post-attention RMSNorm, down via up_proj's rows.
 - ``int4``: weight-only int4 in groups of ``group_size`` input columns, symmetric or asymmetric, by
-  round-to-nearest (``rtn``) or GPTQ (``gptq``, calibrated, sequential: layer l's Hessians are
-  collected on the outputs of the already-quantized layers < l). A layer whose in_features is not a
+  round-to-nearest (``rtn``), GPTQ (``gptq``) or QuantEase (``quantease``: coordinate descent on the
+  same layer objective, from GPTQ's solution and on its grid; with ``act_order`` from GPTQ's
+  activation-order solution). The calibrated methods run sequentially: layer l's Hessians are
+  collected on the outputs of the already-quantized layers < l. A layer whose in_features is not a
   multiple of ``group_size`` uses the largest power-of-two divisor below it (e.g. 576 -> 64), and the
-  report says so.
+  report says so. QuantEase's report lists each layer's objective before (GPTQ) and after.
+- ``int8`` with ``method="quantease"``: the int8 per-channel weight grid refined by QuantEase from
+  round-to-nearest (calibrated, sequential as above; after SmoothQuant when ``smooth``).
 
 Ignore entries follow compressed-tensors: an exact module name, a class name, or ``re:REGEX``.
 """
@@ -43,7 +47,11 @@ from slimlm.quantize.linear import (
     is_quantized,
     share_input_quantization,
 )
+from slimlm.quantize.quantease import quantease_refine
 from slimlm.quantize.schemes import (
+    INT4_QMAX,
+    INT4_QMIN,
+    INT8_QMAX,
     fp8_static_scale,
     quantize_fp8_per_channel,
     quantize_int8_per_channel,
@@ -52,7 +60,8 @@ from slimlm.quantize.schemes import (
 )
 
 SCHEMES = ("fp8", "int8", "int4")
-INT4_ONLY = ("group_size", "symmetric", "method", "damp", "act_order")
+INT4_ONLY = ("group_size", "symmetric", "act_order")
+CALIBRATED_METHODS = ("gptq", "quantease")  # "method" values that solve a layer objective (need --calib)
 
 
 class QuantConfig(BaseModel):
@@ -62,12 +71,13 @@ class QuantConfig(BaseModel):
 
     scheme: Literal["fp8", "int8", "int4"]
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
-    # int4
+    # int4 (method, damp, quantease_iters: also int8 with method="quantease")
     group_size: Literal[32, 64, 128] = 128
     symmetric: bool = True
-    method: Literal["gptq", "rtn"] = "gptq"
+    method: Literal["gptq", "rtn", "quantease"] = "gptq"
     damp: float = Field(0.01, gt=0, lt=1)
-    act_order: bool = False  # GPTQ: visit columns by decreasing Hessian diagonal (static groups)
+    act_order: bool = False  # GPTQ: visit columns by decreasing Hessian diagonal (static groups); QuantEase: its init
+    quantease_iters: int = Field(25, ge=1, le=1000)  # QuantEase: most sweeps (stops early when f stops improving)
     # int8
     smooth: bool = False
     smooth_alpha: float = Field(0.5, ge=0, le=1)
@@ -78,19 +88,33 @@ class QuantConfig(BaseModel):
         given = self.model_fields_set
         if self.scheme != "int4":
             wrong = [k for k in INT4_ONLY if k in given]
+            if self.scheme == "fp8":
+                wrong += [k for k in ("method", "damp") if k in given]
             if wrong:
                 raise SlimlmError(f"{', '.join(wrong)} apply to --scheme int4 only (got --scheme {self.scheme})")
-        elif self.act_order and self.method != "gptq":
-            raise SlimlmError("--act-order applies to --method gptq only (round-to-nearest has no column order)")
+            if self.scheme == "int8" and "method" in given and self.method == "gptq":
+                raise SlimlmError("--method gptq applies to --scheme int4 only (int8 weights: rtn or quantease)")
+            if self.scheme == "int8" and "damp" in given and self.method != "quantease":
+                raise SlimlmError("damp applies to --scheme int8 with --method quantease only")
+        elif self.act_order and self.method == "rtn":
+            raise SlimlmError("--act-order applies to --method gptq or quantease only (round-to-nearest has no "
+                              "column order)")
+        if "quantease_iters" in given and self.method != "quantease":
+            raise SlimlmError("--quantease-iters applies to --method quantease only")
         if self.scheme != "int8" and (self.smooth or "smooth_alpha" in given):
             raise SlimlmError(f"--smooth applies to --scheme int8 only (got --scheme {self.scheme})")
         if self.scheme != "fp8" and self.static_activations:
             raise SlimlmError(f"--static-activations applies to --scheme fp8 only (got --scheme {self.scheme})")
 
     @property
+    def quantease(self) -> bool:
+        """Weights by QuantEase (int4, or int8 with an explicit method="quantease")."""
+        return self.scheme in ("int4", "int8") and self.method == "quantease"
+
+    @property
     def needs_calibration(self) -> bool:
-        return ((self.scheme == "int4" and self.method == "gptq") or (self.scheme == "int8" and self.smooth)
-                or (self.scheme == "fp8" and self.static_activations))
+        return ((self.scheme == "int4" and self.method in CALIBRATED_METHODS) or self.quantease
+                or (self.scheme == "int8" and self.smooth) or (self.scheme == "fp8" and self.static_activations))
 
 
 class QuantizeConfig(QuantConfig):
@@ -230,7 +254,8 @@ def quantize_model(model: nn.Module, cfg: QuantConfig,
         raise SlimlmError("this model is already quantized; quantize the unquantized model instead")
     n_blocks = 0 if calib_blocks is None else len(calib_blocks)
     if cfg.needs_calibration and not n_blocks:
-        what = {"int4": "--method gptq", "int8": "--smooth", "fp8": "--static-activations"}[cfg.scheme]
+        what = ("--method quantease" if cfg.quantease else
+                {"int4": f"--method {cfg.method}", "int8": "--smooth", "fp8": "--static-activations"}[cfg.scheme])
         raise SlimlmError(f"{what} needs calibration data (--calib text|movielens-ranking|FILE)")
     t0 = time.perf_counter()
     targets = select_targets(model, cfg.ignore)
@@ -255,19 +280,25 @@ def quantize_model(model: nn.Module, cfg: QuantConfig,
                 _swap(model, name, quantize_linear(m, cfg, group_size=groups[name]))
                 tick("int4 rtn", i + 1, len(targets))
         else:
-            report["notes"] += _gptq_sequential(model, targets, groups, cfg, calib_blocks, batch_size, tick)
+            report["notes"] += _calibrated_sequential(model, targets, groups, cfg, calib_blocks, batch_size, tick,
+                                                      report)
     else:
         input_scales: dict[str, torch.Tensor] = {}
-        if cfg.needs_calibration:
+        if cfg.smooth or cfg.static_activations:
             stats = _activation_stats(model, targets, calib_blocks, batch_size, channel=cfg.smooth, tick=tick)
             if cfg.smooth:
                 absmax = {id(targets[n]): s.channel_absmax for n, s in stats.items() if s.channel_absmax is not None}
                 report["smoothed_groups"] = apply_smoothing(model, absmax, targets, cfg.smooth_alpha)
             if cfg.static_activations:
                 input_scales = {n: fp8_static_scale(s.absmax) for n, s in stats.items()}
-        for i, (name, m) in enumerate(targets.items()):
-            _swap(model, name, quantize_linear(m, cfg, input_scale=input_scales.get(name)))
-            tick(f"{cfg.scheme} weights", i + 1, len(targets))
+        if cfg.quantease:  # int8 weights by QuantEase (on the smoothed model when smooth)
+            groups = {name: m.in_features for name, m in targets.items()}
+            report["notes"] += _calibrated_sequential(model, targets, groups, cfg, calib_blocks, batch_size, tick,
+                                                      report)
+        else:
+            for i, (name, m) in enumerate(targets.items()):
+                _swap(model, name, quantize_linear(m, cfg, input_scale=input_scales.get(name)))
+                tick(f"{cfg.scheme} weights", i + 1, len(targets))
         share_input_quantization(model)
     report["seconds"] = round(time.perf_counter() - t0, 2)
     return report
@@ -299,23 +330,47 @@ def _activation_stats(model, targets, blocks, batch_size, *, channel: bool, tick
     return stats
 
 
-def _gptq_sequential(model, targets, groups, cfg: QuantConfig, blocks, batch_size, tick: Progress) -> list[str]:
-    """GPTQ layer by layer: collect each decoder layer's input Hessians on the outputs of the already
-    quantized layers before it, quantize its linears, then feed its (quantized) outputs to the next."""
+def solve_layer(linear: nn.Linear, hessian: torch.Tensor, cfg: QuantConfig,
+                group_size: int) -> tuple[QuantizedLinear, list[float] | None]:
+    """One layer from its calibration Hessian: GPTQ or QuantEase (int4), QuantEase (int8).
+
+    Returns the runtime module and, for QuantEase, its objective per sweep (GPTQ's / RTN's first)."""
+    w, b = linear.weight.detach(), linear.bias
+    if cfg.scheme == "int8":  # the per-channel grid of round-to-nearest, refined
+        q, scale = quantize_int8_per_channel(w)
+        q, history = quantease_refine(w, hessian, q, scale, None, group_size=w.shape[1], qmin=-INT8_QMAX,
+                                      qmax=INT8_QMAX, damp=cfg.damp, iters=cfg.quantease_iters)
+        return Int8Linear(q, scale, b), history
+    q, scale, zero = gptq_int4(w, hessian, group_size=group_size, symmetric=cfg.symmetric, damp=cfg.damp,
+                               act_order=cfg.act_order)
+    history = None
+    if cfg.method == "quantease":  # from GPTQ's solution, on its grid
+        q, history = quantease_refine(w, hessian, q, scale, zero, group_size=group_size, qmin=INT4_QMIN,
+                                      qmax=INT4_QMAX, damp=cfg.damp, iters=cfg.quantease_iters)
+    new = Int4Linear.from_codes(q, scale, zero, group_size, b)
+    if cfg.act_order:  # static groups: the format of plain groups (the label records how the grid was made)
+        new.actorder = "weight"
+    return new, history
+
+
+def _calibrated_sequential(model, targets, groups, cfg: QuantConfig, blocks, batch_size, tick: Progress,
+                           report: dict) -> list[str]:
+    """GPTQ / QuantEase layer by layer: collect each decoder layer's input Hessians on the outputs of the
+    already quantized layers before it, quantize its linears, then feed its (quantized) outputs to the next.
+    QuantEase's objectives go to ``report["quantease"]``."""
     notes = []
     decoder = model.get_decoder()
     layers = decoder.layers
     layer_names = {id(m): n for n, m in model.named_modules()}
     captured = layer0_inputs(model, batches(blocks, batch_size))
     done: set[str] = set()
+    objectives: dict[str, dict] = {}
 
-    def gptq_swap(name: str, hessian: torch.Tensor) -> None:
-        m = targets[name]
-        q, scale, zero = gptq_int4(m.weight.detach(), hessian, group_size=groups[name], symmetric=cfg.symmetric,
-                                   damp=cfg.damp, act_order=cfg.act_order)
-        new = Int4Linear.from_codes(q, scale, zero, groups[name], m.bias)
-        if cfg.act_order:
-            new.actorder = "weight"
+    def solve_swap(name: str, hessian: torch.Tensor) -> None:
+        new, history = solve_layer(targets[name], hessian, cfg, groups[name])
+        if history is not None:
+            objectives[name] = {"init": float(f"{history[0]:.6g}"), "final": float(f"{min(history):.6g}"),
+                                "sweeps": len(history) - 1}
         _swap(model, name, new)
         done.add(name)
 
@@ -327,19 +382,28 @@ def _gptq_sequential(model, targets, groups, cfg: QuantConfig, blocks, batch_siz
                 for hidden, kwargs in captured:
                     run_layer(layer, hidden, kwargs)
             for name in mine:
-                gptq_swap(name, stats[name].hessian)
+                solve_swap(name, stats[name].hessian)
         captured = propagate(layer, captured)
-        tick("gptq layers", i + 1, len(layers))
+        tick(f"{cfg.method} layers", i + 1, len(layers))
     head = model.get_output_embeddings()
     for name in [n for n in targets if n not in done]:
         if targets[name] is head and getattr(decoder, "norm", None) is not None:
             s = InputStats(want_hessian=True)
             for hidden, _ in captured:
                 s.update(decoder.norm(hidden))
-            gptq_swap(name, s.hessian)
+            solve_swap(name, s.hessian)
         else:  # a linear outside the decoder layers whose inputs we cannot replay
             _swap(model, name, quantize_linear(targets[name], cfg, group_size=groups[name]))
             notes.append(f"{name}: round-to-nearest (outside the decoder layers)")
+    if objectives:
+        ratios = sorted(o["final"] / o["init"] for o in objectives.values() if o["init"] > 0)
+        init = "round-to-nearest" if cfg.scheme == "int8" else "gptq act-order" if cfg.act_order else "gptq"
+        report["quantease"] = {
+            "init": init, "max_sweeps": cfg.quantease_iters,
+            "objective": "tr((W_hat - W) H (W_hat - W)^T), H damped as GPTQ's; init = before the sweeps",
+            "final_over_init": {"median": round(ratios[len(ratios) // 2], 4), "min": round(ratios[0], 4),
+                                "max": round(ratios[-1], 4)} if ratios else None,
+            "layers": objectives}
     return notes
 
 

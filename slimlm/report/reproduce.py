@@ -53,6 +53,12 @@ def stage_commands(stage: dict, run: dict, repro: Path, config_file: Path | None
         if cfg["scheme"] == "int4":
             parts.append(f"--group-size {cfg['group_size']} --{'symmetric' if cfg['symmetric'] else 'asymmetric'} "
                          f"--method {cfg['method']}")
+            if cfg.get("act_order"):
+                parts.append("--act-order")
+        elif cfg["scheme"] == "int8" and cfg.get("method") == "quantease":
+            parts.append("--method quantease")
+        if cfg.get("method") == "quantease":
+            parts.append(f"--quantease-iters {cfg.get('quantease_iters', 25)}")
         if cfg.get("smooth"):
             parts.append("--smooth")
         if cfg.get("static_activations"):

@@ -75,6 +75,8 @@ def stage_label(stage: dict | None) -> str:
         scheme = cfg.get("scheme") or metrics.get("scheme")
         if scheme == "int4":
             return f"quantize (int4 g{cfg.get('group_size', '?')} {cfg.get('method', '')})".replace(" )", ")")
+        if scheme == "int8" and cfg.get("method") == "quantease":
+            return "quantize (int8 quantease)"
         return f"quantize ({scheme})" if scheme else "quantize"
     if kind == "init":
         n = metrics.get("layers") or cfg.get("layers")

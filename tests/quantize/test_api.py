@@ -28,6 +28,7 @@ CONFIGS = {
     "int4-rtn": QuantConfig(scheme="int4", method="rtn", group_size=32),
     "int4-gptq": QuantConfig(scheme="int4", group_size=32),
     "int4-gptq-asym": QuantConfig(scheme="int4", group_size=32, symmetric=False),
+    "int4-quantease": QuantConfig(scheme="int4", group_size=32, method="quantease", quantease_iters=3),
 }
 # relative logit error vs fp32 on a tiny random model (loose: these guard against breakage, not quality)
 BOUNDS = {"int8": 0.03, "fp8": 0.08, "int4": 0.25}
@@ -186,6 +187,10 @@ def test_group_fallback_is_reported():
     (QuantConfig(scheme="int8", smooth=True), None, "--smooth needs calibration data"),
     (QuantConfig(scheme="fp8", static_activations=True), None, "--static-activations needs calibration"),
     (QuantConfig(scheme="int8", group_size=32), None, "apply to --scheme int4 only"),
+    (QuantConfig(scheme="int4", method="quantease"), None, "--method quantease needs calibration data"),
+    (QuantConfig(scheme="int8", method="quantease"), None, "--method quantease needs calibration data"),
+    (QuantConfig(scheme="int8", damp=0.05), None, "damp applies to --scheme int8 with --method quantease only"),
+    (QuantConfig(scheme="int4", method="rtn", quantease_iters=3), None, "--quantease-iters applies to --method quantease"),
     (QuantConfig(scheme="fp8", smooth=True), None, "--smooth applies to --scheme int8 only"),
     (QuantConfig(scheme="int4", static_activations=True), None, "--static-activations applies to --scheme fp8"),
     (QuantConfig(scheme="int8", ignore=["lm_heda"]), None, "ignore entry 'lm_heda' matches no module"),

@@ -53,11 +53,33 @@ def test_quantize_int4_gptq_with_calibration_file(tiny_model_dirs, tmp_path):
         assert torch.isfinite(m(torch.tensor([[5, 6, 7]])).logits).all()
 
 
+def test_quantize_int4_quantease_from_act_order(tiny_model_dirs, tmp_path):
+    (tmp_path / "calib.txt").write_text(PROSE)
+    out = tmp_path / "qe"
+    res = runner.invoke(app, ["quantize", str(tiny_model_dirs["llama"]), "--scheme", "int4", "--out", str(out),
+                              "--calib", str(tmp_path / "calib.txt"), "--samples", "4", "--seq-len", "32",
+                              "--group-size", "32", "--method", "quantease", "--act-order", "--quantease-iters", "3",
+                              "--dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "slimlm_quantize.json").read_text())
+    assert report["config"]["method"] == "quantease" and report["config"]["quantease_iters"] == 3
+    qe = report["quantease"]
+    assert qe["init"] == "gptq act-order" and qe["max_sweeps"] == 3
+    assert all(1 <= o["sweeps"] <= 3 and o["final"] <= o["init"] * (1 + 1e-6) for o in qe["layers"].values())
+    layer = load_model(out).model.layers[0].mlp.down_proj
+    assert isinstance(layer, Int4Linear) and layer.group_size == 32 and layer.actorder == "weight"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--scheme", "int5"], "--scheme"),
     (["--scheme", "int4"], "needs calibration data: add --calib"),
     (["--scheme", "int8", "--group-size", "32"], "apply to --scheme int4 only"),
-    (["--scheme", "int4", "--method", "rtn", "--act-order"], "--act-order applies to --method gptq only"),
+    (["--scheme", "int4", "--method", "rtn", "--act-order"], "--act-order applies to --method gptq or quantease only"),
+    (["--scheme", "int4", "--method", "quantease"], "needs calibration data: add --calib"),
+    (["--scheme", "int4", "--method", "gptq", "--quantease-iters", "5"], "--quantease-iters applies to --method quantease"),
+    (["--scheme", "int4", "--method", "quantease", "--quantease-iters", "0"], "--quantease-iters: Input should be"),
+    (["--scheme", "int8", "--method", "gptq"], "--method gptq applies to --scheme int4 only"),
+    (["--scheme", "fp8", "--method", "quantease"], "method apply to --scheme int4 only"),
     (["--scheme", "int4", "--group-size", "48", "--method", "rtn"], "--group-size"),
     (["--scheme", "int8", "--smooth", "--calib", "/no/such/file.txt"], "--calib /no/such/file.txt: not"),
     (["--scheme", "fp8", "--ignore", "lm_heda"], "matches no module"),
