@@ -254,10 +254,13 @@ def _decode_forward(model, cache: SlotCache, ids: torch.Tensor, positions: torch
     return out.logits[:, -1].float()
 
 
+COMPILE_FAILED = "torch.compile of the decode step failed"  # how the fallback's one warning starts
+
+
 def _compile_step(fn: Callable) -> Callable:
     """``fn`` compiled with ``torch.compile`` (the one place decoding compiles; tests replace it to simulate a
     failure). Compilation itself is lazy: a failure shows at the first call, where the batch falls back."""
-    return torch.compile(fn)
+    return torch.compile(fn, dynamic=False)
 
 
 class DecodeBatch:
@@ -276,8 +279,8 @@ class DecodeBatch:
     rows and runs one forward for the rest. Not thread-safe: one thread drives a batch.
 
     ``compile``: run the per-token step through ``torch.compile`` over the whole preallocated buffers
-    (static shapes: B_cap rows, idle slots computed and ignored, and T_cap columns; a recompile only when
-    the buffers grow). If compiling is unavailable or fails, one warning and the eager step, same tokens.
+    (static shapes: B_cap rows, idle slots computed and ignored, and T_cap columns, both powers of two; a
+    recompile only when the buffers grow, and torch's recompile limit bounds the shapes compiled). If compiling is unavailable or fails, one warning and the eager step, same tokens.
     Off by default: on a 2-core CPU it compiles for minutes and gains little (see benchmarks/decode.py).
 
     The buffers only grow (slots up to the most rows decoded together, columns up to the longest prompt +
@@ -299,7 +302,8 @@ class DecodeBatch:
         if impl not in ("sdpa", "eager"):
             raise SlimlmError(f"decoding runs sdpa or eager attention, not {impl!r}")
         types, window = attention_layout(model.config)
-        self.cache = SlotCache(model.config.num_hidden_layers, layer_types=types, window=window, attn_impl=impl)
+        self.cache = SlotCache(model.config.num_hidden_layers, layer_types=types, window=window, attn_impl=impl,
+                               pow2=compile)
         self._cache_arg = next(iter(cache_kwargs(model, None)))
         self._compiled: Callable | None = None
         if compile:
@@ -318,15 +322,19 @@ class DecodeBatch:
 
     def _compile_failed(self, e: Exception) -> None:
         self._compiled = None
-        warnings.warn(f"torch.compile of the decode step failed ({type(e).__name__}: {e}); decoding without "
-                      "compiling (same tokens, slower)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{COMPILE_FAILED} ({type(e).__name__}: {e}); decoding without compiling (same tokens)",
+                      RuntimeWarning, stacklevel=3)
 
     def _stop_ids(self, gen: Generation) -> frozenset[int]:
         base = frozenset() if gen.params.ignore_eos else self.eos_ids
         return base | frozenset(gen.params.stop_token_ids)
 
-    def _max_columns(self, gens: Sequence[Generation]) -> int:
-        """Cache columns ``gens`` can ever need: prompt + max_tokens, at most the model's context."""
+    def _max_columns(self, gens: Sequence[Generation]) -> int | None:
+        """Cache columns ``gens`` can ever need: prompt + max_tokens, at most the model's context. For the
+        compiled step only the context bounds them (power-of-two sizes, not fitted to these rows: fewer
+        shapes to compile for)."""
+        if self.cache.pow2:
+            return self.max_positions
         most = max(len(g.prompt) + g.params.max_tokens for g in gens)
         return min(most, self.max_positions) if self.max_positions else most
 
@@ -367,7 +375,7 @@ class DecodeBatch:
         n = len(self.rows)
         gens = self.rows + [it.gen for it in items]
         self.cache.reserve(len(gens), max(it.done for it in items) + 1, live=n, like=items[0].kv,
-                           max_cols=max(self._max_columns(gens), max(it.done for it in items) + 1))
+                           max_cols=self._max_columns(gens))
         for i, it in enumerate(items):
             self.cache.put(n + i, it.kv)
         logits = torch.stack([it.logits for it in items])
@@ -460,7 +468,7 @@ class DecodeBatch:
         """Logits [n, V] after feeding each row its token at its position (the cache grows first if a row
         reaches the end of its columns)."""
         n, width = len(self.rows), max(self.positions) + 1
-        self.cache.reserve(n, width, live=n, max_cols=max(self._max_columns(self.rows), width))
+        self.cache.reserve(n, width, live=n, max_cols=self._max_columns(self.rows))
         if self._compiled is not None:  # static shapes: every slot, every column
             m, w = self.cache.batch_capacity, self.cache.capacity
             ids = torch.tensor(tokens + [self.pad_id] * (m - n), device=self.device)

@@ -36,11 +36,16 @@ from slimlm import SlimlmError
 from slimlm.runtime.prefix_cache import KV
 
 
-def _grow(current: int, needed: int, cap: int | None, headroom: bool = False) -> int:
-    """New size for a buffer dimension of ``current`` that must hold ``needed``: at least double (with
-    ``headroom``, also at least twice ``needed``: room to decode into), but never beyond ``cap`` (the most
-    that will ever be needed), and never below ``needed``."""
-    size = max(needed, 2 * current, 2 * needed if headroom else 0)
+def _grow(current: int, needed: int, cap: int | None, *, headroom: bool = False, pow2: bool = False) -> int:
+    """New size for a buffer dimension of ``current`` that must hold ``needed``: at least double; with
+    ``pow2``, a power of two (few distinct shapes: what a compiled step is specialised on); else with
+    ``headroom`` at least twice ``needed`` (room to decode into). Never beyond ``cap`` (the most that will
+    ever be needed), never below ``needed``."""
+    size = max(needed, 2 * current)
+    if pow2:
+        size = 1 << (size - 1).bit_length()
+    elif headroom:
+        size = max(size, 2 * needed)
     if cap is not None:
         size = min(size, max(cap, needed))
     return size
@@ -51,11 +56,12 @@ class SlotCache(Cache):
 
     ``layer_types``: per layer "full_attention" or "sliding_attention" (``window`` columns) — what the
     mask of :meth:`decode_mask` follows. ``attn_impl``: the model's attention implementation; eager
-    attention takes an additive float mask, SDPA a boolean one.
+    attention takes an additive float mask, SDPA a boolean one. ``pow2``: buffer sizes are powers of two
+    (up to the callers' bounds), so that a compiled step sees few distinct shapes.
     """
 
     def __init__(self, n_layers: int, *, layer_types: list[str] | None = None, window: int | None = None,
-                 attn_impl: str = "sdpa"):
+                 attn_impl: str = "sdpa", pow2: bool = False):
         super().__init__(layers=[])  # we hold the tensors ourselves; transformers only calls update()
         self.n_layers = n_layers
         self.layer_types = list(layer_types or ["full_attention"] * n_layers)
@@ -65,6 +71,7 @@ class SlotCache(Cache):
             raise SlimlmError("sliding-window layers need a window size")
         self.window = window
         self.attn_impl = attn_impl
+        self.pow2 = pow2
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.dtype: torch.dtype | None = None  # the KV's, from the first prompt that joins
@@ -107,8 +114,8 @@ class SlotCache(Cache):
         else:
             k, v = self.keys[0], self.values[0]
             shape, device = (k.shape[1], k.shape[3], v.shape[3]), k.device
-        nb = b if rows <= b else _grow(b, rows, max_rows)
-        nt = t if cols <= t else _grow(t, cols, max_cols, headroom=True)
+        nb = b if rows <= b else _grow(b, rows, max_rows, pow2=self.pow2)
+        nt = t if cols <= t else _grow(t, cols, max_cols, headroom=True, pow2=self.pow2)
         h, dk, dv = shape
         old_k, old_v = self.keys, self.values
         self.keys = [torch.zeros((nb, h, nt, dk), dtype=self.dtype, device=device) for _ in range(self.n_layers)]

@@ -286,9 +286,8 @@ def test_a_failing_compile_warns_once_and_decodes_eagerly(monkeypatch, hook):
         warnings.simplefilter("always")
         got = generate(model, ps, max_new_tokens=6, temperature=0, compile=True)
     assert got == eager
-    assert [str(w.message) for w in caught if "torch.compile" in str(w.message)] == [
-        str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len([w for w in caught if "torch.compile" in str(w.message)]) == 1
+    fallbacks = [str(w.message) for w in caught if str(w.message).startswith(decoding.COMPILE_FAILED)]
+    assert len(fallbacks) == 1 and "simulated" in fallbacks[0]
 
 
 @pytest.mark.slow  # compiling takes tens of seconds on a 2-core CPU
@@ -300,5 +299,5 @@ def test_compiled_step_gives_the_eager_tokens():
         warnings.simplefilter("always")
         batch = _join_and_leave(model, compile=True)
     if not batch.compiled:
-        pytest.skip("torch.compile is unavailable here: " + "; ".join(str(w.message) for w in caught
-                                                                       if "torch.compile" in str(w.message)))
+        pytest.skip("torch.compile is unavailable here: " + "; ".join(
+            str(w.message) for w in caught if str(w.message).startswith(decoding.COMPILE_FAILED)))
