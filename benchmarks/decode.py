@@ -1,8 +1,9 @@
 """Decode speed against the memory-bandwidth limit: slimlm's one decode loop, eager and compiled, against
 transformers' ``model.generate``, with the machine's memory bandwidth measured in the same process.
 
-    python benchmarks/decode.py [--model DIR] [--batches 1,8] [--new-tokens 64] [--reps 3] [--threads N]
-                                [--compile-batches 1] [--old-rev REV] [--out runs/bench/decode.json]
+    python benchmarks/decode.py [--model DIR] [--batches 1,8] [--new-tokens 64] [--prompt-tokens 260]
+                                [--reps 3] [--threads N] [--compile-batches 1] [--old-rev REV]
+                                [--out runs/bench/decode.json]
 
 Variants, run in a rotating order in every repetition (one process, the same weights, greedy, fp32):
 
@@ -86,11 +87,11 @@ def weight_bytes(model) -> int:
     return total
 
 
-def prompts_for(tok, batch: int) -> list[list[int]]:
-    """``batch`` prompts of different lengths (about 120 to 260 tokens): the same text from different
-    sentences on, so the rows are left-padded against each other in ``hf``."""
-    ids = tok(PARAGRAPH * 12).input_ids
-    return [ids[7 * i: 7 * i + 260 - 20 * i] for i in range(batch)]
+def prompts_for(tok, batch: int, longest: int) -> list[list[int]]:
+    """``batch`` prompts of different lengths (``longest``, ``longest`` - 20, ...): the same text from
+    different points on, so the rows are left-padded against each other in ``hf``."""
+    ids = tok(PARAGRAPH * (longest // 40 + 4)).input_ids
+    return [ids[7 * i: 7 * i + max(8, longest - 20 * i)] for i in range(batch)]
 
 
 def old_decoding(rev: str):
@@ -175,6 +176,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="HF model dir (default: the teacher, fp32)")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=260, help="the longest prompt (row i: 20 x i fewer)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--compile-batches", default="1", help="batch sizes to also run compiled ('' for none)")
@@ -213,7 +215,7 @@ def main() -> None:
         if "compiled" in plan[b]:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                compile_s[b] = round(run["compiled"](prompts_for(tok, b), args.new_tokens)[1], 1)
+                compile_s[b] = round(run["compiled"](prompts_for(tok, b, args.prompt_tokens), args.new_tokens)[1], 1)
             failed = [str(w.message) for w in caught if str(w.message).startswith(COMPILE_FAILED)]
             if failed:
                 log(f"batch {b}: compiling failed, dropping the compiled variant: {failed[0]}")
@@ -224,7 +226,7 @@ def main() -> None:
     tokens: dict = {}
     for rep in range(args.reps):
         for b in batches:
-            ps = prompts_for(tok, b)
+            ps = prompts_for(tok, b, args.prompt_tokens)
             variants = plan[b][rep % len(plan[b]):] + plan[b][:rep % len(plan[b])]  # rotate the order
             for v in variants:
                 total, decode_s, out = run[v](ps, args.new_tokens)
@@ -240,7 +242,7 @@ def main() -> None:
             rows.append({"batch": b, "variant": v, "decode_tok_s": round(statistics.median(tps), 2),
                          "decode_tok_s_runs": [round(x, 2) for x in tps],
                          "end_to_end_tok_s": round(statistics.median(b * args.new_tokens / t for t, _ in times[(b, v)]), 2),
-                         "prompt_tokens": [len(p) for p in prompts_for(tok, b)],
+                         "prompt_tokens": [len(p) for p in prompts_for(tok, b, args.prompt_tokens)],
                          "tokens_equal_hf": tokens[(b, v)] == tokens[(b, "hf")],
                          **({"compile_s": compile_s[b]} if v == "compiled" else {})})
     by = {(r["batch"], r["variant"]): r for r in rows}

@@ -280,8 +280,10 @@ class DecodeBatch:
 
     ``compile``: run the per-token step through ``torch.compile`` over the whole preallocated buffers
     (static shapes: B_cap rows, idle slots computed and ignored, and T_cap columns, both powers of two; a
-    recompile only when the buffers grow, and torch's recompile limit bounds the shapes compiled). If compiling is unavailable or fails, one warning and the eager step, same tokens.
-    Off by default: on a 2-core CPU it compiles for minutes and gains little (see benchmarks/decode.py).
+    recompile only when the buffers grow, and torch's recompile limit bounds the shapes compiled). If
+    compiling is unavailable or fails: one warning, and the eager step (same tokens). Off by default: on a
+    2-core CPU each new buffer shape compiles for 10 s (inductor's disk cache warm) to minutes (cold) and
+    batch-1 decode gains ~10-20% (measure with benchmarks/decode.py).
 
     The buffers only grow (slots up to the most rows decoded together, columns up to the longest prompt +
     max_tokens seen, within the model's context); a batch that empties keeps them for the rows that join
@@ -471,7 +473,7 @@ class DecodeBatch:
         self.cache.reserve(n, width, live=n, max_cols=self._max_columns(self.rows))
         if self._compiled is not None:  # static shapes: every slot, every column
             m, w = self.cache.batch_capacity, self.cache.capacity
-            ids = torch.tensor(tokens + [self.pad_id] * (m - n), device=self.device)
+            ids = torch.tensor(tokens + [0] * (m - n), device=self.device)
             pos = torch.tensor(self.positions + [0] * (m - n), device=self.device)  # idle slots: column 0 only
             self.cache.bind(pos, w)
             try:
