@@ -6,6 +6,8 @@
   so a prefix seen before runs only its new tokens.
 - :mod:`slimlm.runtime.decoding`: sampling, (chunked) prefill, the KV-cached decode batch that sequences
   join and leave, and the generation loops over it.
+- :mod:`slimlm.runtime.kv_cache`: the decode batch's KV cache, preallocated per-layer buffers written in
+  place (a transformers ``Cache`` that every model family's attention updates).
 - :mod:`slimlm.runtime.text`: incremental detokenisation and stop strings for generated text.
 
 A speedup or a fix here reaches every caller; this package imports nothing from ``distill`` or ``serve``.

@@ -1,10 +1,12 @@
 """Generation: sampling, the KV-cached decode batch, and the loops that drive it.
 
-:class:`DecodeBatch` holds the running sequences of a batch and their KV cache. Sequences join it (a
-batched, left-padded prefill whose KV tensors are left-padded to the running batch's length and
-concatenated along the batch) and leave it (rows dropped, all-padding columns trimmed) between decode
-steps; every row carries explicit position ids, so a row's tokens, positions and attention are the same
-whatever else shares the batch. The LM head runs only at each row's last position.
+:class:`DecodeBatch` holds the running sequences of a batch and their KV cache, a preallocated
+:class:`~slimlm.runtime.kv_cache.SlotCache` that each decode step writes in place (one row per slot, cache
+column = position id, buffers grown geometrically between steps). Sequences join it (a prompt's KV copied
+into a free slot) and leave it (the last rows move into the holes) between decode steps; every row
+carries explicit position ids and a mask that follows from its own position, so a row's tokens, positions
+and attention are the same whatever else shares the batch. The LM head runs only at each row's last
+position, and the per-token step can run through ``torch.compile`` (with an eager fallback).
 
 :func:`prefill` is the one prompt forward: it runs the next tokens of several :class:`Prefill` items
 (from the start, from a cached prefix's KV, or a chunk of a long prompt continuing the last one), so a
@@ -19,6 +21,7 @@ sampling in distillation, evaluation, the benchmarks, and the server's continuou
 
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -27,6 +30,7 @@ import torch
 
 from slimlm import InvalidValue, SlimlmError
 from slimlm.models import cache_kwargs
+from slimlm.runtime.kv_cache import SlotCache
 from slimlm.runtime.prefix_cache import KV, kv_len
 from slimlm.runtime.text import Detokenizer, StopText
 
@@ -155,12 +159,6 @@ class Generation:
         self.finish_reason = reason
 
 
-def _kv_left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad a KV tensor [B, H, T, D] with zeros to T = width (the padded slots are masked out)."""
-    extra = width - t.shape[-2]
-    return t if extra == 0 else torch.nn.functional.pad(t, (0, 0, extra, 0))
-
-
 @dataclass(eq=False)
 class Prefill:
     """A prompt on its way into a :class:`DecodeBatch`: the KV of its first ``done`` tokens.
@@ -232,45 +230,115 @@ def prefill(model, items: Sequence[Prefill], counts: Sequence[int] | None = None
             it.logits = logits[i]
 
 
+def attention_layout(config) -> tuple[list[str], int | None]:
+    """Per layer "full_attention" or "sliding_attention", and the sliding window (None if no layer slides):
+    from ``config.layer_types`` (Qwen2/Qwen3), else ``config.sliding_window`` for every layer (Mistral)."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    types = list(types)[:n] if types is not None else ["sliding_attention" if window else "full_attention"] * n
+    unknown = set(types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise SlimlmError(f"decoding supports full and sliding-window attention layers, not {sorted(unknown)}")
+    return types, (window if "sliding_attention" in types else None)
+
+
+def _decode_forward(model, cache: SlotCache, ids: torch.Tensor, positions: torch.Tensor, width: int,
+                    cache_arg: str) -> torch.Tensor:
+    """One decode step of m rows: ids [m] at positions [m] (the columns their KV is written to, see
+    :class:`SlotCache`), attention over columns 0..width-1. Returns the next-token logits [m, V] (fp32; the
+    LM head runs at the one new position only). The function :class:`DecodeBatch` compiles."""
+    mask = cache.decode_mask(positions, width)
+    out = model(input_ids=ids[:, None], attention_mask=mask, position_ids=positions[:, None], use_cache=True,
+                logits_to_keep=1, **{cache_arg: cache})
+    return out.logits[:, -1].float()
+
+
+COMPILE_FAILED = "torch.compile of the decode step failed"  # how the fallback's one warning starts
+
+
+def _compile_step(fn: Callable) -> Callable:
+    """``fn`` compiled with ``torch.compile`` (the one place decoding compiles; tests replace it to simulate a
+    failure). Compilation itself is lazy: a failure shows at the first call, where the batch falls back."""
+    return torch.compile(fn, dynamic=False)
+
+
 class DecodeBatch:
     """The running sequences of one batch, their KV cache, and the decode step.
 
-    State, per running row r (B rows, T cache columns, every row right-aligned to column T-1):
-    ``mask`` [B, T] (0 = padding on the left), ``kv`` per layer ([B, H_kv, T, D] keys, values),
-    ``next_pos`` [B] (the position id the row's next token gets), ``logits`` [B, V] (for the next token).
+    State, per running row r (``rows[r]``, n rows): it lives in slot r of ``cache``, a :class:`SlotCache`
+    (per layer preallocated [B_cap, H_kv, T_cap, D] keys and values, written in place; its column c holds
+    the row's token at position c, so rows are left-aligned and carry no padding); ``positions[r]``: the
+    position (and cache column) its next token takes = the number of tokens cached; ``logits`` [n, V]: the
+    logits of its next token. The row order is the slot order: when rows leave, the last rows move into
+    the holes (one row's KV copied per hole), so the running rows always fill slots 0..n-1.
 
     ``add`` prefills new prompts together (one :func:`prefill` forward: left-padded, LM head at the last
     position only) and joins them to the batch; ``join`` takes prompts prefilled elsewhere (in chunks,
     from a cached prefix: the server's scheduler); ``step`` samples one token per row, retires finished
     rows and runs one forward for the rest. Not thread-safe: one thread drives a batch.
+
+    ``compile``: run the per-token step through ``torch.compile`` over the whole preallocated buffers
+    (static shapes: B_cap rows, idle slots computed and ignored, and T_cap columns, both powers of two; a
+    recompile only when the buffers grow, and torch's recompile limit bounds the shapes compiled). If
+    compiling is unavailable or fails: one warning, and the eager step (same tokens). Off by default: on a
+    2-core CPU each new buffer shape compiles for 10 s (inductor's disk cache warm) to minutes (cold) and
+    batch-1 decode gains ~10-20% (measure with benchmarks/decode.py).
+
+    The buffers only grow (slots up to the most rows decoded together, columns up to the longest prompt +
+    max_tokens seen, within the model's context); a batch that empties keeps them for the rows that join
+    next, and frees them when it is dropped.
     """
 
-    def __init__(self, model, *, pad_id: int = 0, eos_ids: Sequence[int] = (), max_positions: int | None = None):
+    def __init__(self, model, *, pad_id: int = 0, eos_ids: Sequence[int] = (), max_positions: int | None = None,
+                 compile: bool = False):
         self.model = model
         self.device = next(model.parameters()).device
         self.pad_id = pad_id
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.max_positions = max_positions or getattr(model.config, "max_position_embeddings", None)
         self.rows: list[Generation] = []
-        self.cache = None  # a transformers DynamicCache over all rows
-        self.mask: torch.Tensor | None = None
-        self.next_pos: torch.Tensor | None = None
+        self.positions: list[int] = []
         self.logits: torch.Tensor | None = None
+        impl = getattr(model.config, "_attn_implementation", None) or "sdpa"
+        if impl not in ("sdpa", "eager"):
+            raise SlimlmError(f"decoding runs sdpa or eager attention, not {impl!r}")
+        types, window = attention_layout(model.config)
+        self.cache = SlotCache(model.config.num_hidden_layers, layer_types=types, window=window, attn_impl=impl,
+                               pow2=compile)
+        self._cache_arg = next(iter(cache_kwargs(model, None)))
+        self._compiled: Callable | None = None
+        if compile:
+            try:
+                self._compiled = _compile_step(_decode_forward)
+            except Exception as e:  # noqa: BLE001 - no compiler here: the eager step gives the same tokens
+                self._compile_failed(e)
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the next steps run compiled (False after a fallback)."""
+        return self._compiled is not None
+
+    def _compile_failed(self, e: Exception) -> None:
+        self._compiled = None
+        warnings.warn(f"{COMPILE_FAILED} ({type(e).__name__}: {e}); decoding without compiling (same tokens)",
+                      RuntimeWarning, stacklevel=3)
 
     def _stop_ids(self, gen: Generation) -> frozenset[int]:
         base = frozenset() if gen.params.ignore_eos else self.eos_ids
         return base | frozenset(gen.params.stop_token_ids)
 
-    def _kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(layer.keys, layer.values) for layer in self.cache.layers]
-
-    def _set_kv(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        from transformers.cache_utils import DynamicCache
-
-        self.cache = DynamicCache(ddp_cache_data=kv)
+    def _max_columns(self, gens: Sequence[Generation]) -> int | None:
+        """Cache columns ``gens`` can ever need: prompt + max_tokens, at most the model's context. For the
+        compiled step only the context bounds them (power-of-two sizes, not fitted to these rows: fewer
+        shapes to compile for)."""
+        if self.cache.pow2:
+            return self.max_positions
+        most = max(len(g.prompt) + g.params.max_tokens for g in gens)
+        return min(most, self.max_positions) if self.max_positions else most
 
     def prepare(self, gen: Generation) -> None:
         """Check that ``gen`` fits the model's context and give a sampled row its own generator (on the
@@ -295,34 +363,26 @@ class DecodeBatch:
         prefill(self.model, items, pad_id=self.pad_id)
         self.join(items)
 
+    @torch.inference_mode()
     def join(self, items: Sequence[Prefill]) -> None:
         """Join fully prefilled prompts (see :func:`prefill`) to the running batch.
 
-        Row i's KV [1, H_kv, n_i, D] is left-padded to the batch's width T' = max(T, max n_i) and
-        concatenated along the batch; its mask is 0 on the padding, its next position n_i."""
+        Item i's KV [1, H_kv, n_i, D] per layer is copied into the next free slot's columns 0..n_i-1 (the
+        buffers grow first if the slots or columns run out); its next position is n_i. A join that fails
+        leaves the batch as it was."""
         if not items:
             return
         if any(it.logits is None or it.done != len(it.gen.prompt) for it in items):
             raise SlimlmError("only fully prefilled prompts can join the batch")
-        t = max([it.done for it in items] + ([self.mask.shape[1]] if self.rows else []))
-        if len(items) == 1:  # nothing to stack (a copy of the whole KV saved)
-            kv = [(_kv_left_pad(k, t), _kv_left_pad(v, t)) for k, v in items[0].kv]
-        else:
-            kv = [(torch.cat([_kv_left_pad(it.kv[layer][0], t) for it in items]),
-                   torch.cat([_kv_left_pad(it.kv[layer][1], t) for it in items])) for layer in range(len(items[0].kv))]
-        mask = torch.zeros((len(items), t), dtype=torch.long, device=self.device)
+        n = len(self.rows)
+        gens = self.rows + [it.gen for it in items]
+        self.cache.reserve(len(gens), max(it.done for it in items) + 1, live=n, like=items[0].kv,
+                           max_cols=self._max_columns(gens))
         for i, it in enumerate(items):
-            mask[i, t - it.done:] = 1
-        next_pos = torch.tensor([it.done for it in items], dtype=torch.long, device=self.device)
+            self.cache.put(n + i, it.kv)
         logits = torch.stack([it.logits for it in items])
-        if self.rows:
-            kv = [(torch.cat([_kv_left_pad(ko, t), kn]), torch.cat([_kv_left_pad(vo, t), vn]))
-                  for (ko, vo), (kn, vn) in zip(self._kv(), kv, strict=True)]
-            mask = torch.cat([torch.nn.functional.pad(self.mask, (t - self.mask.shape[1], 0)), mask])
-            next_pos = torch.cat([self.next_pos, next_pos])
-            logits = torch.cat([self.logits, logits])
-        self._set_kv(kv)
-        self.mask, self.next_pos, self.logits = mask, next_pos, logits
+        self.logits = logits if self.logits is None or not n else torch.cat([self.logits, logits])
+        self.positions.extend(it.done for it in items)
         self.rows.extend(it.gen for it in items)
 
     def _sample(self) -> list[int]:
@@ -348,21 +408,30 @@ class DecodeBatch:
         return out
 
     def drop(self, keep: Sequence[int]) -> None:
-        """Keep only rows ``keep`` (indices into ``rows``); trim cache columns that are padding in every row."""
+        """Keep only rows ``keep`` (indices into ``rows``). The kept rows past the new end move into the
+        holes, so ``rows`` afterwards is in slot order, not necessarily in the order of ``keep``."""
+        self._drop(keep)
+
+    @torch.inference_mode()
+    def _drop(self, keep: Sequence[int]) -> list[int]:
+        """:meth:`drop`; returns the new order (old row index per new slot)."""
+        keep = list(keep)
         if len(keep) == len(self.rows):
-            return
-        if not keep:
-            self.rows, self.cache, self.mask, self.next_pos, self.logits = [], None, None, None, None
-            return
-        idx = torch.tensor(list(keep), device=self.device)
-        mask = self.mask.index_select(0, idx)
-        first = int(mask.any(0).nonzero()[0])  # leading columns that no remaining row attends to
-        self._set_kv([(k.index_select(0, idx)[:, :, first:], v.index_select(0, idx)[:, :, first:])
-                      for k, v in self._kv()])
-        self.mask = mask[:, first:]
-        self.next_pos = self.next_pos.index_select(0, idx)
-        self.logits = self.logits.index_select(0, idx)
-        self.rows = [self.rows[i] for i in keep]
+            return keep
+        if not keep:  # the buffers stay allocated for the rows that join next
+            self.rows, self.positions, self.logits = [], [], None
+            return []
+        n, kept = len(keep), set(keep)
+        order = list(range(n))
+        movers = (i for i in keep if i >= n)
+        for hole in (i for i in range(n) if i not in kept):
+            src = next(movers)
+            self.cache.move(src, hole, self.positions[src])
+            order[hole] = src
+        self.rows = [self.rows[i] for i in order]
+        self.positions = [self.positions[i] for i in order]
+        self.logits = self.logits[torch.tensor(order, device=self.logits.device)]
+        return order
 
     def cancel(self, gen: Generation, reason: str = "cancelled") -> None:
         """Finish ``gen`` now and remove it from the batch."""
@@ -380,8 +449,7 @@ class DecodeBatch:
         if not self.rows:
             return []
         tokens = self._sample()
-        positions = self.next_pos.tolist()
-        for g, t, pos in zip(self.rows, tokens, positions, strict=True):
+        for g, t, pos in zip(self.rows, tokens, self.positions, strict=True):
             if g.done:  # failed while sampling
                 continue
             try:
@@ -391,17 +459,31 @@ class DecodeBatch:
             if not g.done and self.max_positions and pos >= self.max_positions - 1:
                 g.finish("length")  # t took the model's last position: prompt + output fill the context
         finished = [g for g in self.rows if g.done]
-        keep = [i for i, g in enumerate(self.rows) if not g.done]
-        if finished:
-            self.drop(keep)
+        order = self._drop([i for i, g in enumerate(self.rows) if not g.done]) if finished else range(len(tokens))
         if not self.rows:
             return finished
-        tok = torch.tensor([tokens[i] for i in keep], dtype=torch.long, device=self.device)[:, None]
-        self.mask = torch.cat([self.mask, torch.ones((len(keep), 1), dtype=self.mask.dtype, device=self.device)], 1)
-        self.logits = self.model(input_ids=tok, attention_mask=self.mask, position_ids=self.next_pos[:, None],
-                                 use_cache=True, logits_to_keep=1, **cache_kwargs(self.model, self.cache)).logits[:, -1].float()
-        self.next_pos = self.next_pos + 1
+        self.logits = self._forward([tokens[i] for i in order])
+        self.positions = [p + 1 for p in self.positions]
         return finished
+
+    def _forward(self, tokens: list[int]) -> torch.Tensor:
+        """Logits [n, V] after feeding each row its token at its position (the cache grows first if a row
+        reaches the end of its columns)."""
+        n, width = len(self.rows), max(self.positions) + 1
+        self.cache.reserve(n, width, live=n, max_cols=self._max_columns(self.rows))
+        if self._compiled is not None:  # static shapes: every slot, every column
+            m, w = self.cache.batch_capacity, self.cache.capacity
+            ids = torch.tensor(tokens + [0] * (m - n), device=self.device)
+            pos = torch.tensor(self.positions + [0] * (m - n), device=self.device)  # idle slots: column 0 only
+            self.cache.bind(pos, w)
+            try:
+                return self._compiled(self.model, self.cache, ids, pos, w, self._cache_arg)[:n]
+            except Exception as e:  # noqa: BLE001 - the eager step below rewrites the same KV and gives the same tokens
+                self._compile_failed(e)
+        ids = torch.tensor(tokens, device=self.device)
+        pos = torch.tensor(self.positions, device=self.device)
+        self.cache.bind(pos, width)
+        return _decode_forward(self.model, self.cache, ids, pos, width, self._cache_arg)
 
 
 def eos_token_ids(model, tokenizer=None) -> list[int]:
@@ -420,17 +502,17 @@ def eos_token_ids(model, tokenizer=None) -> list[int]:
 
 def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
-             generator: torch.Generator | None = None) -> list[list[int]]:
+             generator: torch.Generator | None = None, compile: bool = False) -> list[list[int]]:
     """Continue every prompt by up to ``max_new_tokens`` tokens (batched, left-padded, KV cache).
 
     Returns the new tokens per prompt, each ending at (and including) ``eos_id`` if it was produced.
     All rows share ``generator`` (one draw per step for the whole batch). The model's LM head runs only
-    at the last position of each step.
+    at the last position of each step. ``compile``: see :class:`DecodeBatch`.
     """
     if not prompts:
         return []
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-    batch = DecodeBatch(model, pad_id=pad_id, eos_ids=() if eos_id is None else (eos_id,))
+    batch = DecodeBatch(model, pad_id=pad_id, eos_ids=() if eos_id is None else (eos_id,), compile=compile)
     gens = [Generation(list(p), params, generator=generator) for p in prompts]
     batch.add(gens)
     while len(batch):

@@ -22,7 +22,8 @@ many candidates or questions follow it.
   LRU over whole prefixes: a shared prefix goes only after everything below it has gone.
 
 Stored tensors are never written to. A user builds a fresh cache object from them for each forward, and
-transformers' ``DynamicCache`` grows by concatenation (new tensors), so the stored ones stay as they were.
+transformers' ``DynamicCache`` grows by concatenation (new tensors), so the stored ones stay as they were;
+the decode batch copies a prompt's KV into its own preallocated buffers (``runtime/kv_cache.py``).
 
 Compute once: a caller about to compute a sequence's KV may *claim* it (``lookup(..., claim=True)``).
 Until it inserts (or releases), a lookup whose tokens are a prefix of the claimed ones, or extend them, and

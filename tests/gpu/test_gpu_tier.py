@@ -4,6 +4,7 @@ CUDA; ``benchmarks/gpu_check.sh`` runs this tier plus a short GPU benchmark.
 - a bf16-autocast training step (fp32 master weights) on CUDA, against the same step on CPU in fp32;
 - INT8 (``torch._int_mm``) and INT4 runtime modules on CUDA against their CPU results;
 - packed multi-item scoring on CUDA against the unpacked reference;
+- the decode loop on CUDA, eager and compiled, against its greedy tokens on CPU;
 - the tiny recipe end to end on CUDA (placement from the recipe's ``device``);
 - DDP and FSDP2 steps on NCCL through torchrun (2 ranks when two GPUs exist, else 1).
 (The fp8 ``_scaled_mm`` check lives beside the fp8 module: tests/quantize/test_linear.py.)
@@ -75,6 +76,33 @@ def test_packed_scoring_on_cuda_matches_unpacked():
     for (prefix, sufs), got in zip(groups, packed, strict=True):
         ref = label_probs_full(model, [prefix + s for s in sufs], (5, 6))
         assert abs(got - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("compile_step", [False, True], ids=["eager", "compiled"])
+def test_decoding_on_cuda_gives_the_cpu_tokens(compile_step):
+    """The decode loop on CUDA (preallocated KV written in place; the step compiled or eager), with rows
+    joining and leaving, gives the greedy tokens of the same fp32 model on CPU."""
+    from slimlm.runtime.decoding import DecodeBatch, Generation, SamplingParams
+    from slimlm.testing import tiny_model
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [[int(t) for t in torch.randint(5, 300, (n,), generator=g)] for n in (6, 17, 2, 9)]
+    budgets = (7, 3, 9, 5)
+
+    def decode(model, **kw):
+        gens = [Generation(p, SamplingParams(max_tokens=m, temperature=0)) for p, m in zip(prompts, budgets, strict=True)]
+        batch = DecodeBatch(model, **kw)
+        batch.add(gens[:2])
+        batch.step()
+        batch.add(gens[2:])
+        while len(batch):
+            batch.step()
+        return [x.tokens for x in gens], batch
+
+    cpu, _ = decode(tiny_model("llama", seed=5, initializer_range=0.2))
+    got, batch = decode(tiny_model("llama", seed=5, initializer_range=0.2).cuda(), compile=compile_step)
+    assert batch.cache.keys[0].is_cuda and batch.compiled == compile_step
+    assert got == cpu
 
 
 def test_tiny_recipe_end_to_end_on_cuda(recipe_world, tmp_path):

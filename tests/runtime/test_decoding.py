@@ -3,7 +3,9 @@ seeded sampling, stop strings, streaming, bf16."""
 
 from __future__ import annotations
 
+import itertools
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ from conftest import greedy_reference
 
 from slimlm import SlimlmError
 from slimlm.models import FAMILIES
+from slimlm.quantize import api
+from slimlm.runtime import decoding
 from slimlm.runtime.decoding import (
     DecodeBatch,
     Generation,
@@ -56,13 +60,13 @@ def test_eos_ends_a_row_and_is_included(model):
     assert got[0] == free[0][:free[0].index(eos) + 1] and len(got[0]) < 6
 
 
-def test_rows_join_and_leave_a_running_batch(model):
+def _join_and_leave(model, **batch_kw) -> DecodeBatch:
     """Requests admitted between decode steps (different prompt lengths, different max_tokens) give the
     same tokens as each request decoded alone without a cache."""
     ps = prompts(2, lengths=(6, 17, 2, 9, 4, 11))
     budgets = [7, 3, 5, 8, 2, 6]
     gens = [Generation(p, SamplingParams(max_tokens=m, temperature=0)) for p, m in zip(ps, budgets, strict=True)]
-    batch = DecodeBatch(model, pad_id=0)
+    batch = DecodeBatch(model, pad_id=0, **batch_kw)
     batch.add(gens[:2])
     schedule = {1: [2], 2: [3, 4], 5: [5]}  # step -> rows that join before it
     step = 0
@@ -70,13 +74,70 @@ def test_rows_join_and_leave_a_running_batch(model):
         if step in schedule:
             batch.add([gens[i] for i in schedule[step]])
         batch.step()
-        if len(batch):
-            # rows are right-aligned and no cache column is padding in every row
-            assert bool(batch.mask[:, -1].all()) and bool(batch.mask.any(0)[0])
+        # every running row's next position is its prompt plus its tokens so far (its cached columns)
+        assert batch.positions == [len(g.prompt) + len(g.tokens) for g in batch.rows]
         step += 1
     for g, p, m in zip(gens, ps, budgets, strict=True):
         assert g.finish_reason == "length"
         assert g.tokens == greedy_reference(model, p, m)
+    return batch
+
+
+def test_rows_join_and_leave_a_running_batch(model):
+    _join_and_leave(model)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_model_rows_join_and_leave(scheme):
+    """The same on INT8 (W8A8) and INT4 (weight-only) runtime modules: the KV dtype and shape come from the
+    model's own forward, whatever its linear layers are."""
+    q = tiny_model("llama", seed=7, initializer_range=0.2)
+    cfg = {"scheme": "int8"} if scheme == "int8" else {"scheme": "int4", "method": "rtn", "group_size": 32}
+    api.quantize_model(q, api.QuantConfig(**cfg))
+    _join_and_leave(q)
+
+
+def test_the_cache_grows_geometrically_and_not_per_step(model):
+    """Rows joining one by one and decoding past the columns they started with: the KV buffers are
+    reallocated a few times (slots 1, 2, 4; columns at least doubling), never per step, and the tokens
+    equal the reference."""
+    ps = prompts(9, (3, 5, 2, 4))
+    gens = [Generation(p, SamplingParams(max_tokens=m, temperature=0)) for p, m in zip(ps, (40, 30, 12, 25), strict=True)]
+    batch = DecodeBatch(model)
+    buffers, steps = [], 0
+    waiting = list(gens)
+    while waiting or len(batch):
+        if waiting:
+            batch.add([waiting.pop(0)])
+        batch.step()
+        steps += 1
+        if len(batch):
+            buffers.append((batch.cache.keys[0].data_ptr(), batch.cache.batch_capacity, batch.cache.capacity))
+    shapes = list(dict.fromkeys(buffers))
+    assert steps >= 40 and len(shapes) <= 6, shapes
+    assert [b for _, b, _ in shapes] == sorted(b for _, b, _ in shapes) and shapes[-1][1] == 4
+    for a, b in itertools.pairwise(shapes):
+        assert b[1] >= 2 * a[1] or b[2] >= min(2 * a[2], 43)  # each reallocation at least doubles (to the bound)
+    for g, p in zip(gens, ps, strict=True):
+        assert g.tokens == greedy_reference(model, p, g.params.max_tokens)
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("mistral", {"sliding_window": 5}),  # every layer slides
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}),  # full, then sliding
+])
+def test_sliding_window_layers_decode_like_the_reference(family, overrides):
+    """Past the window, each sliding layer sees only its last ``window`` positions (cache column = position,
+    so the mask is a band per row), the full layers everything."""
+    m = tiny_model(family, seed=3, initializer_range=0.2, **overrides)
+    ps = prompts(11, (3, 9, 6))
+    assert generate(m, ps, max_new_tokens=10, temperature=0) == [greedy_reference(m, p, 10) for p in ps]
+
+
+def test_eager_attention_gets_an_additive_mask():
+    m = tiny_model("llama", seed=2, initializer_range=0.2, attn_implementation="eager")
+    ps = prompts(12)
+    assert generate(m, ps, max_new_tokens=6, temperature=0) == [greedy_reference(m, p, 6) for p in ps]
 
 
 def test_cancel_removes_a_row_and_the_rest_continue(model):
@@ -200,3 +261,43 @@ def test_a_rows_own_failure_reaches_library_callers_as_an_error(tiny_tok):
     with pytest.raises(SlimlmError, match="sampling failed"):
         generate(model, [[5, 6, 7]], max_new_tokens=3, temperature=0.7, generator="not a generator")
     assert generate(model, [[5, 6, 7]], max_new_tokens=3, temperature=0) == [greedy_reference(model, [5, 6, 7], 3)]
+
+
+# --------------------------------------------------------------------------- the compiled step
+
+
+def _broken_compile(fn):
+    def run(*args, **kwargs):
+        raise RuntimeError("simulated: no C++ compiler")
+    return run
+
+
+def _no_compile(fn):
+    raise RuntimeError("simulated: torch.compile unavailable")
+
+
+@pytest.mark.parametrize("hook", [_broken_compile, _no_compile], ids=["fails-at-first-step", "unavailable"])
+def test_a_failing_compile_warns_once_and_decodes_eagerly(monkeypatch, hook):
+    model = tiny_model("llama", seed=1, initializer_range=0.2)
+    ps = prompts(13)
+    eager = generate(model, ps, max_new_tokens=6, temperature=0)
+    monkeypatch.setattr(decoding, "_compile_step", hook)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = generate(model, ps, max_new_tokens=6, temperature=0, compile=True)
+    assert got == eager
+    fallbacks = [str(w.message) for w in caught if str(w.message).startswith(decoding.COMPILE_FAILED)]
+    assert len(fallbacks) == 1 and "simulated" in fallbacks[0]
+
+
+@pytest.mark.slow  # compiling takes tens of seconds on a 2-core CPU
+def test_compiled_step_gives_the_eager_tokens():
+    """The compiled step (static shapes: every slot, every column; idle slots computed and ignored) gives
+    the eager step's tokens, with rows joining and leaving. Skips where torch.compile cannot run."""
+    model = tiny_model("qwen3", seed=1, initializer_range=0.2, num_hidden_layers=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batch = _join_and_leave(model, compile=True)
+    if not batch.compiled:
+        pytest.skip("torch.compile is unavailable here: " + "; ".join(
+            str(w.message) for w in caught if str(w.message).startswith(decoding.COMPILE_FAILED)))
