@@ -346,8 +346,7 @@ def prune(
     head_mode: Annotated[str, typer.Option(help="kv: remove whole KV groups | query: the same number of query "
                                                 "heads from every KV group")] = "kv",
     layers_keep: Annotated[str | None, typer.Option(help="Decoder layers: a fraction or a count.")] = None,
-    hidden_keep: Annotated[str | None, typer.Option(help="Residual-stream channels (hidden_size: embedding, LM "
-                                                         "head, norms, projections): a fraction or a count.")] = None,
+    hidden_keep: Annotated[str | None, typer.Option(help="hidden_size (embedding too): a fraction or a count.")] = None,
     depth_metric: Annotated[str, typer.Option(help="cosine (1 - cos(in, out)) | loss (loss increase when skipped)")] = "cosine",
     calib: Annotated[str, typer.Option(help="text (built-in prose) | movielens-ranking (train prompts) | a "
                                             ".txt/.jsonl/.parquet file")] = "text",
@@ -485,13 +484,11 @@ def quantize(
     seq_len: Annotated[int, typer.Option(help="Tokens per calibration block.")] = 512,
     group_size: Annotated[int | None, typer.Option(help="int4: 128 | 64 | 32 input columns per scale.")] = None,
     symmetric: Annotated[bool | None, typer.Option("--symmetric/--asymmetric", help="int4: zero points or not.")] = None,
-    method: Annotated[str | None, typer.Option(help="int4: gptq | quantease (GPTQ refined by coordinate descent) "
-                                                    "| rtn; int8: rtn | quantease. gptq and quantease need --calib.")] = None,
+    method: Annotated[str | None, typer.Option(help="int4: gptq | quantease | rtn; int8: rtn | quantease (gptq, quantease: --calib).")] = None,
     act_order: Annotated[bool, typer.Option(help="int4 gptq: columns by decreasing activation energy "
                                                  "(static groups; same export format); quantease: start from that.")] = False,
-    quantease_iters: Annotated[int | None, typer.Option(help="quantease: most coordinate-descent sweeps per layer "
-                                                             "(stops early when the objective stops improving; "
-                                                             "default 25).")] = None,
+    quantease_iters: Annotated[int | None, typer.Option(help="quantease: most sweeps per layer (default 25; stops "
+                                                             "early when the objective stops improving).")] = None,
     smooth: Annotated[bool, typer.Option(help="int8: SmoothQuant smoothing (needs --calib).")] = False,
     static_activations: Annotated[bool, typer.Option(help="fp8: one calibrated scale per layer input (needs --calib).")] = False,
     ignore: Annotated[list[str] | None, typer.Option(help="Layers to keep in float (repeatable; exact name, class "
