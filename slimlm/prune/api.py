@@ -64,6 +64,20 @@ def check_supported(config) -> None:
                           "supported by the layer-by-layer calibration")
 
 
+def _rounded(keep: int | float | None, size: int, multiple: int, flag: str, what: str) -> int:
+    """A width to keep: a fraction rounded to ``multiple`` (at least one multiple, at most ``size``), or a
+    count that must fit and be a multiple (or the whole size)."""
+    if keep is None:
+        return size
+    if isinstance(keep, float):
+        return min(size, max(multiple, round(keep * size / multiple) * multiple))
+    if keep > size:
+        raise SlimlmError(f"{flag} {keep}: the model has only {size} {what}")
+    if keep % multiple and keep != size:
+        raise SlimlmError(f"{flag} {keep} is not a multiple of {multiple} (--multiple)")
+    return keep
+
+
 def prune_targets(facts: ArchFacts, cfg: PruneConfig) -> Targets:
     """Counts to keep, validated: every impossible target is a one-line error here, before any work."""
     L, inter, heads, kv, qpk = (facts.num_layers, facts.intermediate_size, facts.num_heads, facts.num_kv_heads,
@@ -73,17 +87,7 @@ def prune_targets(facts: ArchFacts, cfg: PruneConfig) -> Targets:
         layers = max(1, _count(cfg.layers_keep, L))
         if layers > L:
             raise SlimlmError(f"--layers-keep {cfg.layers_keep}: the model has only {L} layers")
-    new_inter = inter
-    if cfg.mlp_keep is not None:
-        if isinstance(cfg.mlp_keep, float):
-            new_inter = max(cfg.multiple, round(cfg.mlp_keep * inter / cfg.multiple) * cfg.multiple)
-            new_inter = min(new_inter, inter)
-        else:
-            new_inter = cfg.mlp_keep
-            if new_inter > inter:
-                raise SlimlmError(f"--mlp-keep {new_inter}: the model has only {inter} MLP neurons per layer")
-            if new_inter % cfg.multiple and new_inter != inter:
-                raise SlimlmError(f"--mlp-keep {new_inter} is not a multiple of {cfg.multiple} (--multiple)")
+    new_inter = _rounded(cfg.mlp_keep, inter, cfg.multiple, "--mlp-keep", "MLP neurons per layer")
     new_heads, new_kv = heads, kv
     if cfg.heads_keep is not None:
         new_heads = _count(cfg.heads_keep, heads)
@@ -102,17 +106,7 @@ def prune_targets(facts: ArchFacts, cfg: PruneConfig) -> Targets:
                 raise SlimlmError(f"--heads-keep {cfg.heads_keep} gives {new_heads} query heads, which breaks GQA "
                                   f"({heads} heads / {kv} KV heads, the same number removed per KV group): valid "
                                   f"counts are {', '.join(map(str, valid))} (or use --head-mode kv)")
-    new_hidden = facts.hidden_size
-    if cfg.hidden_keep is not None:
-        d = facts.hidden_size
-        if isinstance(cfg.hidden_keep, float):
-            new_hidden = min(d, max(cfg.multiple, round(cfg.hidden_keep * d / cfg.multiple) * cfg.multiple))
-        else:
-            new_hidden = cfg.hidden_keep
-            if new_hidden > d:
-                raise SlimlmError(f"--hidden-keep {new_hidden}: the model's hidden size is only {d}")
-            if new_hidden % cfg.multiple and new_hidden != d:
-                raise SlimlmError(f"--hidden-keep {new_hidden} is not a multiple of {cfg.multiple} (--multiple)")
+    new_hidden = _rounded(cfg.hidden_keep, facts.hidden_size, cfg.multiple, "--hidden-keep", "hidden channels")
     return Targets(layers, new_inter, new_heads, new_kv, new_hidden)
 
 

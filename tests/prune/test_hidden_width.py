@@ -188,7 +188,7 @@ def test_prune_model_hidden(tiny_tok):
 def test_hidden_targets_checked():
     facts = arch_facts(tiny_model("llama").config)
     assert prune_targets(facts, PruneConfig(hidden_keep=0.5)).hidden == 32
-    with pytest.raises(SlimlmError, match="hidden size is only 64"):
+    with pytest.raises(SlimlmError, match="only 64 hidden channels"):
         prune_targets(facts, PruneConfig(hidden_keep=128))
     with pytest.raises(SlimlmError, match="multiple of 8"):
         prune_targets(facts, PruneConfig(hidden_keep=30))

@@ -55,7 +55,7 @@ def test_prune_cli_errors_before_any_work(tmp_path, calib_txt):
     out = tmp_path / "never"
     cases = [
         (["--mlp-keep", "1000"], "only 128 MLP neurons"),
-        (["--hidden-keep", "100"], "hidden size is only 96"),
+        (["--hidden-keep", "100"], "only 96 hidden channels"),
         (["--heads-keep", "5"], "breaks GQA"),
         (["--mlp-keep", "half"], "fraction like 0.5"),
         (["--mlp-keep", "0.5", "--method", "obs"], "method"),
