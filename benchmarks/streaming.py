@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import write_json  # benchmarks/ is on sys.path when run as a script
+from _common import markdown_table, write_json  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECTS = ("planets", "rivers", "prime numbers", "the moon", "bread", "volcanoes", "chess", "rainbows")
@@ -106,9 +106,7 @@ def table(results: list[dict], sizes: dict[int, int]) -> str:
         rows.append((r["code"], f"{r['rows']:,}", f"{sizes[r['rows']] / 1e6:.1f}", f"{r['peak_rss_mib']:,.0f}",
                      f"{r['peak_rss_mib'] - base['peak_rss_mib']:+,.0f}", f"{r['seconds']:.1f}",
                      str(r.get("eval_limit", ""))))
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    return markdown_table(head, rows)
 
 
 def main() -> None:

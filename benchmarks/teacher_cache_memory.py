@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
+from _common import markdown_table, reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
 
 METHODS = ("naive", "chunked")
 
@@ -195,9 +195,7 @@ def table(results: list[dict]) -> str:
         rows.append((f"{r['vocab']:,}", r["method"], f"{r['targets_per_batch'] * r['vocab'] * 4 / 2**20:.0f}",
                      f"{r['peak_rss_mib']:.0f}", f"{r['delta_peak_mib']:.0f}", ratio, f"{r['seconds']:.1f}",
                      f"{same['ids_equal']:.4f}" if same else "", f"{same['max_abs_logprob_diff']:.1e}" if same else ""))
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+    return markdown_table(head, rows)
 
 
 def main() -> None:
