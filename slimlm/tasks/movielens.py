@@ -26,14 +26,15 @@ The same :class:`Row` feeds the classic baseline (:mod:`slimlm.baseline`), so bo
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from slimlm import SlimlmError
 from slimlm.tasks.files import SPLITS, check_split
-from slimlm.tasks.ranking import RankingExample
+from slimlm.tasks.ranking import RankingExample, whole_groups
 
 GENRES = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
@@ -290,21 +291,15 @@ def render_prefix(row: Row, items: dict[int, Item]) -> str:
 
 
 def subsample(examples: list[RankingExample], limit: int | None, seed: int = 0) -> list[RankingExample]:
-    """At most ``limit`` examples made of whole groups, in a seeded random order (keeps prefixes shared).
-
-    Groups that would overflow ``limit`` are skipped, so the result can be a little under ``limit``."""
+    """At most ``limit`` examples made of whole groups, in a seeded random order (keeps prefixes shared;
+    :func:`slimlm.tasks.ranking.whole_groups`). Groups that would overflow ``limit`` are skipped, so the
+    result can be a little under ``limit``."""
     if limit is None or limit >= len(examples):
         return examples
-    groups: dict[str, list[RankingExample]] = defaultdict(list)
-    for ex in examples:
-        groups[ex.group].append(ex)
-    order = sorted(groups)
-    random.Random(seed).shuffle(order)
-    out: list[RankingExample] = []
-    for g in order:
-        if len(out) + len(groups[g]) <= limit:
-            out.extend(groups[g])
-    return out
+    names: dict[str, int] = {}
+    group_of = np.array([names.setdefault(ex.group, len(names)) for ex in examples], dtype=np.int64)
+    order, _ = whole_groups(group_of, list(names), limit, seed)
+    return [examples[int(i)] for i in order]
 
 
 def movielens_examples(split: str = "test", *, data_dir: str | Path | None = None,

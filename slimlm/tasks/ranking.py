@@ -118,15 +118,34 @@ class RankingRows:
         return [ranking_example(self.index.path, line, row) for line, row in self.index.read(rows)]
 
 
+def whole_groups(group_of: np.ndarray, names: list[str], limit: int, seed: int = 0) -> tuple[np.ndarray, list[int]]:
+    """At most ``limit`` items made of whole groups, the groups in a seeded random order (the order of the
+    group names sorted, then shuffled), each group's items in their own order: item i is in group
+    ``names[group_of[i]]``. Groups that would overflow ``limit`` are skipped. Returns the chosen items'
+    indices and the sizes of the chosen groups, in that order."""
+    import random
+
+    sizes = np.bincount(group_of, minlength=len(names))
+    by_group = np.argsort(group_of, kind="stable")  # each group's items together, in their order
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    shuffled = sorted(range(len(names)), key=names.__getitem__)
+    random.Random(seed).shuffle(shuffled)
+    parts, chosen, total = [], [], 0
+    for g in shuffled:
+        if total + sizes[g] <= limit:
+            parts.append(by_group[first[g]:first[g] + sizes[g]])
+            chosen.append(int(sizes[g]))
+            total += int(sizes[g])
+    return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)), chosen
+
+
 def index_ranking_file(path: str | Path, split: str | None = None, limit: int | None = None, seed: int = 0,
                        k: int = 1) -> RankingRows:
     """Where the candidates of ``split`` are, from one streamed pass that checks every row (errors name
     ``file:line: field``) and keeps its position and line (16 bytes a candidate, and 8 a pack when ``k`` > 1;
     with ``limit``, also 4 a candidate and one entry per distinct group while the groups are drawn). The order and packing equal :func:`load_ranking_file`, then
-    :func:`slimlm.tasks.movielens.subsample` (``limit``, ``seed``), then
+    :func:`whole_groups` (``limit``, ``seed``), then
     :func:`slimlm.distill.data.ranking_sequences` (``k``)."""
-    import random
-
     positions, lines = array("q"), array("q")
     starts, run, prev = array("q"), 0, None  # packs of consecutive candidates of one group, file order
     names: dict[str, int] = {}  # group -> id, only to subsample whole groups
@@ -150,20 +169,11 @@ def index_ranking_file(path: str | Path, split: str | None = None, limit: int | 
     if limit is None or limit >= n:
         starts.append(n)
         return RankingRows(index, None, np.frombuffer(starts, dtype=np.int64) if k > 1 else None)
-    groups = np.frombuffer(gids, dtype=np.int32)
-    sizes = np.bincount(groups, minlength=len(names))
-    by_group = np.argsort(groups, kind="stable")  # each group's candidates together, in file order
-    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    shuffled = sorted(names)
-    random.Random(seed).shuffle(shuffled)
-    parts, packs, total = [], [0], 0
-    for name in shuffled:
-        g = names[name]
-        if total + sizes[g] <= limit:
-            parts.append(by_group[first[g]:first[g] + sizes[g]])
-            packs.extend(total + min(j + k, int(sizes[g])) for j in range(0, int(sizes[g]), k))
-            total += int(sizes[g])
-    order = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    order, sizes = whole_groups(np.frombuffer(gids, dtype=np.int32), list(names), limit, seed)
+    packs, total = [0], 0
+    for size in sizes:
+        packs.extend(total + min(j + k, size) for j in range(0, size, k))
+        total += size
     return RankingRows(index, order, np.array(packs, dtype=np.int64) if k > 1 else None)
 
 
