@@ -407,14 +407,11 @@ class DecodeBatch:
                 out[i] = t
         return out
 
-    def drop(self, keep: Sequence[int]) -> None:
-        """Keep only rows ``keep`` (indices into ``rows``). The kept rows past the new end move into the
-        holes, so ``rows`` afterwards is in slot order, not necessarily in the order of ``keep``."""
-        self._drop(keep)
-
     @torch.inference_mode()
-    def _drop(self, keep: Sequence[int]) -> list[int]:
-        """:meth:`drop`; returns the new order (old row index per new slot)."""
+    def drop(self, keep: Sequence[int]) -> list[int]:
+        """Keep only rows ``keep`` (indices into ``rows``). The kept rows past the new end move into the
+        holes, so ``rows`` afterwards is in slot order, not necessarily in the order of ``keep``; returns
+        that order (the old row index of each new slot)."""
         keep = list(keep)
         if len(keep) == len(self.rows):
             return keep
@@ -459,7 +456,7 @@ class DecodeBatch:
             if not g.done and self.max_positions and pos >= self.max_positions - 1:
                 g.finish("length")  # t took the model's last position: prompt + output fill the context
         finished = [g for g in self.rows if g.done]
-        order = self._drop([i for i, g in enumerate(self.rows) if not g.done]) if finished else range(len(tokens))
+        order = self.drop([i for i, g in enumerate(self.rows) if not g.done]) if finished else range(len(tokens))
         if not self.rows:
             return finished
         self.logits = self._forward([tokens[i] for i in order])

@@ -105,18 +105,13 @@ class SlotCache(Cache):
         b, t = self.batch_capacity, self.capacity
         if rows <= b and cols <= t:
             return False
-        if not self.keys:
-            if like is None:
-                raise SlimlmError("the first reservation needs a KV to take its shape from")
-            k, v = like[0]
-            self.dtype = k.dtype
-            shape, device = (k.shape[1], k.shape[3], v.shape[3]), k.device
-        else:
-            k, v = self.keys[0], self.values[0]
-            shape, device = (k.shape[1], k.shape[3], v.shape[3]), k.device
+        if not self.keys and like is None:
+            raise SlimlmError("the first reservation needs a KV to take its shape from")
+        k, v = (self.keys[0], self.values[0]) if self.keys else like[0]
+        self.dtype = k.dtype
+        h, dk, dv, device = k.shape[1], k.shape[3], v.shape[3], k.device
         nb = b if rows <= b else _grow(b, rows, max_rows, pow2=self.pow2)
         nt = t if cols <= t else _grow(t, cols, max_cols, headroom=True, pow2=self.pow2)
-        h, dk, dv = shape
         old_k, old_v = self.keys, self.values
         self.keys = [torch.zeros((nb, h, nt, dk), dtype=self.dtype, device=device) for _ in range(self.n_layers)]
         self.values = [torch.zeros((nb, h, nt, dv), dtype=self.dtype, device=device) for _ in range(self.n_layers)]
