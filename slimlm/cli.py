@@ -315,7 +315,7 @@ def teacher_cache(
 ) -> None:
     """Precompute the teacher's top-k log-probs for a distill config's training data (teacher_cache dir)."""
     from slimlm.config import DistillConfig, load_config
-    from slimlm.distill.trainer import build_teacher_cache
+    from slimlm.distill.teacher import build_teacher_cache
 
     cfg = load_config(DistillConfig, config, [*(overrides or []), "teacher_signal=cached"])
     with progress_bar() as bar:

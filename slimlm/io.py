@@ -15,7 +15,7 @@ import re
 import resource
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,7 @@ def _aside(final: Path) -> Path:
 def _temporaries(final: Path) -> list[Path]:
     """Temp files / directories that :func:`atomic_dir` and :func:`atomic_write_bytes` make for ``final``
     (``.NAME.XXXXXXXX.tmp``, tempfile's eight random characters); a killed write leaves one behind."""
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.tmp")
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.([a-z0-9_]{{8}}|shared)\.tmp")
     if not final.parent.is_dir():
         return []
     return sorted(p for p in final.parent.iterdir() if pattern.fullmatch(p.name))
@@ -167,6 +167,30 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
     os.replace(tmp, _ready(final))
     _commit(final)
+
+
+@contextlib.contextmanager
+def shared_atomic_dir(final: Path, main: bool, sync: Callable[[], None]) -> Iterator[Path]:
+    """:func:`atomic_dir` written by several processes together (the ranks of a distributed run, on a
+    filesystem they share): every process calls it with ``sync`` a barrier over all of them; ``main`` (one
+    process) prepares the temp directory ``.NAME.shared.tmp`` and, once every process left the block,
+    renames it in as :func:`atomic_dir` does. A failure in any process leaves ``final`` as it was (the temp
+    directory is removed by the next write or :func:`recover_dir`); the others then wait at ``sync``
+    until the launcher stops them."""
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.shared.tmp"
+    if main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        recover_dir(final)  # also removes a shared temp directory a killed write left
+        tmp.mkdir(mode=0o755)
+        os.chmod(tmp, 0o755)
+    sync()
+    yield tmp
+    sync()  # every process's files are in
+    if main:
+        os.replace(tmp, _ready(final))
+        _commit(final)
+    sync()  # nobody reads ``final`` before it is complete
 
 
 def read_json_or_none(path: Path) -> Any:

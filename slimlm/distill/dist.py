@@ -74,11 +74,12 @@ def wrap(module: torch.nn.Module, dist: Dist, device: torch.device) -> torch.nn.
 
 
 @contextlib.contextmanager
-def gathered(wrapped: torch.nn.Module, dist: Dist):
-    """Within the block every FSDP2 unit is unsharded and stays so across forward calls, so the
-    student can be called outside the wrapped forward (generation, evaluation) with no collectives:
-    ranks may then run different numbers of forwards (sampling stops early on different ranks).
-    Costs one whole model per rank for the duration. A no-op for DDP and single-process runs."""
+def gathered(wrapped: torch.nn.Module, dist: Dist, within: torch.nn.Module | None = None):
+    """Within the block every FSDP2 unit of ``within`` (default: all of ``wrapped``) and the root unit are
+    unsharded and stay so across forward calls, so the student can be called outside the wrapped forward
+    (generation, evaluation) with no collectives: ranks may then run different numbers of forwards
+    (sampling stops early on different ranks). Costs those whole layers per rank for the duration: on-policy
+    sampling gathers the student alone, never the teacher's layers. A no-op for DDP and single-process runs."""
     if dist.strategy != "fsdp2":
         yield
         return
@@ -86,7 +87,7 @@ def gathered(wrapped: torch.nn.Module, dist: Dist):
 
     # the root already keeps its parameters after forward; the layer units (fully_shard defaults)
     # reshard after each forward unless told not to
-    layers = [m for m in wrapped.modules() if isinstance(m, FSDPModule) and m is not wrapped]
+    layers = [m for m in (within or wrapped).modules() if isinstance(m, FSDPModule) and m is not wrapped]
     wrapped.unshard()
     for m in layers:
         m.unshard()
@@ -146,41 +147,11 @@ def gather_states(states: dict[str, torch.Tensor], dist: Dist) -> list[dict[str,
     return out
 
 
-def full_train_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: Dist):
-    """FSDP2: the student's and optimizer's full (unsharded) state dicts on CPU, keyed by parameter
-    name (every rank must call this). ``(None, None)`` for other strategies: their own state dicts
-    are already whole."""
-    if dist.strategy != "fsdp2":
-        return None, None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    model_state, optim_state = get_state_dict(student, optimizer,
-                                              options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    _drop_tied_head(student, model_state)
-    return model_state, optim_state
-
-
 def _drop_tied_head(student: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
     """Tied embeddings are stored once, under the input embedding's name (as save_pretrained does)."""
     if getattr(student.config, "tie_word_embeddings", False):
         head = student.get_output_embeddings()
         sd.pop(next(n for n, m in student.named_modules() if m is head) + ".weight", None)
-
-
-def load_full_train_state(student: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
-                          optimizer_state: dict) -> None:
-    """FSDP2: re-shard full state dicts (as written by :func:`full_train_state`) into this rank's shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    if getattr(student.config, "tie_word_embeddings", False):  # the tied head is stored once
-        emb = student.get_input_embeddings()
-        emb_name = next(n for n, m in student.named_modules() if m is emb) + ".weight"
-        head = student.get_output_embeddings()
-        head_name = next(n for n, m in student.named_modules() if m is head) + ".weight"
-        model_state.setdefault(head_name, model_state.get(emb_name))
-        model_state.setdefault(emb_name, model_state.get(head_name))
-    set_state_dict(student, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
-                   options=StateDictOptions(full_state_dict=True))
 
 
 def barrier(dist: Dist) -> None:

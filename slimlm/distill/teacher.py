@@ -34,8 +34,9 @@ from safetensors.torch import save_file
 
 from slimlm import SlimlmError
 from slimlm.distill.data import FileSequences, Seq, collate, model_kwargs
-from slimlm.io import atomic_dir
+from slimlm.io import atomic_dir, shared_atomic_dir
 
+TRAIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what a distill config's dtypes name
 FORMAT_VERSION = 1
 FINGERPRINT_SCHEME = 2  # 1 (slimlm <= 0.1): sha256 of JSON-dumped sequences, without the settings
 
@@ -140,13 +141,19 @@ def chunked_top_k(h: torch.Tensor, weight: torch.Tensor, k: int, *, bias: torch.
 def write_teacher_cache(teacher, seqs: Sequence[Seq], out_dir: str | Path, *, k: int = 64, temperature: float = 1.0,
                         vocab_size: int | None = None, batch_size: int = 8, pad_id: int = 0,
                         shard_sequences: int = 4096, vocab_chunk: int = 8192, row_block: int = 4096,
-                        progress: Callable[[int], None] | None = None) -> dict:
-    """Run ``teacher`` over ``seqs`` and store its top-k log-probs at every target token (atomic).
+                        progress: Callable[[int], None] | None = None, rank: int = 0, world: int = 1,
+                        sync: Callable[[], None] | None = None) -> dict:
+    """Run ``teacher`` over ``seqs`` and store its top-k log-probs at every target token (atomic); return
+    the index.
 
     Per batch: :func:`teacher_hidden`, the hidden states at the target rows (position t predicts
     label t + 1), then :func:`chunked_top_k` over blocks of ≤ ``row_block`` rows and ``vocab_chunk``
     columns, so the largest temporary is ``[row_block, vocab_chunk]`` float32 whatever the vocabulary.
-    """
+
+    Distributed (``world`` > 1, every rank calls this with ``sync`` a barrier over them, on a filesystem
+    they share): rank r writes shards r, r + W, r + 2W, ... of the same layout, then rank 0 writes the
+    index. The ranks do equal shares, so nobody waits long at the barriers (a cache built by rank 0
+    alone would hold every other rank at a barrier for the whole build)."""
     device = next(teacher.parameters()).device
     head = teacher.get_output_embeddings()
     vocab = vocab_size or head.weight.shape[0]
@@ -155,9 +162,12 @@ def write_teacher_cache(teacher, seqs: Sequence[Seq], out_dir: str | Path, *, k:
     if row_block < 1 or shard_sequences < 1 or batch_size < 1:
         raise SlimlmError("row_block, shard_sequences and batch_size must be at least 1")
     bias = getattr(head, "bias", None)
-    shards, total = [], 0
-    with atomic_dir(Path(out_dir)) as tmp:
-        for s0 in range(0, len(seqs), shard_sequences):
+    out_dir = Path(out_dir)
+    starts = range(0, len(seqs), shard_sequences)
+    with atomic_dir(out_dir) if world == 1 else shared_atomic_dir(out_dir, rank == 0, sync) as tmp:
+        for i, s0 in enumerate(starts):
+            if i % world != rank:
+                continue
             part = seqs[s0:s0 + shard_sequences]
             ids_l, lp_l, tail_l, offsets = [], [], [], [0]
             for b0 in range(0, len(part), batch_size):
@@ -177,20 +187,30 @@ def write_teacher_cache(teacher, seqs: Sequence[Seq], out_dir: str | Path, *, k:
                     offsets.append(offsets[-1] + n)
                 if progress:
                     progress(len(batch))
-            name = f"shard-{len(shards):05d}.safetensors"
             empty = (torch.empty(0, k, dtype=torch.int32), torch.empty(0, k, dtype=torch.float16), torch.empty(0))
             save_file({"ids": torch.cat(ids_l or [empty[0]]), "logprobs": torch.cat(lp_l or [empty[1]]),
                        "tail": torch.cat(tail_l or [empty[2]]),
-                       "offsets": torch.tensor(offsets, dtype=torch.int64)}, str(tmp / name))
-            shards.append({"file": name, "first_sequence": s0, "sequences": len(part), "targets": offsets[-1]})
-            total += offsets[-1]
-        index = {"format": FORMAT_VERSION, "k": k, "temperature": temperature, "vocab": vocab,
-                 "sequences": len(seqs), "targets": total, "shards": shards,
-                 "fingerprint_scheme": FINGERPRINT_SCHEME,
-                 "fingerprint": fingerprint(seqs, k=k, temperature=temperature, vocab=vocab),
-                 "bytes_per_target_token": k * (4 + 2) + 4}
-        (tmp / "index.json").write_text(json.dumps(index, indent=2))
-    return index
+                       "offsets": torch.tensor(offsets, dtype=torch.int64)}, str(tmp / _shard_name(i)))
+        if world > 1:
+            sync()  # every shard is written
+        if rank == 0:
+            shards = []
+            for i, s0 in enumerate(starts):  # each shard's target count is the last of its offsets
+                with safe_open(str(tmp / _shard_name(i)), framework="pt") as f:
+                    targets = int(f.get_slice("offsets")[-1:][0])
+                shards.append({"file": _shard_name(i), "first_sequence": s0,
+                               "sequences": min(shard_sequences, len(seqs) - s0), "targets": targets})
+            index = {"format": FORMAT_VERSION, "k": k, "temperature": temperature, "vocab": vocab,
+                     "sequences": len(seqs), "targets": sum(sh["targets"] for sh in shards), "shards": shards,
+                     "fingerprint_scheme": FINGERPRINT_SCHEME,
+                     "fingerprint": fingerprint(seqs, k=k, temperature=temperature, vocab=vocab),
+                     "bytes_per_target_token": k * (4 + 2) + 4}
+            (tmp / "index.json").write_text(json.dumps(index, indent=2))
+    return json.loads((out_dir / "index.json").read_text())
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
 
 
 class TeacherCache:
@@ -257,3 +277,47 @@ class TeacherCache:
             k = self.index["k"]
             return torch.empty(0, k, dtype=torch.int32), torch.empty(0, k, dtype=torch.float16), torch.empty(0)
         return tuple(torch.cat([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
+
+
+def load_teacher(cfg, device, load=None) -> torch.nn.Module:
+    """The frozen teacher of a distill config on ``device`` (``load``: :func:`slimlm.loading.load_model`, or
+    :func:`slimlm.distill.sharded.meta_model` under FSDP2), in ``teacher_dtype`` (default: per device)."""
+    from slimlm.loading import load_model
+
+    t_dtype = TRAIN_DTYPES[cfg.teacher_dtype] if cfg.teacher_dtype else None
+    teacher = (load or load_model)(cfg.teacher, device=device, dtype=t_dtype, trust_remote_code=cfg.trust_remote_code)
+    return teacher.requires_grad_(False)
+
+
+def build_teacher_cache(cfg, progress: Callable[[int], None] | None = None, dist=None, device=None) -> dict:
+    """Write the top-k teacher cache for a distill config's training sequences into ``cfg.teacher_cache``.
+
+    Distributed, every rank runs a whole teacher on its device over its share of the shards
+    (:func:`write_teacher_cache`): the trainer passes its ``dist`` and ``device``; launched under torchrun
+    without them (``torchrun ... -m slimlm teacher-cache``), this joins the process group itself."""
+    import os
+
+    from slimlm.distill.data import build_sequences
+    from slimlm.distill.dist import barrier, init_distributed, shutdown
+    from slimlm.distill.losses import check_vocab
+    from slimlm.loading import load_tokenizer
+    from slimlm.placement import choose
+
+    if cfg.teacher is None or cfg.teacher_cache is None:
+        raise SlimlmError("building a teacher cache needs `teacher` and `teacher_cache`")
+    own = dist is None
+    if own:  # a device this machine lacks, or more local ranks than GPUs, fails here, before any work
+        where = choose(cfg.device, world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        dist, device = init_distributed("ddp", str(where.device))
+    try:
+        tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
+        seqs = build_sequences(cfg.task, tokenizer, cfg.task.split, cfg.task.limit, cfg.seed)
+        teacher = load_teacher(cfg, device)
+        vocab = check_vocab(teacher.get_output_embeddings().weight.shape[0], None, len(tokenizer))
+        return write_teacher_cache(teacher, seqs, cfg.teacher_cache, k=min(cfg.cache_top_k, vocab),
+                                   temperature=cfg.loss.temperature, vocab_size=vocab, batch_size=cfg.batch_size,
+                                   pad_id=tokenizer.pad_token_id, progress=progress if dist.main else None,
+                                   rank=dist.rank, world=dist.world, sync=lambda: barrier(dist))
+    finally:
+        if own:
+            shutdown(dist)

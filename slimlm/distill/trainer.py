@@ -32,18 +32,23 @@ import torch
 
 from slimlm import SlimlmError
 from slimlm.config import DistillConfig, dump_config
-from slimlm.distill.checkpoint import load_checkpoint, rng_state, save_checkpoint
+from slimlm.distill.checkpoint import (
+    is_sharded_checkpoint,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    rng_state,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from slimlm.distill.chunked import fused_linear_cached_kd_loss, fused_linear_kd_loss
 from slimlm.distill.data import BatchOrder, Seq, build_sequences, collate, take, window_targets
 from slimlm.distill.dist import (
     all_sum,
     barrier,
     full_state_dict,
-    full_train_state,
     gather_states,
     gathered,
     init_distributed,
-    load_full_train_state,
     no_sync,
     shutdown,
     sum_int,
@@ -52,16 +57,16 @@ from slimlm.distill.dist import (
 from slimlm.distill.guard import History, divergence, nonfinite_count, remember, total_grad_norm
 from slimlm.distill.losses import LossConfig, check_vocab, normalize
 from slimlm.distill.offload import OffloadAdamW
-from slimlm.distill.teacher import TeacherCache, write_teacher_cache
+from slimlm.distill.sharded import materialize, meta_model
+from slimlm.distill.teacher import TRAIN_DTYPES, TeacherCache, build_teacher_cache, load_teacher
 from slimlm.io import atomic_write_json, atomic_write_text, read_jsonl, recover_dir, remove_temporaries
-from slimlm.loading import check_model_dir, load_model, load_tokenizer
+from slimlm.loading import check_model_dir, load_model, load_tokenizer, resolve_model
 from slimlm.models import save_model
 from slimlm.runtime.packing import attention_inputs
 from slimlm.tasks import RANKING_TASKS, load_ranking_task
 from slimlm.tasks.completion import IGNORE_INDEX
 
 SFT_LOSS = LossConfig(kd_weight=0.0, ce_weight=1.0)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class TrainingDiverged(SlimlmError):
@@ -323,21 +328,21 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
                     if cfg.task.name in RANKING_TASKS else None)
     generation_eval = generation_eval_set(cfg, tokenizer)
 
-    student = load_model(cfg.student, device=device, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    fsdp2 = dist.strategy == "fsdp2"  # models built as shapes only; each rank reads its own rows once sharded
+    load = meta_model if fsdp2 else load_model
+    student = load(cfg.student, device=device, dtype=TRAIN_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     student.train()
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
     cache = None
     if cfg.teacher_signal == "cached":  # the teacher runs once, into the cache; training never loads it
         if not (Path(cfg.teacher_cache) / "index.json").exists():
-            if dist.main:
-                build_teacher_cache(cfg)
-            barrier(dist)
+            build_teacher_cache(cfg, dist=dist, device=device)  # every rank writes its share
         cache = TeacherCache(cfg.teacher_cache)
         cache.check(train_seqs, cfg.loss.temperature)
     teacher = None
     if cfg.teacher is not None and cache is None:  # sft uses it only for the held-out KL
-        teacher = load_teacher(cfg, device)
+        teacher = load_teacher(cfg, device, load)
     vocab = check_vocab(student.get_output_embeddings().weight.shape[0],
                         teacher.get_output_embeddings().weight.shape[0] if teacher is not None else None,
                         len(tokenizer))
@@ -345,7 +350,10 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
     loss_cfg = LossConfig(**cfg.loss.model_dump(exclude={"chunk_size"}))
     module = DistillModule(student, teacher, loss_cfg, vocab, cfg.loss.chunk_size)
     wrapped = wrap(module, dist, device)  # DDP / FSDP2 / itself; the optimizer must see the wrapped params
-    if dist.strategy == "fsdp2":  # FSDP2 sets itself up at the root's first forward: run one tiny one
+    if fsdp2:
+        materialize(wrapped, device, [(m, resolve_model(p)) for m, p in ((student, cfg.student), (teacher, cfg.teacher))
+                                      if m is not None])
+        # FSDP2 sets itself up at the root's first forward: run one tiny one
         with torch.no_grad():  # now, before anything calls the student directly (on-policy sampling)
             pad = tokenizer.pad_token_id
             wrapped(torch.tensor([[pad, pad]], device=device), torch.ones(1, 2, dtype=torch.long, device=device),
@@ -369,10 +377,13 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
     seconds_before, t_start = 0.0, time.perf_counter()  # wall time of the earlier runs of this stage
     order = BatchOrder(len(train_seqs), cfg.batch_size, cfg.seed, rank=dist.rank, world=dist.world)
     if (ckpt / "state.json").exists():
-        fsdp2 = dist.strategy == "fsdp2"  # every rank reads the full state, then keeps its own shards
-        state = load_checkpoint(ckpt, student, None if fsdp2 else optimizer, scheduler, generators, rank=dist.rank)
-        if fsdp2:
-            load_full_train_state(student, optimizer, state.pop("model_state"), state.pop("optimizer_state"))
+        if fsdp2 != is_sharded_checkpoint(ckpt):
+            raise SlimlmError(f"{ckpt}: written by a run with{'out' if fsdp2 else ''} parallel=fsdp2; resume it "
+                              "with the same kind of run")
+        if fsdp2:  # every rank reads the rows it owns
+            state = load_sharded_checkpoint(ckpt, student, optimizer, scheduler, generators, rank=dist.rank)
+        else:
+            state = load_checkpoint(ckpt, student, optimizer, scheduler, generators, rank=dist.rank)
         if isinstance(optimizer, OffloadAdamW):
             optimizer.resync()  # the masters must start from the restored weights
         step, seconds_before, history = state["step"], state.get("train_seconds", 0.0), state.get("guard", {})
@@ -392,10 +403,12 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
                 "rngs": gather_states(rng_state(generators), dist)}  # each rank samples its own on-policy stream
 
     def checkpoint(snap: dict) -> None:
-        model_state, optimizer_state = full_train_state(student, optimizer, dist)  # FSDP2: gathered
+        if fsdp2:  # every rank writes its own rows
+            save_sharded_checkpoint(ckpt, student, optimizer, scheduler, snap["state"], snap["rngs"], rank=dist.rank,
+                                    world=dist.world, sync=lambda: barrier(dist))
+            return
         if dist.main:
-            save_checkpoint(ckpt, student, optimizer, scheduler, snap["state"], generators, model_state=model_state,
-                            optimizer_state=optimizer_state, rank_rngs=snap["rngs"])
+            save_checkpoint(ckpt, student, optimizer, scheduler, snap["state"], generators, rank_rngs=snap["rngs"])
         barrier(dist)
 
     def diverged(at: int, reason: str) -> TrainingDiverged:
@@ -421,7 +434,7 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
             if mode == "on_policy":
                 coin = float(torch.rand((), generator=coins))
                 if coin < cfg.on_policy.lam:  # one prompt per candidate: packed rows are unpacked to sample
-                    with gathered(wrapped, dist):
+                    with gathered(wrapped, dist, within=student):
                         seqs = on_policy_batch(student, [u for s in seqs for u in s.unpacked()], cfg, tokenizer,
                                                sampler)
                 micro_mode = "kd"
@@ -502,27 +515,6 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
         atomic_write_json(out / "metrics.json", final)
     barrier(dist)
     return out
-
-
-def load_teacher(cfg: DistillConfig, device) -> torch.nn.Module:
-    t_dtype = DTYPES[cfg.teacher_dtype] if cfg.teacher_dtype else None
-    teacher = load_model(cfg.teacher, device=device, dtype=t_dtype, trust_remote_code=cfg.trust_remote_code)
-    return teacher.requires_grad_(False)
-
-
-def build_teacher_cache(cfg: DistillConfig, progress: Callable[[int], None] | None = None) -> dict:
-    """Write the top-k teacher cache for ``cfg``'s training sequences into ``cfg.teacher_cache``."""
-    if cfg.teacher is None or cfg.teacher_cache is None:
-        raise SlimlmError("building a teacher cache needs `teacher` and `teacher_cache`")
-    tokenizer = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
-    seqs = build_sequences(cfg.task, tokenizer, cfg.task.split, cfg.task.limit, cfg.seed)
-    from slimlm.placement import choose
-
-    teacher = load_teacher(cfg, choose(cfg.device).device)
-    vocab = check_vocab(teacher.get_output_embeddings().weight.shape[0], None, len(tokenizer))
-    return write_teacher_cache(teacher, seqs, cfg.teacher_cache, k=min(cfg.cache_top_k, vocab),
-                               temperature=cfg.loss.temperature, vocab_size=vocab, batch_size=cfg.batch_size,
-                               pad_id=tokenizer.pad_token_id, progress=progress)
 
 
 def clean_up(out: Path) -> list[str]:

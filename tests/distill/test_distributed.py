@@ -28,7 +28,7 @@ def run_dir(tmp_path_factory):
     return root
 
 
-def _distill(root, out, extra, nproc=1, stop_after=None):
+def _distill(root, out, extra, nproc=1, stop_after=None, fails=False):
     args = [f"student={root / 'student'}", f"teacher={root / 'teacher'}", f"task.data={root / 'ml'}",
             "max_steps=3", "eval_every=0", "task.eval_limit=6", "tensorboard=false", "optim.lr=1e-3",
             "grad_accum=2", "loss.divergence=jsd", f"out={out}", *extra]
@@ -40,6 +40,9 @@ def _distill(root, out, extra, nproc=1, stop_after=None):
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", *entry, *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if fails:
+        assert proc.returncode != 0
+        return proc.stderr
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -83,3 +86,24 @@ def test_two_process_resume_matches_uninterrupted(run_dir, strategy):
     b = load_file(str(parted / "model" / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_two_process_teacher_cache_is_built_by_both_ranks(run_dir, single):
+    """teacher_signal=cached under 2 DDP processes: both ranks build the cache (no rank waits for another's
+    whole build), and training on it equals the single-process run on its own cache."""
+    extra = ["teacher_signal=cached", "cache_top_k=16"]
+    one = _distill(run_dir, run_dir / "cached-1", ["batch_size=4", f"teacher_cache={run_dir / 'cache-1'}", *extra])
+    two = _distill(run_dir, run_dir / "cached-2", ["batch_size=2", "parallel=ddp",
+                                                   f"teacher_cache={run_dir / 'cache-2'}", *extra], nproc=2)
+    assert json.loads((run_dir / "cache-2" / "index.json").read_text()) == \
+        json.loads((run_dir / "cache-1" / "index.json").read_text())
+    assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
+    assert _losses(one) != pytest.approx(_losses(single), rel=1e-3)  # top-16 of the teacher, not the live one
+
+
+def test_resume_refuses_another_kind_of_checkpoint(run_dir):
+    """A checkpoint of a single-process run cannot be resumed as FSDP2 shards: one line says so."""
+    out = run_dir / "kind"
+    _distill(run_dir, out, ["batch_size=2", "max_steps=4"], stop_after=1)
+    err = _distill(run_dir, out, ["batch_size=2", "max_steps=4", "parallel=fsdp2"], nproc=2, fails=True)
+    assert "written by a run without parallel=fsdp2" in err
