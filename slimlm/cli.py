@@ -286,8 +286,7 @@ def init_student(
     from slimlm.placement import choose
     from slimlm.prune.slice import evenly_spaced, keep_layers
 
-    where = choose(device)
-
+    where = choose(device, "float32")  # slicing keeps the weights exact
     if (layers is None) == (keep is None):
         raise SlimlmError("give exactly one of --layers N or --keep I,J,...")
     if layers is not None and layers < 1:
@@ -296,9 +295,7 @@ def init_student(
         wanted = None if keep is None else [int(x) for x in keep.split(",")]
     except ValueError:
         raise SlimlmError(f"--keep must be comma-separated integers, got {keep!r}") from None
-    import torch
-
-    source = load_model(model, device=where.device, dtype=torch.float32)  # slicing keeps the weights exact
+    source = load_model(model, device=where.device, dtype=where.dtype)
     indices = evenly_spaced(source.config.num_hidden_layers, layers) if wanted is None else wanted
     student = keep_layers(source, indices)
     save_model(student, load_tokenizer(model), out_dir, extra={"slimlm_init.json": {"source": str(model),
@@ -357,6 +354,7 @@ def prune(
     batch_size: int = 8,
     seed: int = 0,
     device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="PruneConfig YAML (options override it).")] = None,
 ) -> None:
     """Structured pruning (OSSCAR or a baseline): MLP neurons, attention heads, layers, hidden size -> a smaller model."""
@@ -373,8 +371,9 @@ def prune(
         if value is not None:
             overrides.append(f"{key}={value}")
     cfg = load_config(PruneConfig, config, overrides)
+    where = choose(device, dtype)  # a placement this machine cannot run fails before any work
     with progress_bar() as bar:
-        report = prune_dir(model, out_dir, cfg, device=str(choose(device).device), progress=_bar_callback(bar),
+        report = prune_dir(model, out_dir, cfg, placement=where, progress=_bar_callback(bar),
                            status=lambda msg: console.print(msg, highlight=False))
     out.print_json(json.dumps({"out": str(out_dir), "arch_after": report["arch_after"],
                                "params_before": report["params_before"], "params_after": report["params_after"],

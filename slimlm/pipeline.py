@@ -312,7 +312,7 @@ def run(recipe: Recipe, progress: Say | None = None, command: list[str] | None =
         elif kind == "prune":
             from slimlm.prune.api import prune_dir
 
-            metrics = prune_dir(model_dir(inputs["from"]), stage_dir / "model", cfg, device=str(where.device))
+            metrics = prune_dir(model_dir(inputs["from"]), stage_dir / "model", cfg, placement=where)
         elif kind == "quantize":
             from slimlm.quantize.api import quantize_dir
             from slimlm.tasks import RANKING_TASKS

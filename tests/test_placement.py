@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -102,3 +105,50 @@ def test_a_placement_this_machine_cannot_run_fails_before_any_work(tmp_path):
     with pytest.raises(SlimlmError, match="no CUDA GPU"):
         load_recipe(recipe)
     assert not (tmp_path / "x").exists()
+
+
+def test_prune_distill_and_teacher_cache_run_where_the_placement_says(tmp_path, loads, monkeypatch):
+    """bf16 on CPU is not the default there: each stage must take it from its placement / config."""
+    from conftest import synth_movielens, write_movielens
+    from safetensors import safe_open
+
+    import slimlm.distill.trainer as trainer
+    import slimlm.loading as loading
+    from slimlm.config import DistillConfig, PruneConfig, load_config
+    from slimlm.distill.teacher import build_teacher_cache
+    from slimlm.placement import choose
+    from slimlm.prune.api import prune_dir
+    from slimlm.quantize.api import QuantizeConfig, quantize_dir
+    from slimlm.testing import save_tiny_model
+
+    monkeypatch.setattr(trainer, "load_model", loading.load_model)  # the trainer's own name for it, recorded too
+
+    def dtypes(d):
+        with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+            return {f.get_slice(k).get_dtype() for k in f.keys()}
+
+    teacher = save_tiny_model("llama", tmp_path / "teacher", seed=1)
+    report = prune_dir(teacher, tmp_path / "pruned", PruneConfig(method="osscar", mlp_keep=0.5, calib="text",
+                                                                 samples=4, seq_len=32), placement=choose("cpu", "bfloat16"))
+    assert report["placement"] == {"device": "cpu", "dtype": "bfloat16", "world_size": 1}
+    assert loads == [("cpu", torch.bfloat16)] and dtypes(tmp_path / "pruned") == {"BF16"}
+
+    users, items, ratings = synth_movielens(n_users=6, per_user=12, seed=4)
+    write_movielens(tmp_path / "ml", users, items, ratings)
+    common = [f"student={tmp_path / 'pruned'}", f"teacher={teacher}", f"task.data={tmp_path / 'ml'}", "max_steps=1",
+              "eval_every=0", "task.eval_limit=8", "tensorboard=false", "device=cpu", "dtype=bfloat16",
+              "teacher_dtype=bfloat16"]
+    loads.clear()
+    trainer.train(load_config(DistillConfig, None, [*common, f"out={tmp_path / 'kd'}"]))
+    assert loads == [("cpu", torch.bfloat16), ("cpu", torch.bfloat16)]  # student, then the live teacher
+    assert dtypes(tmp_path / "kd" / "model") == {"BF16"}
+    assert json.loads((tmp_path / "kd" / "metrics.json").read_text())["teacher_precision"] == "bfloat16"
+    # the CPU option of a frozen teacher in INT8 W8A8 on slimlm's runtime: a quantized export as the teacher
+    quantize_dir(teacher, tmp_path / "t8", QuantizeConfig(scheme="int8"), placement=choose("cpu"))
+    trainer.train(load_config(DistillConfig, None, [*common[:-3], f"teacher={tmp_path / 't8'}", f"out={tmp_path / 'kd8'}"]))
+    kd8 = json.loads((tmp_path / "kd8" / "metrics.json").read_text())
+    assert kd8["teacher_precision"].startswith("int8 (slimlm's quantized runtime") and math.isfinite(kd8["eval_kl"])
+    loads.clear()
+    build_teacher_cache(load_config(DistillConfig, None, [*common, f"out={tmp_path / 'c'}", "teacher_signal=cached",
+                                                          f"teacher_cache={tmp_path / 'cache'}"]))
+    assert loads == [("cpu", torch.bfloat16)]

@@ -289,6 +289,21 @@ def load_teacher(cfg, device, load=None) -> torch.nn.Module:
     return teacher.requires_grad_(False)
 
 
+def teacher_precision(path, teacher: torch.nn.Module) -> str:
+    """How the frozen teacher runs, for the stage's metrics: its float dtype, and the quantization scheme
+    when ``path`` is a quantized export (e.g. an INT8 W8A8 teacher on a CPU, where bf16 is slow)."""
+    from slimlm.io import read_json_or_none
+    from slimlm.loading import resolve_model
+    from slimlm.quantize.export import is_compressed_tensors_dir
+
+    dtype = str(next(teacher.parameters()).dtype).removeprefix("torch.")
+    path = resolve_model(path)
+    if not is_compressed_tensors_dir(path):
+        return dtype
+    scheme = (read_json_or_none(path / "slimlm_quantize.json") or {}).get("scheme", "compressed-tensors")
+    return f"{scheme} (slimlm's quantized runtime; {dtype} elsewhere)"
+
+
 def build_teacher_cache(cfg, progress: Callable[[int], None] | None = None, dist=None, device=None) -> dict:
     """Write the top-k teacher cache for a distill config's training sequences into ``cfg.teacher_cache``.
 

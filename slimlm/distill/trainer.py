@@ -58,7 +58,13 @@ from slimlm.distill.guard import History, divergence, nonfinite_count, remember,
 from slimlm.distill.losses import LossConfig, check_vocab, normalize
 from slimlm.distill.offload import OffloadAdamW
 from slimlm.distill.sharded import materialize, meta_model
-from slimlm.distill.teacher import TRAIN_DTYPES, TeacherCache, build_teacher_cache, load_teacher
+from slimlm.distill.teacher import (
+    TRAIN_DTYPES,
+    TeacherCache,
+    build_teacher_cache,
+    load_teacher,
+    teacher_precision,
+)
 from slimlm.io import atomic_write_json, atomic_write_text, read_jsonl, recover_dir, remove_temporaries
 from slimlm.loading import check_model_dir, load_model, load_tokenizer, resolve_model
 from slimlm.models import save_model
@@ -512,6 +518,8 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
         rates = [r["tokens_per_s"] for r in read_jsonl(out / "metrics.jsonl") if "tokens_per_s" in r]
         if rates:  # over every logged step of every run of the stage
             final["median_tokens_per_s"] = statistics.median(rates)
+        if teacher is not None:
+            final["teacher_precision"] = teacher_precision(cfg.teacher, teacher)
         atomic_write_json(out / "metrics.json", final)
     barrier(dist)
     return out

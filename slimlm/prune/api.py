@@ -33,6 +33,7 @@ from slimlm import SlimlmError, placement
 from slimlm.calib import batches, calibration_windows, check_source, layer0_inputs, propagate
 from slimlm.config import PruneConfig
 from slimlm.models import FAMILIES, ArchFacts, arch_facts, param_counts
+from slimlm.placement import Placement, choose
 from slimlm.progress import Progress
 from slimlm.prune import baselines, calibrate, depth, osscar
 from slimlm.prune.slice import keep_layers, mask_width, slice_width
@@ -330,11 +331,13 @@ def prune_model(model: torch.nn.Module, calib: Sequence[torch.Tensor] | None, cf
     return small, report
 
 
-def prune_dir(source: str | Path, out_dir: str | Path, cfg: PruneConfig, *, device: str = "cpu",
+def prune_dir(source: str | Path, out_dir: str | Path, cfg: PruneConfig, *, placement: Placement | None = None,
               progress: Progress | None = None, status: Callable[[str], None] | None = None) -> dict:
     """Prune the model in ``source`` (a directory or ``teacher``) into ``out_dir`` (written atomically, with
-    ``prune_report.json``); returns the report. Every check that needs only config.json and the calibration
-    source runs before the weights are loaded."""
+    ``prune_report.json``); returns the report. The model is loaded, calibrated and solved where
+    ``placement`` says (default: :func:`slimlm.placement.choose`; the solvers' own float64/float32 maths
+    runs on that device), and the pruned model keeps the placement's dtype. Every check that needs only
+    config.json and the calibration source runs before the weights are loaded."""
     from transformers import AutoConfig
 
     from slimlm.io import peak_rss_mib
@@ -357,7 +360,9 @@ def prune_dir(source: str | Path, out_dir: str | Path, cfg: PruneConfig, *, devi
     use_calib = needs_calibration(cfg, facts, targets)
     if use_calib:
         check_source(cfg.calib)
-    source_model = load_model(path, device=device)
+    where = placement or choose()
+    device = str(where.device)
+    source_model = load_model(path, device=where.device, dtype=where.dtype)
     tokenizer = load_tokenizer(path)
     calib = None
     if use_calib:
@@ -366,7 +371,7 @@ def prune_dir(source: str | Path, out_dir: str | Path, cfg: PruneConfig, *, devi
         windows = calibration_windows(tokenizer, cfg.calib, cfg.samples, cfg.seq_len, cfg.seed)
         calib = batches(windows, cfg.batch_size, device)
     small, report = prune_model(source_model, calib, cfg, progress=progress)
-    report.update(source=str(path), wall_seconds=round(time.perf_counter() - t_start, 2),
+    report.update(source=str(path), placement=where.to_dict(), wall_seconds=round(time.perf_counter() - t_start, 2),
                   peak_rss_mib=round(peak_rss_mib(), 1))
     save_model(small, tokenizer, out_dir, extra={"prune_report.json": report})
     return report
