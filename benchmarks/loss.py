@@ -1,13 +1,14 @@
 """Loss benchmark: chunked fused-linear KD loss vs full logits vs Liger-Kernel, forward + backward on CPU.
 
-    python benchmarks/loss.py [--tokens 4096] [--vocab 49152] [--reps 3] [--chunks 64,128,256,512]
+    python benchmarks/loss.py [--tokens 4096] [--vocab 49152] [--reps 3] [--chunks 64,64c,256,256c]
                               [--threads N] [--out runs/bench/loss.json]
 
 For forward KL and JSD(β = 0.5), student hidden 384 and teacher hidden 576 (SmolLM2-135M's width) with
 an LM head over the vocabulary, fp32, it times loss + backward (median of --reps runs after one warm-up)
 and measures memory, for:
 
-    ours     slimlm.distill.chunked.fused_linear_kd_loss at each chunk size
+    ours     slimlm.distill.chunked.fused_linear_kd_loss at each chunk size, eager and with the per-chunk
+             closed-form maths compiled ("64c": torch.compile, what ``loss.compile: auto`` picks at this size)
     naive    logits = h Wᵀ for both models, log_softmax, the divergence, backward (the anchor)
     liger    liger_kernel.chunked_loss.LigerFusedLinearJSDLoss (β = 0 is forward KL), compiled=True and
              False; optional: prints "liger-kernel not installed" and skips it when absent
@@ -72,15 +73,17 @@ def run_variant(name: str, args) -> dict:
     w_t = torch.randn(v, ht, generator=g) / ht**0.5
     labels = torch.randint(0, v, (n,), generator=g)
 
-    if method == "ours":
-        from slimlm.distill.chunked import fused_linear_kd_loss
+    if method == "ours":  # option: the chunk size, "c" appended for the compiled per-chunk maths
+        from slimlm.distill.chunked import compile_closed_form, fused_linear_kd_loss
         from slimlm.distill.losses import LossConfig
 
         cfg = LossConfig(divergence=divergence, beta=DIVERGENCES[divergence])
+        chunk = int(option.rstrip("c"))
+        closed = compile_closed_form(option.endswith("c"), chunk, v)
 
         def step():
             return fused_linear_kd_loss(h_s, w_s, labels, cfg, teacher_hidden=h_t, teacher_weight=w_t,
-                                        chunk_size=int(option))
+                                        chunk_size=chunk, closed_form=closed)
         to_sum = 1.0
     elif method == "naive":
         def step():
@@ -186,7 +189,8 @@ def main() -> None:
     ap.add_argument("--student-hidden", type=int, default=384)
     ap.add_argument("--teacher-hidden", type=int, default=576)
     ap.add_argument("--reps", type=int, default=3, help="timed runs after one warm-up (median reported)")
-    ap.add_argument("--chunks", default="64,128,256,512", help="chunk sizes for ours")
+    ap.add_argument("--chunks", default="64,64c,256,256c",
+                    help="chunk sizes for ours; a trailing c: the per-chunk maths compiled (loss.compile)")
     ap.add_argument("--liger-chunk", type=int, default=1024, help="Liger's chunk_size (its default: 1024)")
     ap.add_argument("--divergences", default=",".join(DIVERGENCES))
     ap.add_argument("--threads", type=int, default=0,

@@ -43,7 +43,10 @@ class LossSection(Strict):
     temperature: float = Field(1.0, gt=0.0)
     kd_weight: float = Field(1.0, ge=0.0)
     ce_weight: float = Field(0.0, ge=0.0)
-    chunk_size: int = Field(64, ge=1)  # target tokens per chunk of the fused loss (memory ~ chunk x vocab)
+    chunk_size: int = Field(256, ge=1)  # target tokens per chunk of the fused loss (memory ~ chunk x vocab)
+    # torch.compile the per-chunk maths of the closed-form divergences (forward/reverse KL, JSD, CE): "auto"
+    # when a chunk's logits tile is large enough to pay for the compile (distill/chunked.compile_closed_form)
+    compile: bool | Literal["auto"] = "auto"
 
 
 class OptimConfig(Strict):

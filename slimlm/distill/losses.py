@@ -173,44 +173,65 @@ def cached_token_losses(student_logits: torch.Tensor, teacher_ids: torch.Tensor,
 
 
 def closed_form_grad(cfg: LossConfig) -> bool:
-    """Whether :func:`forward_kl_value_and_grad` covers ``cfg`` (forward KL and/or cross-entropy)."""
-    return cfg.kd_weight == 0 or cfg.divergence == "forward_kl" or (cfg.divergence == "jsd" and cfg.beta == 0)
+    """Whether :func:`closed_form_value_and_grad` covers ``cfg``: cross-entropy alone, or forward KL, reverse
+    KL or JSD (any β), each with or without cross-entropy. The skew divergences and TVD use autograd."""
+    return cfg.kd_weight == 0 or cfg.divergence in ("forward_kl", "reverse_kl", "jsd")
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_v a[n, v] · b[n, v] per row, without a [N, V] temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+    """Σ_v a[n, v] · b[n, v] per row."""
+    return (a * b).sum(-1)
 
 
-def forward_kl_value_and_grad(zs: torch.Tensor, zt: torch.Tensor | None, labels: torch.Tensor,
-                              cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed loss and its gradient w.r.t. the student logits ``zs`` [N, V], in closed form.
+def closed_form_value_and_grad(zs: torch.Tensor, zt: torch.Tensor | None, labels: torch.Tensor, divergence: str,
+                               beta: float, tau: float, w: float, c: float, ignore_index: int = -100
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loss [N] and its gradient w.r.t. the student logits ``zs`` [N, V], in closed form (no autograd
+    graph); ``zt`` [N, V] the teacher's logits (None when ``w`` = 0). The same values as
+    :func:`kd_token_losses` (tested), as plain tensor maths that ``torch.compile`` fuses into a few passes.
 
-    For L = w τ² Σ_v p_T (log p_T − log p_S) + c · CE(z_S, y):   dL/dz_S = w τ (p_S − p_T) + c (softmax(z_S) − e_y),
-    with p = softmax(z / τ). Same value as :func:`kd_token_losses` (tested), but with four [N, V] buffers
-    instead of the ~ten an autograd graph keeps, and no backward graph at all.
+    With s = log p_S, t = log p_T (log-softmax of z / τ), the token loss is L = w τ² D + c CE(z_S, y) and
+
+        forward KL   D = Σ p_T (t − s)                      dD/dz_S = (p_S − p_T) / τ
+        reverse KL   D = Σ p_S (s − t)                      dD/dz_S = p_S ⊙ (g − ⟨p_S, g⟩) / τ,  g = s − t
+        JSD (β)      D = β Σ p_T (t − m) + (1 − β) Σ p_S (s − m),  m = log(β p_T + (1 − β) p_S)
+                                                            dD/dz_S = p_S ⊙ (g − ⟨p_S, g⟩) / τ,  g = (1 − β)(s − m)
+        CE           −log softmax(z_S)_y                    dCE/dz_S = softmax(z_S) − e_y
+
+    (for JSD, ∂D/∂p_S = (1 − β)(s − m): the terms from m's dependence on p_S sum to zero); JSD with β = 0 is
+    forward KL and with β = 1 reverse KL, as in :func:`token_divergence`. Ignored tokens get 0 and 0.
     """
-    keep = (labels != cfg.ignore_index).to(zs.dtype)
-    tau, w, c = cfg.temperature, cfg.kd_weight, cfg.ce_weight
-    s = _log_softmax(zs, tau)  # log p_S
-    grad = torch.zeros_like(zs)
-    total = zs.new_zeros(())
+    keep = (labels != ignore_index).to(zs.dtype)
+    loss = zs.new_zeros(zs.shape[0])
+    grad = zs.new_zeros(zs.shape)
     if w:
-        t = _log_softmax(zt.to(zs.dtype), tau)  # log p_T
-        p_t = t.exp()
-        kl = _rowdot(p_t, t) - _rowdot(p_t, s)
-        total = total + (kl * keep).sum() * (w * tau**2)
-        grad.add_(s.exp().sub_(p_t).mul_(keep[:, None] * (w * tau)))
-        del t, p_t
+        kind = divergence
+        if kind == "jsd" and beta in (0.0, 1.0):
+            kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+        s = torch.log_softmax(zs / tau, -1)
+        t = torch.log_softmax(zt.to(zs.dtype) / tau, -1)
+        p_s = s.exp()
+        if kind == "forward_kl":
+            p_t = t.exp()
+            d, g_z = _rowdot(p_t, t - s), p_s - p_t
+        else:
+            if kind == "reverse_kl":
+                d = _rowdot(p_s, s - t)
+                g = s - t
+            else:
+                m = torch.logaddexp(t + math.log(beta), s + math.log1p(-beta))
+                d = beta * _rowdot(t.exp(), t - m) + (1 - beta) * _rowdot(p_s, s - m)
+                g = (1 - beta) * (s - m)
+            g_z = p_s * (g - _rowdot(p_s, g)[:, None])
+        loss = loss + d * (keep * (w * tau * tau))
+        grad = grad + g_z * (keep * (w * tau))[:, None]
     if c:
-        s1 = s if tau == 1.0 else _log_softmax(zs, 1.0)
+        s1 = torch.log_softmax(zs, -1)
         y = labels.masked_fill(keep == 0, 0)
-        ce = -s1.gather(-1, y[:, None]).squeeze(-1)
-        total = total + (ce * keep).sum() * c
-        g = s1.exp()
-        g.scatter_add_(-1, y[:, None], -torch.ones_like(ce)[:, None])
-        grad.add_(g.mul_(keep[:, None] * c))
-    return total, grad
+        loss = loss - s1.gather(-1, y[:, None]).squeeze(-1) * (keep * c)
+        onehot = torch.zeros_like(zs).scatter_(-1, y[:, None], 1.0)
+        grad = grad + (s1.exp() - onehot) * (keep * c)[:, None]
+    return loss, grad
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

@@ -40,7 +40,12 @@ from slimlm.distill.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
-from slimlm.distill.chunked import fused_linear_cached_kd_loss, fused_linear_kd_loss
+from slimlm.distill.chunked import (
+    ClosedForm,
+    compile_closed_form,
+    fused_linear_cached_kd_loss,
+    fused_linear_kd_loss,
+)
 from slimlm.distill.data import BatchOrder, Seq, build_sequences, collate, take, window_targets
 from slimlm.distill.dist import (
     all_sum,
@@ -55,7 +60,7 @@ from slimlm.distill.dist import (
     wrap,
 )
 from slimlm.distill.guard import History, divergence, nonfinite_count, remember, total_grad_norm
-from slimlm.distill.losses import LossConfig, check_vocab, normalize
+from slimlm.distill.losses import LossConfig, check_vocab, closed_form_value_and_grad, normalize
 from slimlm.distill.offload import OffloadAdamW
 from slimlm.distill.sharded import materialize, meta_model
 from slimlm.distill.teacher import (
@@ -98,10 +103,11 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
 class DistillModule(torch.nn.Module):
     """Student (+ frozen teacher) with the loss inside ``forward``, so DDP / FSDP2 wrap one module."""
 
-    def __init__(self, student, teacher, loss: LossConfig, vocab: int, chunk_size: int):
+    def __init__(self, student, teacher, loss: LossConfig, vocab: int, chunk_size: int,
+                 closed_form: ClosedForm = closed_form_value_and_grad):
         super().__init__()
         self.student, self.teacher = student, teacher
-        self.loss, self.vocab, self.chunk_size = loss, vocab, chunk_size
+        self.loss, self.vocab, self.chunk_size, self.closed_form = loss, vocab, chunk_size, closed_form
 
     @torch.no_grad()
     def _teacher_hidden(self, input_ids, attention_mask, position_ids=None, segments=None) -> torch.Tensor:
@@ -132,8 +138,8 @@ class DistillModule(torch.nn.Module):
         y = labels[:, 1:].reshape(-1)
         head = self.student.get_output_embeddings()
         if mode == "sft":
-            return fused_linear_kd_loss(h, head.weight, y, SFT_LOSS, student_bias=head.bias,
-                                        vocab_size=self.vocab, chunk_size=self.chunk_size)
+            return fused_linear_kd_loss(h, head.weight, y, SFT_LOSS, student_bias=head.bias, vocab_size=self.vocab,
+                                        chunk_size=self.chunk_size, closed_form=self.closed_form)
         if cached is not None:
             ids, logprobs, tail = (t.to(h.device) for t in cached)
             return fused_linear_cached_kd_loss(h, head.weight, y, loss or self.loss, teacher_ids=ids,
@@ -147,7 +153,7 @@ class DistillModule(torch.nn.Module):
         t_head = self.teacher.get_output_embeddings()
         return fused_linear_kd_loss(h, head.weight, y, loss or self.loss, student_bias=head.bias,
                                     teacher_hidden=t_flat, teacher_weight=t_head.weight, teacher_bias=t_head.bias,
-                                    vocab_size=self.vocab, chunk_size=self.chunk_size)
+                                    vocab_size=self.vocab, chunk_size=self.chunk_size, closed_form=self.closed_form)
 
 
 def step_mode(cfg: DistillConfig, step: int) -> str:
@@ -353,8 +359,9 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
                         teacher.get_output_embeddings().weight.shape[0] if teacher is not None else None,
                         len(tokenizer))
     eval_teacher = eval_teacher_memo(teacher, eval_seqs)  # the held-out KL's teacher states, kept between evaluations
-    loss_cfg = LossConfig(**cfg.loss.model_dump(exclude={"chunk_size"}))
-    module = DistillModule(student, teacher, loss_cfg, vocab, cfg.loss.chunk_size)
+    loss_cfg = LossConfig(**cfg.loss.model_dump(exclude={"chunk_size", "compile"}))
+    module = DistillModule(student, teacher, loss_cfg, vocab, cfg.loss.chunk_size,
+                           compile_closed_form(cfg.loss.compile, cfg.loss.chunk_size, vocab))
     wrapped = wrap(module, dist, device)  # DDP / FSDP2 / itself; the optimizer must see the wrapped params
     if fsdp2:
         materialize(wrapped, device, [(m, resolve_model(p)) for m, p in ((student, cfg.student), (teacher, cfg.teacher))

@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from slimlm import SlimlmError
-from slimlm.distill.chunked import fused_linear_kd_loss
+from slimlm.compiled import Compiled
+from slimlm.distill.chunked import COMPILE_MIN_TILE, compile_closed_form, fused_linear_kd_loss
 from slimlm.distill.losses import (
     LossConfig,
     check_vocab,
+    closed_form_value_and_grad,
     count_targets,
     kd_loss,
     normalize,
@@ -181,12 +183,13 @@ def test_kd_loss_matches_naive(kind, kw, temperature, kd_weight, ce_weight, dtyp
 UPSTREAM = 0.7  # backward through 0.7·loss, so an incoming gradient other than 1 is exercised
 
 
-def run_chunked(t: dict, labels, cfg, chunk_size, vocab_size=None):
+def run_chunked(t: dict, labels, cfg, chunk_size, vocab_size=None, closed_form=closed_form_value_and_grad):
     """fused_linear_kd_loss + backward; returns (loss, {name: grad}) for the student tensors."""
     student = {k: t[k].clone().requires_grad_(True) for k in ("s_h", "s_w", "s_b") if k in t}
     loss = fused_linear_kd_loss(student["s_h"], student["s_w"], labels, cfg, teacher_hidden=t["t_h"],
                                 teacher_weight=t["t_w"], student_bias=student.get("s_b"),
-                                teacher_bias=t.get("t_b"), vocab_size=vocab_size, chunk_size=chunk_size)
+                                teacher_bias=t.get("t_b"), vocab_size=vocab_size, chunk_size=chunk_size,
+                                closed_form=closed_form)
     (UPSTREAM * loss).backward()
     return loss, {k: x.grad for k, x in student.items()}
 
@@ -202,9 +205,9 @@ def run_naive(t: dict, labels, kind, **kw):
 
 
 def check_chunked(t, labels, kind, kw, dtype, chunk_size, temperature=1.0, ce_weight=0.0, grads_too=True,
-                  kd_weight=1.0):
+                  kd_weight=1.0, closed_form=closed_form_value_and_grad):
     cfg = cfg_for(kind, kw, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight)
-    loss, grads = run_chunked(t, labels, cfg, chunk_size)
+    loss, grads = run_chunked(t, labels, cfg, chunk_size, closed_form=closed_form)
     ref, ref_grads = run_naive(t, labels, kind, temperature=temperature, kd_weight=kd_weight,
                                ce_weight=ce_weight, **kw)
     assert grads.keys() == ref_grads.keys()
@@ -494,3 +497,30 @@ def test_chunked_ce_only_equals_torch_cross_entropy(chunk_size):
     assert_close(loss, ref, torch.float64, "loss")
     for got, want, name in ((h.grad, rh.grad, "h"), (w.grad, rw.grad, "w"), (b.grad, rb.grad, "b")):
         assert_close(got, want, torch.float64, f"grad {name}")
+
+
+# --------------------------------------------------------------------------- the compiled per-chunk maths
+
+
+@pytest.mark.parametrize(("kind", "kw", "temperature", "ce_weight"),
+                         [("forward_kl", {}, 1.0, 0.0), ("jsd", {"beta": 0.3}, 2.0, 0.5)], ids=["fkl", "jsd-ce-t2"])
+def test_compiled_closed_form_matches_naive(kind, kw, temperature, ce_weight):
+    """torch.compile of the closed-form chunk maths (37 rows in chunks of 5: two shapes) against the naive
+    reference, at the fp32 tolerance."""
+    compiled = compile_closed_form(True, 5, 101)
+    assert isinstance(compiled, Compiled) and compiled.active
+    t, labels = make_hidden(37, 101, 24, 40, torch.float32, bias=True)
+    check_chunked(t, labels, kind, kw, torch.float32, chunk_size=5, temperature=temperature, ce_weight=ce_weight,
+                  closed_form=compiled)
+    assert compiled.active  # it ran compiled, not through the fallback
+
+
+def test_compile_policy_and_fallback():
+    assert compile_closed_form(False, 64, 49152) is closed_form_value_and_grad
+    assert compile_closed_form("auto", 64, 384) is closed_form_value_and_grad  # a tiny tile: not worth compiling
+    assert isinstance(compile_closed_form("auto", 64, COMPILE_MIN_TILE // 64), Compiled)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the per-chunk loss failed"):
+        broken = Compiled(closed_form_value_and_grad, "the per-chunk loss", backend="no-such-backend")
+        t, labels = make_hidden(9, 31, 8, 12, torch.float64)
+        check_chunked(t, labels, "jsd", {"beta": 0.5}, torch.float64, chunk_size=4, closed_form=broken)
+    assert not broken.active
