@@ -130,9 +130,13 @@ def meta_model(path: str | Path, *, device=None, dtype: torch.dtype | None = Non
 
     from slimlm.loading import check_model_dir, resolve_model
     from slimlm.placement import default_dtype
+    from slimlm.quantize.export import is_compressed_tensors_dir
 
     path = resolve_model(path)
     check_model_dir(path)
+    if is_compressed_tensors_dir(path):
+        raise SlimlmError(f"{path} is a quantized export: FSDP2 shards plain Hugging Face models (run a quantized "
+                          "teacher with parallel=ddp, or use a teacher cache)")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or default_dtype(device or "cpu"),

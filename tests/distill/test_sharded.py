@@ -128,3 +128,14 @@ def test_teacher_cache_written_by_every_rank_equals_one_process(tmp_path):
         for a, b in zip(ref.rows([sid]), two.rows([sid]), strict=True):
             assert torch.equal(a, b), sid
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_meta_model_refuses_a_quantized_export(tmp_path):
+    from slimlm.distill.sharded import meta_model
+    from slimlm.quantize.api import QuantizeConfig, quantize_dir
+
+    model_dir = save_tiny_model("llama", tmp_path / "model", seed=8)
+    quantize_dir(model_dir, tmp_path / "q", QuantizeConfig(scheme="int8"))
+    with pytest.raises(SlimlmError, match="quantized export: FSDP2 shards plain"):
+        meta_model(tmp_path / "q")
+    assert meta_model(model_dir).get_input_embeddings().weight.device.type == "meta"
