@@ -74,6 +74,8 @@ SLIMLM = {
     # QuantEase: coordinate descent on GPTQ's layer objective, from GPTQ's solution (-act: act-order GPTQ's)
     "int4-quantease-g128": dict(scheme="int4", method="quantease", group_size=128),
     "int4-quantease-g128-act": dict(scheme="int4", method="quantease", group_size=128, act_order=True),
+    "int4-quantease-g128-asym-act": dict(scheme="int4", method="quantease", group_size=128, symmetric=False,
+                                         act_order=True),
 }
 BASELINES = ("ao-dynamic-qint8", "torchao-int8-dyn", "torchao-int8-wo")
 # speed only: the int8 export with every layer quantizing its own input (the A/B for sibling sharing)

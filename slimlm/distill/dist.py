@@ -78,8 +78,9 @@ def gathered(wrapped: torch.nn.Module, dist: Dist, within: torch.nn.Module | Non
     """Within the block every FSDP2 unit of ``within`` (default: all of ``wrapped``) and the root unit are
     unsharded and stay so across forward calls, so the student can be called outside the wrapped forward
     (generation, evaluation) with no collectives: ranks may then run different numbers of forwards
-    (sampling stops early on different ranks). Costs those whole layers per rank for the duration: on-policy
-    sampling gathers the student alone, never the teacher's layers. A no-op for DDP and single-process runs."""
+    (sampling stops early on different ranks). Costs those whole layers per rank for the duration: the trainer
+    gathers the student alone, and the teacher's layers (evaluation's held-out KL: the same forwards on every
+    rank) all-gather one at a time through their own FSDP2 hooks. A no-op for DDP and single-process runs."""
     if dist.strategy != "fsdp2":
         yield
         return

@@ -494,7 +494,7 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
         row = {"step": step, "mode": mode, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                "targets": n_targets, "tokens": tokens, "tokens_per_s": tokens_per_second(tokens, seconds)}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            with gathered(wrapped, dist):
+            with gathered(wrapped, dist, within=student):  # the teacher's layers gather one at a time
                 row.update(evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device,
                                             generation_eval, eval_teacher))
         evaluated = any(k in row for k in ("eval_kl", "eval_auc", "eval_exact_match"))
@@ -507,7 +507,7 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
             pending = snapshot()
 
     # -- finish ----------------------------------------------------------------------------------
-    with gathered(wrapped, dist):
+    with gathered(wrapped, dist, within=student):
         final = {"step": step, **evaluate_student(module, tokenizer, cfg, eval_seqs, ranking_eval, device,
                                                   generation_eval, eval_teacher)}
     bad = sum_int(nonfinite_count(params), dist)  # no step checked the last update's result: check it here
