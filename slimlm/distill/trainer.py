@@ -262,7 +262,8 @@ def evaluate_student(module: DistillModule, tokenizer, cfg: DistillConfig, eval_
 
 # settings that may change between an interrupted run and its resume without changing what it computes
 RESUMABLE_CHANGES = ("out", "device", "parallel", "eval_every", "save_every", "log_every", "tensorboard",
-                     "gradient_checkpointing", "offload_optimizer", "divergence_factor", "divergence_warmup")
+                     "gradient_checkpointing", "offload_optimizer", "divergence_factor", "divergence_warmup",
+                     "loss.chunk_size", "loss.compile")  # how the loss is computed, not what (equal within fp)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -285,7 +286,8 @@ def check_same_run(out: Path, cfg: DistillConfig) -> None:
     except yaml.YAMLError:
         raise SlimlmError(f"{f}: unreadable; delete {out} to start the run afresh") from None
     now = _flat(cfg.model_dump(mode="json"))
-    diff = [k for k in now if k in before and now[k] != before[k] and k.split(".")[0] not in RESUMABLE_CHANGES]
+    diff = [k for k in now if k in before and now[k] != before[k]
+            and k not in RESUMABLE_CHANGES and k.split(".")[0] not in RESUMABLE_CHANGES]
     if diff:
         shown = ", ".join(f"{k}: {before[k]!r} -> {now[k]!r}" for k in diff[:3]) + (" ..." if len(diff) > 3 else "")
         raise SlimlmError(f"{out} holds a run with other settings ({shown}); use a new out= or delete {out}")

@@ -275,7 +275,11 @@ def test_a_run_directory_refuses_other_settings(setup, tmp_path):
     train(cfg, stop_after=1)
     with pytest.raises(SlimlmError, match=r"other settings \(optim\.lr: 0\.001 -> 0\.002\)"):
         train(config(root, data, tmp_path / "run", max_steps=2, optim={"lr": 2e-3}))
-    train(config(root, data, tmp_path / "run", max_steps=2, eval_every=1, save_every=1))  # resumes, finishes
+    with pytest.raises(SlimlmError, match=r"other settings \(loss\.temperature: 1\.0 -> 2\.0\)"):  # a dotted key
+        train(config(root, data, tmp_path / "run", max_steps=2, loss={"temperature": 2.0}))
+    # how the loss is computed (chunk size: the default changed from 64 to 256; compiling) may change
+    train(config(root, data, tmp_path / "run", max_steps=2, eval_every=1, save_every=1,
+                 loss={"chunk_size": 64, "compile": False}))  # resumes, finishes
     assert (tmp_path / "run" / "model" / "config.json").exists()
     with pytest.raises(SlimlmError, match=r"max_steps: 2 -> 3"):  # finished: not silently "done" either
         train(config(root, data, tmp_path / "run", max_steps=3))
