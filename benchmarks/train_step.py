@@ -1,7 +1,7 @@
 """Training-step benchmark: one distillation step of slimlm's trainer vs TRL's GKDTrainer, fp32 on CPU.
 
     python benchmarks/train_step.py [--steps 5] [--warmup 2] [--batch-size 4] [--seq-len 256] [--threads N]
-                                    [--chunk-size 64] [--variants ours,ours-gc,trl] [--out runs/bench/train_step.json]
+                                    [--chunk-size 256] [--variants ours,ours-gc,trl] [--out runs/bench/train_step.json]
 
 Setting (the issue's spec): the built-in SmolLM2-135M-Instruct teacher -> a ~30M-parameter student (a
 Llama like the teacher, narrower and shallower, randomly initialised, saved with the teacher's tokenizer
@@ -10,7 +10,8 @@ tokens, every position a target (labels = input_ids), forward KL(p_T || p_S) at 
 (lr 5e-5, betas 0.9/0.999, eps 1e-8, no weight decay, constant lr), gradient clipping at 1.0, fp32, CPU.
 
     ours      slimlm.distill.trainer.DistillModule (live teacher, chunked fused-linear loss, no
-              [tokens x vocab] logits), the step exactly as slimlm's train() loop does it: loss sum,
+              [tokens x vocab] logits, its per-chunk maths compiled as ``loss.compile: auto`` does),
+              the step exactly as slimlm's train() loop does it: loss sum,
               normalise by the target count, backward, clip, AdamW step, zero_grad
     ours-gc   the same with student.gradient_checkpointing_enable() (as train() does for
               gradient_checkpointing: true)
@@ -124,7 +125,10 @@ def run_ours(args, gc: bool) -> dict:
     student.train()
     if gc:
         student.gradient_checkpointing_enable()
-    module = DistillModule(student, teacher, LossConfig(divergence="forward_kl"), vocab, args.chunk_size)
+    from slimlm.distill.chunked import compile_closed_form
+
+    module = DistillModule(student, teacher, LossConfig(divergence="forward_kl"), vocab, args.chunk_size,
+                           compile_closed_form("auto", args.chunk_size, vocab))  # as train() does by default
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
     batches = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()} for x in ids]
@@ -289,7 +293,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default); 1 is steadier when another job shares the CPU")
-    ap.add_argument("--chunk-size", type=int, default=64, help="ours: loss chunk (slimlm's default: 64)")
+    ap.add_argument("--chunk-size", type=int, default=256, help="ours: loss chunk (slimlm's default: 256)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--student-hidden", type=int, default=384)
     ap.add_argument("--student-layers", type=int, default=7)
