@@ -4,7 +4,7 @@ examples seen.
 
     python benchmarks/multi_item.py speed [--ks 1,4,8,16] [--candidates 16] [--steps 4] [--rounds 2]
                                           [--student-layers 10] [--out runs/bench/multi_item_speed.json]
-    python benchmarks/multi_item.py quality [--examples 1600] [--k 8] [--layers 6]
+    python benchmarks/multi_item.py quality [--examples 1600] [--k 8] [--runs 1,8] [--layers 6]
                                             [--out runs/bench/multi_item_quality.json]
 
 speed: for every k, training steps of ``--candidates`` candidates each (k = 1: that many rows; k > 1:
@@ -22,7 +22,10 @@ figure is the median step over all rounds; examples/s = candidates per step / me
 quality: SFT of a --layers model (the teacher's evenly spaced layers) for the same number of training
 examples with k = 1 and with --k, same seed, lr and candidates per step; both scored on the whole
 validation split (every user's 2 validation candidates) and compared with a paired bootstrap of ΔAUC
-(slimlm.evaluate.paired_auc_delta). Target: the interval holds 0 (packing costs no quality).
+(slimlm.evaluate.paired_auc_delta). Target: the interval holds 0 (packing costs no quality). ``--runs
+1,1u,8`` adds the diagnostic "1u": k = 1 rows (each candidate with its own up-to-date prefix) batched in
+blocks of --k consecutive candidates of one user, as the packed rows are; so a batch holds as few users
+as at k = --k, without packing. Every later run is compared with the first.
 """
 
 from __future__ import annotations
@@ -43,11 +46,31 @@ def sequences(tokenizer, k: int, seed: int = 0):
     return build_sequences(TaskConfig(candidates_per_prefix=k), tokenizer, "train", None, seed)
 
 
-def batches_of(seqs, candidates: int, seed: int):
-    """Batches of rows holding ``candidates`` targets each (whole rows), in a seeded order."""
+def user_blocks(k: int) -> list[list[int]]:
+    """The k = 1 training rows (in the task's order: user by user, in time) cut into blocks of up to ``k``
+    consecutive rows of one user: the candidates a k-packed row holds, each with its own up-to-date prefix."""
+    from slimlm.tasks import load_ranking_task
+
+    users = [e.group.split("-")[0] for e in load_ranking_task("movielens-ranking", None, "train")]
+    blocks: list[list[int]] = []
+    for i, u in enumerate(users):
+        if blocks and users[blocks[-1][0]] == u and len(blocks[-1]) < k:
+            blocks[-1].append(i)
+        else:
+            blocks.append([i])
+    return blocks
+
+
+def batches_of(seqs, candidates: int, seed: int, blocks: list[list[int]] | None = None):
+    """Batches of rows holding ``candidates`` targets each (whole rows), in a seeded order; with ``blocks``
+    (lists of row indices) the blocks are shuffled and kept together, so a batch holds few users."""
     from slimlm.tasks.completion import IGNORE_INDEX
 
-    order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed)).tolist()
+    if blocks is None:
+        order = torch.randperm(len(seqs), generator=torch.Generator().manual_seed(seed)).tolist()
+    else:
+        shuffled = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed)).tolist()
+        order = [i for b in shuffled for i in blocks[b]]
     batch, n = [], 0
     for i in order:
         t = sum(y != IGNORE_INDEX for y in seqs[i].labels)
@@ -145,7 +168,8 @@ def quality(args) -> dict:
                  "examples": args.examples, "layers": args.layers, "candidates_per_step": args.candidates,
                  "lr": args.lr, "runs": {}}
     scores = {}
-    for k in (1, args.k):
+    for run in args.runs.split(","):  # "1", "8": k; "1u": k = 1 rows batched in blocks of --k of one user
+        k = int(run.rstrip("u"))
         torch.manual_seed(0)
         base = load_model("teacher")
         model = keep_layers(base, evenly_spaced(base.config.num_hidden_layers, args.layers)).train()
@@ -153,7 +177,7 @@ def quality(args) -> dict:
         module = DistillModule(model, None, LossConfig(), vocab, 64)
         step = make_step(module, [p for p in model.parameters() if p.requires_grad], lr=args.lr)
         seen, t0, losses = 0, time.perf_counter(), []
-        feed = batches_of(sequences(tok, k), args.candidates, 0)
+        feed = batches_of(sequences(tok, k), args.candidates, 0, user_blocks(args.k) if run.endswith("u") else None)
         while seen < args.examples:
             rows, n = next(feed)
             losses.append(step(collate(rows, tok.pad_token_id), "sft") / n)
@@ -161,16 +185,17 @@ def quality(args) -> dict:
         train_s = time.perf_counter() - t0
         model.eval()
         metrics, p = evaluate_ranking(model, tok, val, batch_size=16)
-        scores[k] = p
-        out["runs"][k] = {"examples_seen": seen, "train_seconds": train_s, "val_auc": metrics["auc"],
+        scores[run] = p
+        out["runs"][run] = {"examples_seen": seen, "train_seconds": train_s, "val_auc": metrics["auc"],
                           "val_auc_ci95": list(bootstrap_auc([e.label for e in val], p)), "n_val": len(val),
                           "last_loss": statistics.mean(losses[-10:])}
-        print(f"k={k}: {seen} examples in {train_s:.0f} s; validation AUC {metrics['auc']:.4f} on {len(val)} rows")
+        print(f"{run}: {seen} examples in {train_s:.0f} s; validation AUC {metrics['auc']:.4f} on {len(val)} rows")
     labels = [e.label for e in val]
-    d = paired_auc_delta(labels, scores[args.k], scores[1])
-    out["delta_auc_k_minus_k1"] = list(d)
-    out["interval_holds_zero"] = d[1] <= 0 <= d[2]
-    print(f"ΔAUC (k={args.k} − k=1) {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]; interval holds 0: {out['interval_holds_zero']}")
+    runs = list(scores)
+    for other in runs[1:]:  # each run against the first, paired on the same validation rows
+        d = paired_auc_delta(labels, scores[other], scores[runs[0]])
+        out[f"delta_auc_{other}_minus_{runs[0]}"] = list(d)
+        print(f"ΔAUC ({other} − {runs[0]}) {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]; holds 0: {d[1] <= 0 <= d[2]}")
     return out
 
 
@@ -187,6 +212,7 @@ def main() -> None:
     q = sub.add_parser("quality")
     q.add_argument("--examples", type=int, default=1600)
     q.add_argument("--k", type=int, default=8)
+    q.add_argument("--runs", default="1,8", help="comma-separated: a k (1, 8), or 1u: k = 1 rows in user blocks of --k")
     q.add_argument("--layers", type=int, default=6)
     q.add_argument("--candidates", type=int, default=16)
     q.add_argument("--lr", type=float, default=1e-4)
