@@ -10,6 +10,9 @@ packing does for evaluation.
      broadcast  the prefix forward, then its KV broadcast to candidate batches of 16 (pack_max=0)
      naive      every prompt whole (score_full, batches of 16)
    candidates/s = N / median latency over --reps (the three alternate within each repetition).
+   Then the same with the prefix's KV already cached (the same user scored again): the candidates packed
+   into one row after the cached prefix (pack_max=N, the engine's way for N <= PACK_MAX_CANDIDATES) vs
+   broadcast to candidate batches (pack_max=0).
 2. Evaluation: the first --eval-rows rows of the MovieLens test split (2 candidates per user) through
    slimlm.runtime.scoring.score with strategy packed vs broadcast (rows/s), as `slimlm eval` runs it.
 The crossing point found here is slimlm.runtime.scoring.PACK_MAX_CANDIDATES.
@@ -75,6 +78,28 @@ def main() -> None:
         out["requests"][n] = res
         print(f"{n:>5} {res['packed']['candidates_per_s']:>11.1f} {res['broadcast']['candidates_per_s']:>14.1f} "
               f"{res['naive']['candidates_per_s']:>10.1f} "
+              f"{res['packed']['candidates_per_s'] / res['broadcast']['candidates_per_s']:>16.2f}x")
+    # the same user again: its prefix KV is cached, only the candidates run, packed in one row or broadcast
+    from slimlm.runtime.prefix_cache import PrefixCache
+
+    cache = PrefixCache(1 << 30)
+    label_probs_shared_prefix(model, prefix, suffixes[:1], labels, cache=cache)
+    kv = cache.lookup(prefix).kv
+    print(f"{'N':>5} {'hit: packed c/s':>16} {'hit: broadcast c/s':>19} {'packed/broadcast':>17}")
+    for n in [int(x) for x in args.ns.split(",")]:
+        sufs = suffixes[:n]
+        ways = {"packed": lambda s=sufs, n=n: label_probs_shared_prefix(model, prefix, s, labels, past=kv, pack_max=n),
+                "broadcast": lambda s=sufs: label_probs_shared_prefix(model, prefix, s, labels, past=kv, pack_max=0)}
+        for fn in ways.values():
+            fn()
+        times = {k: [] for k in ways}
+        for _ in range(args.reps):
+            for k, fn in ways.items():
+                times[k].append(clock(fn))
+        res = {k: {"latency_s": statistics.median(v), "candidates_per_s": n / statistics.median(v)}
+               for k, v in times.items()}
+        out["requests"][n]["cached_prefix"] = res
+        print(f"{n:>5} {res['packed']['candidates_per_s']:>16.1f} {res['broadcast']['candidates_per_s']:>19.1f} "
               f"{res['packed']['candidates_per_s'] / res['broadcast']['candidates_per_s']:>16.2f}x")
     rows = test[:args.eval_rows]
     ev = {}

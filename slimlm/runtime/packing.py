@@ -57,12 +57,22 @@ def attention_inputs(model: torch.nn.Module, attention_mask: torch.Tensor, posit
     position ids."""
     if segments is None:
         return {"attention_mask": attention_mask, **({"position_ids": position_ids} if position_ids is not None else {})}
-    allowed = block_mask(segments, attention_mask)
-    impl = getattr(model.config, "_attn_implementation", "sdpa")
-    if impl == "eager":
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    else:
-        mask = allowed
-    return {"attention_mask": mask, "position_ids": position_ids}
+    return {"attention_mask": model_mask(model, block_mask(segments, attention_mask)), "position_ids": position_ids}
+
+
+def model_mask(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean mask [B, 1, Q, K] (True = may attend) in the form the model's attention takes: boolean for
+    SDPA and flex-style kernels, additive 0 / −inf-like floats in the model's dtype for eager attention."""
+    if getattr(model.config, "_attn_implementation", "sdpa") != "eager":
+        return allowed
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def after_prefix_mask(prefix_len: int, segments: torch.Tensor) -> torch.Tensor:
+    """The boolean mask [1, 1, S, P + S] of one packed row of candidates (segment ids [S], 1..k) that follows
+    ``prefix_len`` = P cached prefix positions: every query sees the whole prefix, then the earlier tokens of
+    its own candidate."""
+    S = segments.shape[0]
+    own = torch.ones(S, S, dtype=torch.bool, device=segments.device).tril() & (segments[:, None] == segments[None, :])
+    return torch.cat([torch.ones(S, prefix_len, dtype=torch.bool, device=segments.device), own], dim=1)[None, None]

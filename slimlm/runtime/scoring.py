@@ -253,7 +253,35 @@ def iter_label_probs_shared_prefix(model, prefix: Sequence[int], suffixes: Seque
         if claim is not None:
             cache.release(claim)
     yield 0
+    if len(suffixes) <= pack_max:  # the prefix's KV was cached or just computed: the candidates in one packed row
+        out[:] = _packed_after_prefix(model, kv, suffixes, label_ids)
+        yield len(suffixes)
+        return out
     return (yield from _iter_candidates(model, kv, suffixes, label_ids, out, batch_size=batch_size, pad_id=pad_id))
+
+
+def _packed_after_prefix(model, kv: KV, suffixes: Sequence[Sequence[int]], label_ids: Sequence[int]) -> np.ndarray:
+    """[N, L] label probabilities of ``prefix + s`` for every suffix from one forward of the suffixes packed
+    into one row after the prefix's KV [1, H_kv, P, D] per layer (each suffix sees the prefix and itself;
+    positions P, P + 1, ... per suffix): no padding and no copy of the prefix KV per candidate. ``kv`` is only
+    read (the forward's cache grows by concatenation)."""
+    from transformers.cache_utils import DynamicCache
+
+    from slimlm.runtime.packing import after_prefix_mask, model_mask
+
+    device = next(model.parameters()).device
+    w, b = _label_head(model, label_ids)
+    base = model.get_decoder()
+    p = kv_len(kv)
+    ids = [t for s in suffixes for t in s]
+    pos = [p + i for s in suffixes for i in range(len(s))]
+    seg = torch.tensor([j for j, s in enumerate(suffixes, 1) for _ in s], device=device)
+    cache = DynamicCache(ddp_cache_data=kv)
+    hidden = base(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
+                  attention_mask=model_mask(base, after_prefix_mask(p, seg)), use_cache=True,
+                  **cache_kwargs(base, cache)).last_hidden_state
+    ends = torch.as_tensor(np.cumsum([len(s) for s in suffixes]) - 1, device=device)
+    return _label_probs(hidden[0, ends], w, b).double().cpu().numpy()
 
 
 def _iter_candidates(model, kv: KV, suffixes: Sequence[Sequence[int]], label_ids: Sequence[int], out: np.ndarray, *,

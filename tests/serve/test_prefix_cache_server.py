@@ -108,7 +108,7 @@ def test_concurrent_requests_for_one_prefix_compute_it_once(servers, ref):
 
     def counting(*a, **k):
         ids = k["input_ids"]
-        if ids.shape[0] == 1:  # prefix forwards run one sequence; candidate batches run several
+        if ids.shape[0] == 1 and k.get("position_ids") is None:  # prefix chunks; candidates carry their positions
             with lock:
                 prefix_tokens.append(ids.shape[1])
         return forward(*a, **k)
