@@ -22,7 +22,9 @@ two ways:
 ``benchmarks/serve.py``) and broadcasts larger ones.
 
 Across calls, a :class:`~slimlm.runtime.prefix_cache.PrefixCache` keeps prefix KV: a prefix scored again
-(the same user with new candidates) takes the longest cached part of its KV and runs only the rest.
+(the same user with new candidates) takes the longest cached part of its KV and runs only the rest; then
+up to :data:`PACK_MAX_CANDIDATES` candidates run as one packed row after the cached prefix (each attends to
+the prefix and itself), more are broadcast as above (they cross at the same point: ``benchmarks/packed_scoring.py``).
 
 The ``iter_*`` forms yield after each forward pass, so a caller that shares the model (the server's
 scheduler) can interleave other work between candidate batches; the plain forms run them to the end.
