@@ -129,9 +129,10 @@ def save_sharded_checkpoint(path: Path, student: torch.nn.Module, optimizer: tor
     weights = {name: local_part(t)[0].detach().cpu().contiguous() for name, t in named_tensors(student)}
     moments = {f"{fqn}.{k}": local_part(v)[0].detach().cpu().contiguous()
                for fqn, st in optim_sd["state"].items() for k, v in st.items() if isinstance(v, torch.Tensor)}
+    written_by = {"rank": str(rank), "world": str(world)}  # for a reader of the files; loading uses state.json
     with shared_atomic_dir(path, rank == 0, sync) as tmp:
-        save_file(weights, str(tmp / _rank_file("model", rank)), metadata={"rank": str(rank), "world": str(world)})
-        save_file(moments, str(tmp / _rank_file("optimizer", rank)), metadata={"rank": str(rank), "world": str(world)})
+        save_file(weights, str(tmp / _rank_file("model", rank)), metadata=written_by)
+        save_file(moments, str(tmp / _rank_file("optimizer", rank)), metadata=written_by)
         if rank == 0:
             save_file({f"{k}.{r}": v for r, states in enumerate(rank_rngs) for k, v in states.items()},
                       str(tmp / "rng.safetensors"))

@@ -66,13 +66,13 @@ class RowFiles:
     @classmethod
     def whole_files(cls, files: list[Path]) -> RowFiles:
         """Every tensor of every file, each whole in one file (a model directory's weights)."""
-        parts: dict[str, list[tuple[Path, int, int]]] = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as h:
-                for name in h.keys():
-                    shape = h.get_slice(name).get_shape()
-                    parts[name] = [(f, 0, shape[0] if shape else 0)]
-        return cls(parts)
+        out = cls({})
+        for f in files:  # the handle opened to read the names stays open for the reads
+            h = out._handle(f)
+            for name in h.keys():
+                shape = h.get_slice(name).get_shape()
+                out.parts[name] = [(f, 0, shape[0] if shape else 0)]
+        return out
 
     @classmethod
     def rank_files(cls, files: list[Path], shapes: Mapping[str, tuple[int, ...]]) -> RowFiles:

@@ -36,7 +36,6 @@ from slimlm import SlimlmError
 from slimlm.distill.data import FileSequences, Seq, collate, model_kwargs
 from slimlm.io import atomic_dir, shared_atomic_dir
 
-TRAIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what a distill config's dtypes name
 FORMAT_VERSION = 1
 FINGERPRINT_SCHEME = 2  # 1 (slimlm <= 0.1): sha256 of JSON-dumped sequences, without the settings
 
@@ -283,8 +282,9 @@ def load_teacher(cfg, device, load=None) -> torch.nn.Module:
     """The frozen teacher of a distill config on ``device`` (``load``: :func:`slimlm.loading.load_model`, or
     :func:`slimlm.distill.sharded.meta_model` under FSDP2), in ``teacher_dtype`` (default: per device)."""
     from slimlm.loading import load_model
+    from slimlm.placement import DTYPES
 
-    t_dtype = TRAIN_DTYPES[cfg.teacher_dtype] if cfg.teacher_dtype else None
+    t_dtype = DTYPES[cfg.teacher_dtype] if cfg.teacher_dtype else None
     teacher = (load or load_model)(cfg.teacher, device=device, dtype=t_dtype, trust_remote_code=cfg.trust_remote_code)
     return teacher.requires_grad_(False)
 

@@ -64,7 +64,6 @@ from slimlm.distill.losses import LossConfig, check_vocab, closed_form_value_and
 from slimlm.distill.offload import OffloadAdamW
 from slimlm.distill.sharded import materialize, meta_model
 from slimlm.distill.teacher import (
-    TRAIN_DTYPES,
     TeacherCache,
     build_teacher_cache,
     load_teacher,
@@ -73,6 +72,7 @@ from slimlm.distill.teacher import (
 from slimlm.io import atomic_write_json, atomic_write_text, read_jsonl, recover_dir, remove_temporaries
 from slimlm.loading import check_model_dir, load_model, load_tokenizer, resolve_model
 from slimlm.models import save_model
+from slimlm.placement import DTYPES
 from slimlm.runtime.packing import attention_inputs
 from slimlm.tasks import RANKING_TASKS, load_ranking_task
 from slimlm.tasks.completion import IGNORE_INDEX
@@ -344,7 +344,7 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
 
     fsdp2 = dist.strategy == "fsdp2"  # models built as shapes only; each rank reads its own rows once sharded
     load = meta_model if fsdp2 else load_model
-    student = load(cfg.student, device=device, dtype=TRAIN_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    student = load(cfg.student, device=device, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     student.train()
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
