@@ -25,7 +25,7 @@ validation split (every user's 2 validation candidates) and compared with a pair
 (slimlm.evaluate.paired_auc_delta). Target: the interval holds 0 (packing costs no quality). ``--runs
 1,1u,8`` adds the diagnostic "1u": k = 1 rows (each candidate with its own up-to-date prefix) batched in
 blocks of --k consecutive candidates of one user, as the packed rows are; so a batch holds as few users
-as at k = --k, without packing. Every later run is compared with the first.
+as at k = --k, without packing. Every run is compared with k = 1 (else with the first run).
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ import torch
 from _common import write_json  # benchmarks/ is on sys.path when a script runs
 
 
-def sequences(tokenizer, k: int, seed: int = 0):
+def sequences(tokenizer, k: int, seed: int = 0, packing: str = "block"):
     from slimlm.config import TaskConfig
     from slimlm.distill.data import build_sequences
 
-    return build_sequences(TaskConfig(candidates_per_prefix=k), tokenizer, "train", None, seed)
+    return build_sequences(TaskConfig(candidates_per_prefix=k, packing=packing), tokenizer, "train", None, seed)
 
 
 def user_blocks(k: int) -> list[list[int]]:
@@ -168,8 +168,9 @@ def quality(args) -> dict:
                  "examples": args.examples, "layers": args.layers, "candidates_per_step": args.candidates,
                  "lr": args.lr, "runs": {}}
     scores = {}
-    for run in args.runs.split(","):  # "1", "8": k; "1u": k = 1 rows batched in blocks of --k of one user
-        k = int(run.rstrip("u"))
+    for run in args.runs.split(","):  # "1", "8": k; "1u": k = 1 rows in blocks of --k of one user; "8c": causal;
+        spec, _, times = run.partition("x")  # "8x3": k = 8 for 3 x --examples (about k = 1's time at --examples)
+        k, examples = int(spec.rstrip("uc")), args.examples * (float(times) if times else 1)
         torch.manual_seed(0)
         base = load_model("teacher")
         model = keep_layers(base, evenly_spaced(base.config.num_hidden_layers, args.layers)).train()
@@ -177,8 +178,9 @@ def quality(args) -> dict:
         module = DistillModule(model, None, LossConfig(), vocab, 64)
         step = make_step(module, [p for p in model.parameters() if p.requires_grad], lr=args.lr)
         seen, t0, losses = 0, time.perf_counter(), []
-        feed = batches_of(sequences(tok, k), args.candidates, 0, user_blocks(args.k) if run.endswith("u") else None)
-        while seen < args.examples:
+        seqs = sequences(tok, k, packing="causal" if spec.endswith("c") else "block")
+        feed = batches_of(seqs, args.candidates, 0, user_blocks(args.k) if spec.endswith("u") else None)
+        while seen < examples:
             rows, n = next(feed)
             losses.append(step(collate(rows, tok.pad_token_id), "sft") / n)
             seen += n
@@ -188,14 +190,15 @@ def quality(args) -> dict:
         scores[run] = p
         out["runs"][run] = {"examples_seen": seen, "train_seconds": train_s, "val_auc": metrics["auc"],
                           "val_auc_ci95": list(bootstrap_auc([e.label for e in val], p)), "n_val": len(val),
-                          "last_loss": statistics.mean(losses[-10:])}
+                          "last_loss": statistics.mean(losses[-10:]),
+                          "val_scores": [round(float(x), 6) for x in p]}  # for pairing with later runs
         print(f"{run}: {seen} examples in {train_s:.0f} s; validation AUC {metrics['auc']:.4f} on {len(val)} rows")
     labels = [e.label for e in val]
-    runs = list(scores)
-    for other in runs[1:]:  # each run against the first, paired on the same validation rows
-        d = paired_auc_delta(labels, scores[other], scores[runs[0]])
-        out[f"delta_auc_{other}_minus_{runs[0]}"] = list(d)
-        print(f"ΔAUC ({other} − {runs[0]}) {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]; holds 0: {d[1] <= 0 <= d[2]}")
+    base = "1" if "1" in scores else next(iter(scores))
+    for other in [r for r in scores if r != base]:  # each run against k = 1 (else the first), paired on the same rows
+        d = paired_auc_delta(labels, scores[other], scores[base])
+        out[f"delta_auc_{other}_minus_{base}"] = list(d)
+        print(f"ΔAUC ({other} − {base}) {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]; holds 0: {d[1] <= 0 <= d[2]}")
     return out
 
 
@@ -212,7 +215,9 @@ def main() -> None:
     q = sub.add_parser("quality")
     q.add_argument("--examples", type=int, default=1600)
     q.add_argument("--k", type=int, default=8)
-    q.add_argument("--runs", default="1,8", help="comma-separated: a k (1, 8), or 1u: k = 1 rows in user blocks of --k")
+    q.add_argument("--runs", default="1,8", help="comma-separated: a k (1, 8); 1u: k = 1 rows in user blocks of "
+                   "--k; 8c: k = 8 with task.packing = causal (each candidate sees the earlier ones' answers); "
+                   "8x3: k = 8 for 3 x --examples (equal time rather than equal examples)")
     q.add_argument("--layers", type=int, default=6)
     q.add_argument("--candidates", type=int, default=16)
     q.add_argument("--lr", type=float, default=1e-4)
