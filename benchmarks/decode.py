@@ -8,9 +8,11 @@ transformers' ``model.generate``, with the machine's memory bandwidth measured i
 Variants, run in a rotating order in every repetition (one process, the same weights, greedy, fp32):
 
     hf        ``model.generate`` (do_sample=False, its own KV cache; the batch left-padded)
-    eager     ``slimlm.runtime.decoding.DecodeBatch``, the loop ``generate`` runs: the decode loop of the
-              server, evaluation and on-policy distillation (preallocated KV written in place)
-    compiled  the same with ``compile=True`` (``torch.compile`` of the per-token step), for the batch
+    fused     ``slimlm.runtime.decoding.DecodeBatch`` as it runs by default: the decode loop of the server,
+              evaluation and on-policy distillation (preallocated KV written in place), its step the fused
+              one of ``slimlm.runtime.fused_step`` where that applies (CPU, float32)
+    unfused   the same with ``fused=False``: transformers' forward for the step
+    compiled  ``compile=True`` (``torch.compile`` of transformers' forward for the step), for the batch
               sizes in --compile-batches (compiling takes minutes on a 2-core CPU: its warm-up runs before
               the timings and is reported as ``compile_s``)
     old       (with --old-rev) the decode loop of ``slimlm/runtime/decoding.py`` as it was at git revision
@@ -165,7 +167,8 @@ def runners(model, tok, old_rev: str | None) -> dict:
             return t_end - t, t_end - t_first, [g.tokens for g in gens]
         return run
 
-    out = {"hf": hf, "eager": ours(decoding), "compiled": ours(decoding, compile=True)}
+    out = {"hf": hf, "unfused": ours(decoding, fused=False), "fused": ours(decoding),
+           "compiled": ours(decoding, compile=True)}
     if old_rev:
         out["old"] = ours(old_decoding(old_rev))
     return out

@@ -76,6 +76,13 @@ SLIMLM = {
     "int4-quantease-g128-act": dict(scheme="int4", method="quantease", group_size=128, act_order=True),
     "int4-quantease-g128-asym-act": dict(scheme="int4", method="quantease", group_size=128, symmetric=False,
                                          act_order=True),
+    # with the clipping search (each group's range shrunk to the least energy-weighted rounding error)
+    "int4-rtn-g128-clip": dict(scheme="int4", method="rtn", group_size=128, clip_search=True),
+    "int4-gptq-g128-act-clip": dict(scheme="int4", method="gptq", group_size=128, act_order=True, clip_search=True),
+    "int4-quantease-g128-asym-act-clip": dict(scheme="int4", method="quantease", group_size=128, symmetric=False,
+                                              act_order=True, clip_search=True),
+    "int4-quantease-g128-act-clip": dict(scheme="int4", method="quantease", group_size=128, act_order=True,
+                                         clip_search=True),
 }
 BASELINES = ("ao-dynamic-qint8", "torchao-int8-dyn", "torchao-int8-wo")
 # speed only: the int8 export with every layer quantizing its own input (the A/B for sibling sharing)
@@ -162,6 +169,8 @@ def make_exports(mname: str, info: dict, args, results: dict, only: tuple[str, .
             continue
         if fields.get("method") == "quantease" and args.quantease_iters:
             fields = {**fields, "quantease_iters": args.quantease_iters}
+        if fields["scheme"] == "int4":  # as `slimlm quantize` does: the grid rounded to the export's scale dtype
+            fields = {**fields, "scale_dtype": "bfloat16"}
         cfg = QuantConfig(**fields)
         if cfg.needs_calibration and calib is None:
             calib = calibration_windows(tok, "text", args.calib_samples, args.calib_len)

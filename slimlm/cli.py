@@ -411,6 +411,7 @@ def serve(
                                                    "(a user scored again, a repeated system prompt); 0 = off.")] = 512,
     max_prefill_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens per prefill forward: longer "
                                                     "prompts are prefilled in chunks between decode steps.")] = 512,
+    fused_decode: Annotated[bool, typer.Option(help="CPU fp32: the fused decode step (a copy of the weights).")] = True,
 ) -> None:
     """Serve a model: /v1/score (ranking), OpenAI-compatible /v1/completions and /v1/chat/completions."""
     from slimlm.placement import choose
@@ -419,7 +420,7 @@ def serve(
     where = choose(device, dtype)  # before the model loads: a placement this machine cannot run is a one-line error
     cfg = ServeConfig(api_key=api_key, model_name=model_name, max_batch=max_batch,
                       max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_candidates=max_candidates,
-                      prefix_cache_mb=prefix_cache_mb, max_prefill_tokens=max_prefill_tokens)
+                      prefix_cache_mb=prefix_cache_mb, max_prefill_tokens=max_prefill_tokens, fused_decode=fused_decode)
     if not is_loopback(host) and api_key is None:
         console.print(f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach "
                       "this address can use the model")
@@ -488,6 +489,8 @@ def quantize(
                                                  "(static groups; same export format); quantease: start from that.")] = False,
     quantease_iters: Annotated[int | None, typer.Option(help="quantease: most sweeps per layer (default 25; stops "
                                                              "early when the objective stops improving).")] = None,
+    clip_search: Annotated[bool, typer.Option(help="int4: each group's range by a search over clipping ratios "
+                                                   "(least energy-weighted rounding error).")] = False,
     smooth: Annotated[bool, typer.Option(help="int8: SmoothQuant smoothing (needs --calib).")] = False,
     static_activations: Annotated[bool, typer.Option(help="fp8: one calibrated scale per layer input (needs --calib).")] = False,
     ignore: Annotated[list[str] | None, typer.Option(help="Layers to keep in float (repeatable; exact name, class "
@@ -511,12 +514,9 @@ def quantize(
     given = {"group_size": group_size, "symmetric": symmetric, "method": method, "calib": calib,
              "quantease_iters": quantease_iters}
     fields = {k: v for k, v in given.items() if v is not None}
-    if smooth:
-        fields["smooth"] = True
-    if static_activations:
-        fields["static_activations"] = True
-    if act_order:
-        fields["act_order"] = True
+    switches = {"smooth": smooth, "static_activations": static_activations, "act_order": act_order,
+                "clip_search": clip_search}
+    fields |= {k: True for k, on in switches.items() if on}
     if ignore is not None:
         fields["ignore"] = [] if ignore == ["none"] else ignore
     try:

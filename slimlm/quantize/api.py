@@ -49,6 +49,7 @@ from slimlm.quantize.linear import (
 )
 from slimlm.quantize.quantease import quantease_refine
 from slimlm.quantize.schemes import (
+    CLIP_RATIOS,
     INT4_QMAX,
     INT4_QMIN,
     INT8_QMAX,
@@ -60,7 +61,7 @@ from slimlm.quantize.schemes import (
 )
 
 SCHEMES = ("fp8", "int8", "int4")
-INT4_ONLY = ("group_size", "symmetric", "act_order")
+INT4_ONLY = ("group_size", "symmetric", "act_order", "clip_search")
 CALIBRATED_METHODS = ("gptq", "quantease")  # "method" values that solve a layer objective (need --calib)
 
 
@@ -78,6 +79,12 @@ class QuantConfig(BaseModel):
     damp: float = Field(0.01, gt=0, lt=1)
     act_order: bool = False  # GPTQ: visit columns by decreasing Hessian diagonal (static groups); QuantEase: its init
     quantease_iters: int = Field(25, ge=1, le=1000)  # QuantEase: most sweeps (stops early when f stops improving)
+    # each group's range by a search over clipping ratios (schemes.CLIP_RATIOS: least rounding error weighted by
+    # the calibration Hessian's diagonal; uniform for rtn); GPTQ / QuantEase then work on that grid
+    clip_search: bool = False
+    # the dtype int4 group scales are stored in (the export's ``dtype``; set by QuantizeConfig): the grid is
+    # rounded to it before the codes are chosen
+    scale_dtype: Literal["bfloat16", "float32"] = "float32"
     # int8
     smooth: bool = False
     smooth_alpha: float = Field(0.5, ge=0, le=1)
@@ -143,7 +150,10 @@ class QuantizeConfig(QuantConfig):
             raise SlimlmError("this scheme needs calibration data: add --calib text|movielens-ranking|FILE")
 
     def scheme_config(self) -> QuantConfig:
-        return QuantConfig.model_validate(self.model_dump(include=set(QuantConfig.model_fields), exclude_unset=True))
+        fields = self.model_dump(include=set(QuantConfig.model_fields), exclude_unset=True)
+        if self.scheme == "int4":  # the export stores int4 group scales in ``dtype``
+            fields["scale_dtype"] = self.dtype
+        return QuantConfig.model_validate(fields)
 
 
 def select_targets(model: nn.Module, ignore: list[str]) -> dict[str, nn.Linear]:
@@ -188,8 +198,13 @@ def quantize_linear(linear: nn.Linear, cfg: QuantConfig, *, group_size: int | No
     if cfg.scheme == "fp8":
         return Fp8Linear(*quantize_fp8_per_channel(w), b, input_scale=input_scale)
     g = group_size or cfg.group_size
-    q, scale, zero = rtn_int4(w, g, cfg.symmetric)
+    q, scale, zero = rtn_int4(w, g, cfg.symmetric, **int4_grid(cfg))
     return Int4Linear.from_codes(q, scale, zero, g, b)
+
+
+def int4_grid(cfg: QuantConfig) -> dict:
+    """How int4 group scales are chosen: :func:`slimlm.quantize.schemes.int4_group_params`' keywords."""
+    return {"clip_ratios": CLIP_RATIOS if cfg.clip_search else None, "scale_dtype": getattr(torch, cfg.scale_dtype)}
 
 
 # --------------------------------------------------------------------------- SmoothQuant
@@ -342,7 +357,7 @@ def solve_layer(linear: nn.Linear, hessian: torch.Tensor, cfg: QuantConfig,
                                       qmax=INT8_QMAX, damp=cfg.damp, iters=cfg.quantease_iters)
         return Int8Linear(q, scale, b), history
     q, scale, zero = gptq_int4(w, hessian, group_size=group_size, symmetric=cfg.symmetric, damp=cfg.damp,
-                               act_order=cfg.act_order)
+                               act_order=cfg.act_order, **int4_grid(cfg))
     history = None
     if cfg.method == "quantease":  # from GPTQ's solution, on its grid
         q, history = quantease_refine(w, hessian, q, scale, zero, group_size=group_size, qmin=INT4_QMIN,

@@ -40,12 +40,15 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> torch.T
 
 
 def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, *, group_size: int, symmetric: bool = True,
-              damp: float = 0.01, block_size: int = 128,
-              act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+              damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+              clip_ratios: tuple[float, ...] | None = None,
+              scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize ``w`` [out, in] to int4 groups with GPTQ error compensation.
 
     Returns (q int8 [out, in] in [−8, 7], scale float32 [out, in/g], zero int8 [out, in/g] | None), in
-    the conventions of :func:`slimlm.quantize.schemes.int4_group_params`.
+    the conventions of :func:`slimlm.quantize.schemes.int4_group_params`, whose clipping search
+    (``clip_ratios``, each group's error weighted by the Hessian diagonal) and ``scale_dtype`` choose each
+    group's grid when it is fixed.
 
     Columns whose Hessian diagonal is zero (inputs that were always 0 in calibration) cannot affect
     the output: their weights are quantized as they are, with no error propagated from or to them.
@@ -58,8 +61,10 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, *, group_size: int, symmet
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     n_groups = n // group_size
+    energy = h.diagonal().clone()
+    grid = dict(clip_ratios=clip_ratios, scale_dtype=scale_dtype)
     if act_order:  # static groups: parameters from the original weights, columns visited by energy
-        scale, zero = int4_group_params(w.float(), group_size, symmetric)
+        scale, zero = int4_group_params(w.float(), group_size, symmetric, importance=energy, **grid)
         perm = torch.argsort(h.diagonal(), descending=True, stable=True)
         h = h[perm][:, perm]
     else:  # parameters of a group from its weights as updated when the sweep reaches it
@@ -82,7 +87,8 @@ def gptq_int4(w: torch.Tensor, hessian: torch.Tensor, *, group_size: int, symmet
             col = order[b0 + i]
             g = col // group_size
             if not act_order and col % group_size == 0:  # a new group, from the current (updated) weights
-                s, z = int4_group_params(blk[i:i + group_size].T, group_size, symmetric)
+                s, z = int4_group_params(blk[i:i + group_size].T, group_size, symmetric,
+                                         importance=energy[col:col + group_size], **grid)
                 scale[:, g:g + 1] = s
                 if zero is not None:
                     zero[:, g:g + 1] = z

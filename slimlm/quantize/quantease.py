@@ -155,20 +155,21 @@ def quantease_refine(w: torch.Tensor, hessian: torch.Tensor, q: torch.Tensor, sc
 
 def quantease_int4(w: torch.Tensor, hessian: torch.Tensor, *, group_size: int, symmetric: bool = True,
                    damp: float = 0.01, iters: int = 25, tol: float = 1e-4, init="gptq", act_order: bool = False,
-                   block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                   block_size: int = 128, **grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """int4 group quantization of ``w`` [out, in] by QuantEase, in :func:`slimlm.quantize.gptq.gptq_int4`'s
     conventions: (q int8 [out, in] in [−8, 7], scale float32 [out, in/g], zero int8 [out, in/g] | None).
 
     ``init``: ``"gptq"`` (default; with ``act_order``, GPTQ's activation order with static groups),
-    ``"rtn"`` (round-to-nearest), or a (q, scale, zero) tuple. The grid is the initialisation's.
+    ``"rtn"`` (round-to-nearest), or a (q, scale, zero) tuple. The grid is the initialisation's; ``grid``:
+    how it is chosen (:func:`slimlm.quantize.schemes.int4_group_params`' clip_ratios and scale_dtype).
     """
     if isinstance(init, tuple):
         q, scale, zero = init
     elif init == "gptq":
         q, scale, zero = gptq_int4(w, hessian, group_size=group_size, symmetric=symmetric, damp=damp,
-                                   block_size=block_size, act_order=act_order)
+                                   block_size=block_size, act_order=act_order, **grid)
     elif init == "rtn":
-        q, scale, zero = rtn_int4(w, group_size, symmetric)
+        q, scale, zero = rtn_int4(w, group_size, symmetric, **grid)
     else:
         raise ValueError(f"init must be 'gptq', 'rtn' or a (q, scale, zero) tuple, not {init!r}")
     q, _ = quantease_refine(w, hessian, q, scale, zero, group_size=group_size, qmin=INT4_QMIN, qmax=INT4_QMAX,

@@ -119,24 +119,58 @@ def check_group_size(in_features: int, group_size: int) -> None:
         raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
 
 
-def int4_group_params(w: torch.Tensor, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+CLIP_RATIOS = tuple(1.0 - 0.01 * i for i in range(31))  # the ranges int4 clipping search tries: 100% .. 70%
+
+
+def int4_group_params(w: torch.Tensor, group_size: int, symmetric: bool, *, importance: torch.Tensor | None = None,
+                      clip_ratios: tuple[float, ...] | None = None,
+                      scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scale (and zero point) per group of ``group_size`` input columns: [out, in / g] each.
 
     symmetric:  s = max|w_g| / 7.5 (all 16 codes used: −absmax -> −7.5 -> −8, +absmax -> 7.5 -> 7,
                 an error of half a step like any other value); no zero point.
     asymmetric: lo = min(min w_g, 0), hi = max(max w_g, 0) (so 0 is exact), s = (hi − lo) / 15,
                 z = clamp(round(−8 − lo / s), −8, 7) as int8.
+
+    ``clip_ratios``: clipping search — the range is shrunk by each ratio in turn (absmax · r; lo · r,
+    hi · r) and each group keeps the ratio whose round-to-nearest error Σ_j importance_j (w_j − ŵ_j)² is
+    least (``importance`` [in]: e.g. the calibration Hessian's diagonal, the energy of input j; default
+    uniform). A ratio of 1 is the plain range, so with it in the list no group's error grows.
+    ``scale_dtype``: the scales are rounded to this dtype's values (the dtype they are stored in) before
+    the zero points and errors are computed, so codes are chosen for the scales that will be used.
     """
     out, n = w.shape
     check_group_size(n, group_size)
     wg = w.float().reshape(out, n // group_size, group_size)
     if symmetric:
-        return symmetric_scale(wg, (INT4_QMAX - INT4_QMIN) / 2).squeeze(-1), None
-    lo = wg.amin(-1).clamp_max(0)
-    hi = wg.amax(-1).clamp_min(0)
-    scale = ((hi - lo) / (INT4_QMAX - INT4_QMIN)).clamp_min(_EPS)
-    zero = torch.round(INT4_QMIN - lo / scale).clamp_(INT4_QMIN, INT4_QMAX).to(torch.int8)
-    return scale, zero
+        lo, hi = None, absmax(wg).squeeze(-1)
+    else:
+        lo, hi = wg.amin(-1).clamp_max(0), wg.amax(-1).clamp_min(0)
+    best = None
+    for r in clip_ratios or (1.0,):
+        if symmetric:
+            scale, zero = hi.float().clamp_min(_EPS) * r / ((INT4_QMAX - INT4_QMIN) / 2), None
+        else:
+            scale = ((hi - lo) * r / (INT4_QMAX - INT4_QMIN)).clamp_min(_EPS)
+        if scale_dtype is not None:
+            scale = scale.to(scale_dtype).float().clamp_min(_EPS)
+        if not symmetric:
+            zero = torch.round(INT4_QMIN - lo * r / scale).clamp_(INT4_QMIN, INT4_QMAX).to(torch.int8)
+        if clip_ratios is None:
+            return scale, zero
+        err = (w.float() - dequantize_int4(quantize_int4(w, scale, zero, group_size), scale, zero, group_size)) ** 2
+        if importance is not None:
+            err = err * importance.float()
+        err = err.reshape(out, n // group_size, group_size).sum(-1)
+        if best is None:
+            best = [err, scale, zero]
+            continue
+        better = err < best[0]
+        best[0] = torch.where(better, err, best[0])
+        best[1] = torch.where(better, scale, best[1])
+        if zero is not None:
+            best[2] = torch.where(better, zero, best[2])
+    return best[1], best[2]
 
 
 def quantize_int4(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, group_size: int) -> torch.Tensor:
@@ -159,9 +193,10 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     return (qg * scale.unsqueeze(-1)).reshape(out, n)
 
 
-def rtn_int4(w: torch.Tensor, group_size: int, symmetric: bool):
-    """Round-to-nearest int4: (q [out, in] int8 in [−8, 7], scale [out, in/g], zero [out, in/g] | None)."""
-    scale, zero = int4_group_params(w, group_size, symmetric)
+def rtn_int4(w: torch.Tensor, group_size: int, symmetric: bool, **params):
+    """Round-to-nearest int4: (q [out, in] int8 in [−8, 7], scale [out, in/g], zero [out, in/g] | None);
+    ``params``: :func:`int4_group_params`'s keywords (clipping search, scale dtype)."""
+    scale, zero = int4_group_params(w, group_size, symmetric, **params)
     return quantize_int4(w, scale, zero, group_size), scale, zero
 
 

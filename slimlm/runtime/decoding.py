@@ -30,6 +30,7 @@ import torch
 
 from slimlm import InvalidValue, SlimlmError
 from slimlm.models import cache_kwargs
+from slimlm.runtime.fused_step import fused_step_for
 from slimlm.runtime.kv_cache import SlotCache
 from slimlm.runtime.prefix_cache import KV, kv_len
 from slimlm.runtime.text import Detokenizer, StopText
@@ -278,6 +279,10 @@ class DecodeBatch:
     from a cached prefix: the server's scheduler); ``step`` samples one token per row, retires finished
     rows and runs one forward for the rest. Not thread-safe: one thread drives a batch.
 
+    ``fused``: on a CPU in float32, run the eager step as :mod:`slimlm.runtime.fused_step` does (q/k/v and
+    gate/up fused, weights in oneDNN's layout: ~1.5x the tokens/s of transformers' forward at batch 1, for
+    a copy of the linear weights); models it does not cover run transformers' forward.
+
     ``compile``: run the per-token step through ``torch.compile`` over the whole preallocated buffers
     (static shapes: B_cap rows, idle slots computed and ignored, and T_cap columns, both powers of two; a
     recompile only when the buffers grow, and torch's recompile limit bounds the shapes compiled). If
@@ -291,7 +296,7 @@ class DecodeBatch:
     """
 
     def __init__(self, model, *, pad_id: int = 0, eos_ids: Sequence[int] = (), max_positions: int | None = None,
-                 compile: bool = False):
+                 compile: bool = False, fused: bool = True):
         self.model = model
         self.device = next(model.parameters()).device
         self.pad_id = pad_id
@@ -308,6 +313,7 @@ class DecodeBatch:
                                pow2=compile)
         self._cache_arg = next(iter(cache_kwargs(model, None)))
         self._compiled: Callable | None = None
+        self._fused = fused_step_for(model) if fused and not compile else None
         if compile:
             try:
                 self._compiled = _compile_step(_decode_forward)
@@ -480,6 +486,8 @@ class DecodeBatch:
         ids = torch.tensor(tokens, device=self.device)
         pos = torch.tensor(self.positions, device=self.device)
         self.cache.bind(pos, width)
+        if self._fused is not None:
+            return self._fused(ids, pos, self.cache, width)
         return _decode_forward(self.model, self.cache, ids, pos, width, self._cache_arg)
 
 

@@ -99,6 +99,8 @@ class ServeConfig(BaseModel):
     prefix_cache_mb: float = Field(512, ge=0)
     # matches shorter than this are misses: a BOS token or a chat template's header is not worth a hit
     prefix_cache_min_tokens: int = Field(16, ge=1)
+    # decode steps by runtime/fused_step.py where it applies (CPU, float32; a copy of the linear weights)
+    fused_decode: bool = True
 
 
 # --------------------------------------------------------------------------- the app
@@ -120,7 +122,7 @@ class ServerState:
                              if config.prefix_cache_mb > 0 else None)
         self.scheduler = Scheduler(model, detok_tokenizer, max_batch=config.max_batch,
                                    max_waiting=config.max_waiting, max_prefill_tokens=config.max_prefill_tokens,
-                                   max_positions=ctx, prefix_cache=self.prefix_cache)
+                                   max_positions=ctx, prefix_cache=self.prefix_cache, fused=config.fused_decode)
 
     # ------------------------------------------------------------------ checks
 

@@ -91,3 +91,40 @@ def test_act_order_beats_rtn_and_plain_gptq_with_outlier_channels(symmetric):
     errs["rtn"] = output_error(x, w, dequantize_int4(*rtn_int4(w, 32, symmetric), 32))
     assert errs["act"] < 0.7 * errs["rtn"], errs
     assert errs["act"] < 0.6 * errs["plain"], errs
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_search_picks_each_group_s_least_weighted_error_by_brute_force(symmetric):
+    """Oracle: every group's error under the searched grid is the least over the ratios, each tried alone."""
+    from slimlm.quantize.schemes import CLIP_RATIOS, int4_group_params, quantize_int4
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(6, 64, generator=g) * torch.rand(64, generator=g) + (0 if symmetric else 0.2)
+    energy = torch.rand(64, generator=g) + 0.1
+
+    def group_err(scale, zero):
+        d = w - dequantize_int4(quantize_int4(w, scale, zero, 16), scale, zero, 16)
+        return (d ** 2 * energy).reshape(6, 4, 16).sum(-1)
+
+    s, z = int4_group_params(w, 16, symmetric, importance=energy, clip_ratios=CLIP_RATIOS)
+    each = torch.stack([group_err(*int4_group_params(w, 16, symmetric, importance=energy, clip_ratios=(r,)))
+                        for r in CLIP_RATIOS])
+    torch.testing.assert_close(group_err(s, z), each.min(0).values)
+    plain = group_err(*int4_group_params(w, 16, symmetric))
+    assert torch.equal(plain, each[0])  # ratio 1 is the plain range
+    assert (group_err(s, z) < plain).sum() >= 4  # clipping pays in some groups of random weights
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_grid_options_with_an_identity_hessian_equal_rtn_on_the_same_grid(symmetric):
+    """With H = I no error propagates: GPTQ (plain and act-order) with the clipping search and bf16-rounded
+    scales equals round-to-nearest on the grid those options choose; the scales are bf16 values."""
+    torch.manual_seed(0)
+    w = torch.randn(5, 64) + (0 if symmetric else 0.3)
+    grid = dict(clip_ratios=(1.0, 0.9, 0.8), scale_dtype=torch.bfloat16)
+    want = rtn_int4(w, 32, symmetric, importance=torch.ones(64), **grid)
+    for act_order in (False, True):
+        got = gptq_int4(w, torch.eye(64), group_size=32, symmetric=symmetric, act_order=act_order, **grid)
+        for a, b in zip(got, want, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(want[1], want[1].to(torch.bfloat16).float())

@@ -301,3 +301,38 @@ def test_compiled_step_gives_the_eager_tokens():
     if not batch.compiled:
         pytest.skip("torch.compile is unavailable here: " + "; ".join(
             str(w.message) for w in caught if str(w.message).startswith(decoding.COMPILE_FAILED)))
+
+
+# --------------------------------------------------------------------------- the fused step
+
+
+def _next_logits(model, ps, **kw) -> torch.Tensor:
+    batch = DecodeBatch(model, **kw)
+    batch.add([Generation(p, SamplingParams(max_tokens=4, temperature=0)) for p in ps])
+    batch.step()  # one decode forward: these logits come from the step
+    batch.step()
+    return batch.logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fused_step_runs_for_every_family_and_matches_transformers_forward(family):
+    m = tiny_model(family, seed=5, initializer_range=0.2,
+                   **({"attention_bias": True, "mlp_bias": True} if family == "llama" else {}))
+    assert DecodeBatch(m)._fused is not None and DecodeBatch(m, fused=False)._fused is None
+    ps = prompts(4, (7, 3, 12))
+    torch.testing.assert_close(_next_logits(m, ps), _next_logits(m, ps, fused=False), rtol=1e-5, atol=1e-5)
+
+
+def test_the_fused_step_follows_weights_updated_in_place_and_skips_quantized_models():
+    m = tiny_model("qwen2", seed=6, initializer_range=0.2)
+    ps = prompts(5, (6, 9))
+    before = _next_logits(m, ps)
+    with torch.no_grad():  # what an optimizer step does (on-policy sampling decodes with the student in training)
+        m.get_decoder().layers[0].mlp.down_proj.weight.mul_(3.0)
+        m.get_decoder().layers[1].self_attn.k_proj.bias.add_(0.5)
+    after = _next_logits(m, ps)
+    assert not torch.allclose(before, after, atol=1e-3)
+    torch.testing.assert_close(after, _next_logits(m, ps, fused=False), rtol=1e-5, atol=1e-5)
+    q = tiny_model("llama", seed=7, initializer_range=0.2)
+    api.quantize_model(q, api.QuantConfig(scheme="int8"))
+    assert DecodeBatch(q)._fused is None  # slimlm's quantized layers run transformers' forward

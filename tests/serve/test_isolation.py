@@ -132,7 +132,8 @@ def test_seeds_beyond_64_bits_are_refused_before_the_batch():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = save_tiny_model("llama", tmp_path_factory.mktemp("iso") / "tiny", seed=3, initializer_range=0.2)
-    app = create_app(path, ServeConfig(max_batch=8, max_tokens=400, prefix_cache_mb=0))
+    # fused_decode off: the tests instrument model.forward, which decode steps then go through too
+    app = create_app(path, ServeConfig(max_batch=8, max_tokens=400, prefix_cache_mb=0, fused_decode=False))
     with serve_in_thread(app) as url:
         yield url, app.state.slimlm
 

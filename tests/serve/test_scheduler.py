@@ -200,7 +200,8 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(model, tiny_tok):
     assert len(long_prompt) == 60
     shapes, undo = _logged_forwards(model)
     try:
-        with Scheduler(model, tiny_tok, max_batch=2, max_prefill_tokens=8) as sched:
+        # fused=False: every forward, decode steps included, goes through the logged model.forward
+        with Scheduler(model, tiny_tok, max_batch=2, max_prefill_tokens=8, fused=False) as sched:
             running = sched.submit([5, 6, 7], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
             wait_for(lambda: sched.steps >= 2)
             start = len(shapes)

@@ -1,0 +1,175 @@
+"""The decode step with fused projections: one matrix-vector product for q/k/v, one for gate/up.
+
+A batch-1 decode step reads every weight once, so on a CPU its speed is that of the matrix-vector products
+(GEMVs) and of the Python around them. transformers' forward runs 7 GEMVs a layer (q, k, v, o, gate, up,
+down) through ``F.linear``, which on a CPU is one thread's bandwidth (``benchmarks/decode.py``). This step
+runs the same maths over the same modules' weights with
+
+- q/k/v concatenated into one weight and gate/up into another: 4 GEMVs a layer instead of 7;
+- on a CPU in float32, every weight (LM head included) reordered once into oneDNN's blocked layout
+  (``torch.ops.mkldnn._reorder_linear_weight``) and run by ``mkldnn._linear_pointwise``, which uses every
+  thread; elsewhere the fused weights run through ``F.linear``;
+- the layer loop written out: RMSNorms, rotary embeddings (the model's own ``rotary_emb`` module, so any
+  rope scaling is the model's), Qwen3's q/k norms, SDPA over the :class:`~slimlm.runtime.kv_cache.SlotCache`
+  with its decode mask, the MLP activation (the model's ``act_fn``).
+
+It covers the decoder families slimlm supports (Llama, Qwen2, Qwen3, Mistral: :data:`slimlm.models.FAMILIES`);
+:func:`fused_step_for` returns ``None`` for anything else, and the decode loop then runs transformers'
+forward. Greedy tokens equal the unfused step's (tested for every family; float summation order differs).
+
+The fused weights are a copy (about the size of the model's linear weights: the price of the speed). They
+are built once per model and rebuilt when a weight changes in place (an optimizer step: on-policy sampling
+decodes with the student being trained), judged by the weights' version counters.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from slimlm.runtime.kv_cache import SlotCache
+
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+
+
+def _mkldnn(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+class FusedLinear:
+    """``y = x Wᵀ + b`` for the row-wise concatenation of several linears' weights (and biases; a missing
+    bias is zeros when another has one). On a CPU in float32 the weight is held in oneDNN's layout only."""
+
+    def __init__(self, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor | None]):
+        w = weights[0].detach() if len(weights) == 1 else torch.cat([x.detach() for x in weights])
+        self.sizes = [x.shape[0] for x in weights]
+        if any(b is not None for b in biases):
+            self.bias = torch.cat([b.detach() if b is not None else w.new_zeros(n)
+                                   for b, n in zip(biases, self.sizes, strict=True)])
+        else:
+            self.bias = None
+        if _mkldnn(w):
+            self.weight, self.packed = None, torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        else:
+            self.weight, self.packed = w, None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _linear(*mods) -> FusedLinear:
+    return FusedLinear([m.weight for m in mods], [getattr(m, "bias", None) for m in mods])
+
+
+class _Layer:
+    def __init__(self, layer):
+        a, m = layer.self_attn, layer.mlp
+        self.attn, self.mlp = a, m
+        self.qkv = _linear(a.q_proj, a.k_proj, a.v_proj)
+        self.o = _linear(a.o_proj)
+        self.gate_up = _linear(m.gate_proj, m.up_proj)
+        self.down = _linear(m.down_proj)
+        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.q_norm, self.k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class FusedStep:
+    """One decode step of m rows over a :class:`SlotCache`: ``step(ids [m], positions [m], cache, width)``
+    -> next-token logits [m, V] (float32), as ``decoding._decode_forward`` computes them."""
+
+    def __init__(self, model):
+        self.model = model
+        self.decoder = model.get_decoder()
+        cfg = model.config
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.layers = [_Layer(layer) for layer in self.decoder.layers]
+        self.head = _linear(model.get_output_embeddings())
+        self.version = weight_version(model)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: SlotCache, width: int) -> torch.Tensor:
+        m, d = ids.shape[0], self.head_dim
+        h = self.decoder.embed_tokens(ids)  # [m, H]
+        cos, sin = self.decoder.rotary_emb(h[:, None], positions[:, None])  # [m, 1, D]
+        cos, sin = cos[:, None], sin[:, None]  # [m, 1 (heads), 1 (token), D]
+        masks = cache.decode_mask(positions, width)
+        nq, nkv = self.heads * d, self.kv_heads * d
+        for i, lay in enumerate(self.layers):
+            x = lay.norm1(h)
+            q, k, v = lay.qkv(x).split((nq, nkv, nkv), dim=-1)
+            q, k, v = q.view(m, self.heads, 1, d), k.view(m, self.kv_heads, 1, d), v.view(m, self.kv_heads, 1, d)
+            if lay.q_norm is not None:
+                q, k = lay.q_norm(q), lay.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            keys, values = cache.update(k, v, i)
+            mask = masks if not isinstance(masks, dict) else masks[cache.layer_types[i]]
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=lay.attn.scaling,
+                                               enable_gqa=self.heads != self.kv_heads)
+            h = h + lay.o(o.reshape(m, nq))
+            gate, up = lay.gate_up(lay.norm2(h)).chunk(2, dim=-1)
+            h = h + lay.down(lay.mlp.act_fn(gate) * up)
+        return self.head(self.decoder.norm(h)).float()
+
+
+def weight_version(model) -> tuple:
+    """Identity and in-place version of every parameter: changes when any weight is replaced or updated."""
+    out = []
+    for p in model.parameters():
+        try:
+            out.append((p.data_ptr(), p._version))
+        except RuntimeError:  # an inference tensor has no version counter; it cannot be updated in place either
+            out.append((p.data_ptr(), 0))
+    return tuple(out)
+
+
+def _room_for_copy(model) -> bool:
+    """Whether a copy of the model's weights fits in half the memory available now (else the fused step
+    is skipped: its speed is not worth swapping or an out-of-memory kill)."""
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:  # Linux: MemAvailable (free + reclaimable cache)
+        with open("/proc/meminfo") as f:
+            free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # neither: assume room
+            return True
+    return need <= free // 2
+
+
+def fused_step_for(model) -> FusedStep | None:
+    """The model's :class:`FusedStep` (built on first use, rebuilt after its weights change), or None when
+    the model is not of a supported family with plain linear layers, not on a CPU in float32 (where the
+    fused step was measured), or when a copy of its weights would not fit in half the free memory."""
+    if getattr(model.config, "model_type", None) not in SUPPORTED:
+        return None
+    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for layer in model.get_decoder().layers:  # quantized layers (slimlm's runtime modules) keep their own path
+        parts = [getattr(layer.self_attn, n, None) for n in projections[:4]] + [getattr(layer.mlp, n, None)
+                                                                               for n in projections[4:]]
+        if not all(type(p) is torch.nn.Linear for p in parts):
+            return None
+    head = model.get_output_embeddings()
+    if head is None or not _mkldnn(head.weight) or getattr(model.config, "_attn_implementation", "sdpa") not in (
+            "sdpa", "eager"):
+        return None
+    step = getattr(model, "_slimlm_fused_step", None)
+    if step is None and not _room_for_copy(model):
+        return None
+    if step is None or step.version != weight_version(model):
+        step = None  # drop the old copy before building the new one
+        model._slimlm_fused_step = None
+        step = FusedStep(model)
+        model._slimlm_fused_step = step
+    return step
