@@ -39,11 +39,11 @@ import torch
 from _common import write_json  # benchmarks/ is on sys.path when a script runs
 
 
-def sequences(tokenizer, k: int, seed: int = 0, packing: str = "block"):
+def sequences(tokenizer, k: int, seed: int = 0):
     from slimlm.config import TaskConfig
     from slimlm.distill.data import build_sequences
 
-    return build_sequences(TaskConfig(candidates_per_prefix=k, packing=packing), tokenizer, "train", None, seed)
+    return build_sequences(TaskConfig(candidates_per_prefix=k), tokenizer, "train", None, seed)
 
 
 def user_blocks(k: int) -> list[list[int]]:
@@ -168,9 +168,9 @@ def quality(args) -> dict:
                  "examples": args.examples, "layers": args.layers, "candidates_per_step": args.candidates,
                  "lr": args.lr, "runs": {}}
     scores = {}
-    for run in args.runs.split(","):  # "1", "8": k; "1u": k = 1 rows in blocks of --k of one user; "8c": causal;
+    for run in args.runs.split(","):  # "1", "8": k; "1u": k = 1 rows in blocks of --k of one user
         spec, _, times = run.partition("x")  # "8x3": k = 8 for 3 x --examples (about k = 1's time at --examples)
-        k, examples = int(spec.rstrip("uc")), args.examples * (float(times) if times else 1)
+        k, examples = int(spec.rstrip("u")), args.examples * (float(times) if times else 1)
         torch.manual_seed(0)
         base = load_model("teacher")
         model = keep_layers(base, evenly_spaced(base.config.num_hidden_layers, args.layers)).train()
@@ -178,8 +178,7 @@ def quality(args) -> dict:
         module = DistillModule(model, None, LossConfig(), vocab, 64)
         step = make_step(module, [p for p in model.parameters() if p.requires_grad], lr=args.lr)
         seen, t0, losses = 0, time.perf_counter(), []
-        seqs = sequences(tok, k, packing="causal" if spec.endswith("c") else "block")
-        feed = batches_of(seqs, args.candidates, 0, user_blocks(args.k) if spec.endswith("u") else None)
+        feed = batches_of(sequences(tok, k), args.candidates, 0, user_blocks(args.k) if spec.endswith("u") else None)
         while seen < examples:
             rows, n = next(feed)
             losses.append(step(collate(rows, tok.pad_token_id), "sft") / n)
@@ -216,8 +215,7 @@ def main() -> None:
     q.add_argument("--examples", type=int, default=1600)
     q.add_argument("--k", type=int, default=8)
     q.add_argument("--runs", default="1,8", help="comma-separated: a k (1, 8); 1u: k = 1 rows in user blocks of "
-                   "--k; 8c: k = 8 with task.packing = causal (each candidate sees the earlier ones' answers); "
-                   "8x3: k = 8 for 3 x --examples (equal time rather than equal examples)")
+                   "--k; 8x3: k = 8 for 3 x --examples (equal time rather than equal examples)")
     q.add_argument("--layers", type=int, default=6)
     q.add_argument("--candidates", type=int, default=16)
     q.add_argument("--lr", type=float, default=1e-4)

@@ -34,11 +34,6 @@ class TaskConfig(Strict):
     # ranking tasks: candidates that share a prefix are packed into one sequence, up to this many (the prefix
     # runs once; each candidate sees the prefix and itself only); MovieLens groups its train ratings to match
     candidates_per_prefix: int = Field(1, ge=1)
-    # how a packed training row's candidates see each other: "block" = not at all (each sees the prefix and
-    # itself); "causal" = in time order, each also sees the group's earlier candidates with their answers (an
-    # ordinary causal row: no candidate's history is older than its own). Training split only; evaluation
-    # rows stay "block" (their answers are what is measured)
-    packing: Literal["block", "causal"] = "block"
 
 
 class LossSection(Strict):

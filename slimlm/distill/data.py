@@ -7,10 +7,7 @@ A :class:`Seq` is ``input_ids`` with ``labels`` (-100 where no loss is taken) an
   With ``candidates_per_prefix`` k > 1, up to k candidates that share a prefix are packed into one
   sequence ``prefix + (suffix_1 + [label_1]) + ... + (suffix_k + [label_k])`` with per-candidate position
   ids and segment ids (:mod:`slimlm.runtime.packing`): the prefix runs once, each candidate sees the
-  prefix and itself only, and the targets are still one label token per candidate. With
-  ``task.packing = "causal"`` (training split only) the same candidates form an ordinary causal row instead:
-  each candidate also sees the group's earlier candidates with their labels, which came before it in time,
-  so no candidate's history is staler than the group's prefix plus what precedes it in the row;
+  prefix and itself only, and the targets are still one label token per candidate;
 * completion (and the built-in arithmetic task): chat-template rendering, targets on the response only;
 * text: token blocks, every token after the first a target.
 """
@@ -44,17 +41,10 @@ class Seq:
     # j = candidate j), see slimlm.runtime.packing
     positions: tuple[int, ...] | None = None
     segments: tuple[int, ...] | None = None
-    # a causal multi-item row (task.packing = "causal"): one target per candidate, each candidate seeing the
-    # earlier ones; an ordinary sequence to the model (no positions or segments)
-    causal: bool = False
 
     def unpacked(self) -> list[Seq]:
-        """A packed row as one ordinary sequence per candidate (``prefix + candidate``; a causal row's
-        candidate j: the row up to its target, the only one kept), for the code paths that need one prompt
-        per row (on-policy sampling); an unpacked row as itself."""
-        if self.causal:
-            ends = [i for i, v in enumerate(self.labels) if v != IGNORE_INDEX]
-            return [Seq(self.input_ids[:e + 1], (IGNORE_INDEX,) * e + (self.labels[e],), e) for e in ends]
+        """A packed row as one ordinary sequence per candidate (``prefix + candidate``), for the code paths
+        that need one prompt per row (on-policy sampling); an unpacked row as itself."""
         if self.segments is None:
             return [self]
         p = self.segments.index(1) if 1 in self.segments else len(self.segments)
@@ -98,7 +88,7 @@ def build_sequences(task: TaskConfig, tokenizer, split: str, limit: int | None, 
     elif task.name == "movielens-ranking":
         examples = load_ranking_task(task.name, task.data, split, limit, seed, task.candidates_per_prefix)
         out = ranking_sequences(tokenize_ranking(examples, tokenizer), label_token_ids(tokenizer),
-                                task.candidates_per_prefix, task.max_length, causal=_causal(task, split))
+                                task.candidates_per_prefix, task.max_length)
     elif task.name == "completion":
         out = completion_file_sequences(task, tokenizer, split, limit, seed)
     elif task.name == "arithmetic":  # built-in chain sums: fixed examples per split, trained like completion
@@ -194,16 +184,9 @@ def take(seqs: Sequence[Seq], idx: Sequence[int]) -> list[Seq]:
     return seqs.take(idx) if isinstance(seqs, FileSequences) else [seqs[i] for i in idx]
 
 
-def _causal(task: TaskConfig, split: str) -> bool:
-    """Whether ``split``'s packed ranking rows are causal: the training split with ``packing: causal``."""
-    return task.packing == "causal" and split == task.split and task.candidates_per_prefix > 1
-
-
 def _settings(task: TaskConfig, split: str, limit: int | None, seed: int) -> dict:
-    ranking = task.name == "ranking"
     return {"task": task.name, "split": split, "limit": limit, "seed": seed, "max_length": task.max_length,
-            "candidates_per_prefix": task.candidates_per_prefix if ranking else 1,
-            **({"packing": "causal"} if ranking and _causal(task, split) else {})}
+            "candidates_per_prefix": task.candidates_per_prefix if task.name == "ranking" else 1}
 
 
 def completion_file_sequences(task: TaskConfig, tokenizer, split: str, limit: int | None, seed: int) -> FileSequences:
@@ -227,11 +210,8 @@ def ranking_file_sequences(task: TaskConfig, tokenizer, split: str, limit: int |
     rows = index_ranking_file(task.data, split, limit, seed, k)
     label_ids = label_token_ids(tokenizer)
 
-    causal = _causal(task, split)
-
     def make(examples: list) -> Seq:
-        (seq,) = ranking_sequences(tokenize_ranking(examples, tokenizer), label_ids, k, task.max_length,
-                                   causal=causal)
+        (seq,) = ranking_sequences(tokenize_ranking(examples, tokenizer), label_ids, k, task.max_length)
         return seq
 
     return FileSequences(rows.examples, make, len(rows), rows.packs, path=Path(task.data),
@@ -239,15 +219,12 @@ def ranking_file_sequences(task: TaskConfig, tokenizer, split: str, limit: int |
 
 
 def ranking_sequences(examples: list[TokenizedRanking], label_ids: tuple[int, int], k: int,
-                      max_length: int, *, causal: bool = False) -> list[Seq]:
+                      max_length: int) -> list[Seq]:
     """Ranking examples as training sequences: consecutive examples of one group (same prefix) packed k
     at a time; a group of one (or k = 1) is the plain ``prefix + suffix + [label]`` sequence.
 
     ``max_length`` bounds every candidate's own sequence (prefix + suffix + label), as for unpacked rows:
-    the prefix is cut from the left to fit the longest candidate of the pack. ``causal``: a pack is the
-    ordinary row ``prefix + candidate_1 + ... + candidate_k`` (each with its label; the examples must be in
-    time order, as a group's are), so candidate j also sees candidates 1..j-1 and their labels; the row is
-    longer than ``max_length`` by the earlier candidates."""
+    the prefix is cut from the left to fit the longest candidate of the pack."""
     pos, neg = label_ids
     out: list[Seq] = []
     i = 0
@@ -266,15 +243,6 @@ def ranking_sequences(examples: list[TokenizedRanking], label_ids: tuple[int, in
             out.append(Seq(tuple(ids), tuple(labels), len(ids) - 1))
             continue
         prefix = prefix[max(0, len(prefix) + max(len(c) for c in cands) - max_length):]
-        if causal:
-            ids = prefix + [t for c in cands for t in c]
-            labels = [IGNORE_INDEX] * len(ids)
-            end = len(prefix)
-            for c in cands:
-                end += len(c)
-                labels[end - 1] = c[-1]
-            out.append(Seq(tuple(ids), tuple(labels), len(prefix) + len(cands[0]) - 1, causal=True))
-            continue
         ids, positions, segments = pack(prefix, cands)
         labels = [IGNORE_INDEX] * len(ids)
         end = len(prefix)

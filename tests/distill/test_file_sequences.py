@@ -97,10 +97,10 @@ def eager_completion(path, tok, split, limit, seed, max_length) -> list[Seq]:
     return out
 
 
-def eager_ranking(path, tok, split, limit, seed, k, max_length, causal=False) -> list[Seq]:
+def eager_ranking(path, tok, split, limit, seed, k, max_length) -> list[Seq]:
     examples = [ex for n, r in rows_whole(path) if (ex := ranking_example(path, n, r, split)) is not None]
     examples = subsample(examples, limit, seed)
-    return ranking_sequences(tokenize_ranking(examples, tok), label_token_ids(tok), k, max_length, causal=causal)
+    return ranking_sequences(tokenize_ranking(examples, tok), label_token_ids(tok), k, max_length)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
@@ -124,17 +124,13 @@ def test_completion_file_sequences_equal_the_whole_file_read(tmp_path, tiny_tok,
 def test_ranking_file_sequences_equal_the_whole_file_read(tmp_path, tiny_tok, fmt):
     path = write(tmp_path / f"r.{fmt}", ranking_rows(80))
     for split in ("train", "val", "test"):
-        for k, packing in ((1, "block"), (3, "block"), (3, "causal")):
+        for k in (1, 3):
             for limit, seed in ((None, 0), (9, 2), (10_000, 0)):
-                task = TaskConfig(name="ranking", data=str(path), max_length=40, candidates_per_prefix=k,
-                                  packing=packing)
+                task = TaskConfig(name="ranking", data=str(path), max_length=40, candidates_per_prefix=k)
                 got = build_sequences(task, tiny_tok, split, limit, seed)
-                # causal rows are for the training split only: evaluation rows stay block-packed
-                want = eager_ranking(path, tiny_tok, split, limit, seed, k, 40, causal=packing == "causal"
-                                     and split == "train")
+                want = eager_ranking(path, tiny_tok, split, limit, seed, k, 40)
                 assert len(got) == len(want) > 0, (split, k, limit)
                 assert list(got) == want, (split, k, limit)
-                assert any(s.causal for s in got) == (packing == "causal" and split == "train")
             examples = [ex for n, r in rows_whole(path) if (ex := ranking_example(path, n, r, split)) is not None]
             assert load_ranking_task("ranking", path, split, 9, 2) == subsample(examples, 9, 2)
 
@@ -217,16 +213,3 @@ def test_the_cache_key_of_a_file_reads_bytes_not_tokens(tmp_path, tiny_tok, monk
     assert fp not in others and len(others) == 5
     path.write_text(path.read_text().replace("fox", "cat"))
     assert fingerprint(build_sequences(task, tiny_tok, "train", None), **base) != fp
-
-
-def test_the_cache_key_of_a_ranking_file_names_causal_packing(tmp_path, tiny_tok):
-    """A teacher cache built on block-packed rows must not serve causal rows (other tokens in other places)."""
-    path = write(tmp_path / "r.jsonl", ranking_rows(40))
-    base = dict(k=4, temperature=1.0, vocab=384)
-
-    def fp(k, packing):
-        task = TaskConfig(name="ranking", data=str(path), candidates_per_prefix=k, packing=packing)
-        return fingerprint(build_sequences(task, tiny_tok, "train", None), **base)
-
-    assert fp(3, "causal") != fp(3, "block")
-    assert fp(1, "causal") == fp(1, "block")  # nothing is packed at k = 1: the same rows

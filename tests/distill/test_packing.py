@@ -126,34 +126,3 @@ def test_ranking_sequences_pack_consecutive_candidates_of_a_group():
     # max_length bounds each candidate's own sequence: the prefix is cut from the left
     short = ranking_sequences(ex[:2], (YES, NO), k=2, max_length=5)[0]
     assert short.input_ids[:short.prompt_len] == (2, 3) and short.positions[-2:] == (2, 3)
-
-
-def test_causal_rows_carry_each_candidate_s_answer_to_the_later_ones():
-    """task.packing = causal: a group's candidates form one ordinary row; candidate j's loss equals the
-    sequence ``prefix + candidates 1..j`` (labels included) with only its own label as target."""
-    ex = [tok(0, "a", [1, 2, 3], [10, 11], 1), tok(1, "a", [1, 2, 3], [12], 0), tok(2, "a", [1, 2, 3], [13, 14], 1),
-          tok(3, "b", [4, 5], [15], 0)]
-    seqs = ranking_sequences(ex, (YES, NO), k=3, max_length=64, causal=True)
-    assert len(seqs) == 2
-    row = seqs[0]
-    assert row.causal and row.positions is None and row.segments is None
-    assert row.input_ids == (1, 2, 3, 10, 11, YES, 12, NO, 13, 14, YES)
-    assert [i for i, y in enumerate(row.labels) if y != IGNORE_INDEX] == [5, 7, 10]
-    assert row.prompt_len == 5  # the tokens before the first target
-    assert seqs[1] == ranking_sequences(ex[3:], (YES, NO), k=1, max_length=64)[0]  # a group of one: plain
-    parts = row.unpacked()
-    assert [p.input_ids for p in parts] == [row.input_ids[:6], row.input_ids[:8], row.input_ids[:11]]
-    assert all([y for y in p.labels if y != IGNORE_INDEX] == [p.input_ids[-1]] for p in parts)
-    # no candidate sees a later one: the loss of the row is the sum of its unpacked candidates' losses
-    student = tiny_model("qwen2", seed=4)
-    module = DistillModule(student, None, LossConfig(), student.config.vocab_size, 8)
-
-    def loss(batch):
-        b = collate(batch, pad_id=0)
-        return module(b["input_ids"], b["attention_mask"], b["labels"], mode="sft",
-                      position_ids=b.get("position_ids"), segments=b.get("segments"))
-
-    torch.testing.assert_close(loss([row]), loss(parts), rtol=1e-5, atol=1e-6)
-    # max_length cuts the prefix to fit the longest candidate (as block rows); the earlier candidates add on
-    short = ranking_sequences(ex[:2], (YES, NO), k=2, max_length=5, causal=True)[0]
-    assert short.input_ids == (2, 3, 10, 11, YES, 12, NO)
