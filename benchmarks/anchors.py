@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -82,6 +84,8 @@ class Engine:
 
     def __init__(self, kind: str, url: str, label_ids: list[int]):
         self.kind, self.url, self.label_ids = kind, url, label_ids
+        with urllib.request.urlopen(url + "/v1/models", timeout=30) as r:  # the id completions name
+            self.model_id = json.loads(r.read())["data"][0]["id"]
 
     def score(self, prefix: list[int], items: list[list[int]]) -> list[float]:
         if self.kind == "slimlm":
@@ -96,18 +100,10 @@ class Engine:
         return scores
 
     def complete(self, prompt: list[int], n: int) -> str:
-        out = post(self.url + "/v1/completions", {"model": self.model_id(), "prompt": prompt, "max_tokens": n,
+        out = post(self.url + "/v1/completions", {"model": self.model_id, "prompt": prompt, "max_tokens": n,
                                                   "temperature": 0, "ignore_eos": True})
         return out["choices"][0]["text"]
 
-    def model_id(self) -> str:
-        if not hasattr(self, "_id"):
-            import json
-            import urllib.request
-
-            with urllib.request.urlopen(self.url + "/v1/models", timeout=30) as r:
-                self._id = json.loads(r.read())["data"][0]["id"]
-        return self._id
 
 
 def timed(fn) -> float:

@@ -168,8 +168,6 @@ def fused_step_for(model) -> FusedStep | None:
     if step is None and not _room_for_copy(model):
         return None
     if step is None or step.version != weight_version(model):
-        step = None  # drop the old copy before building the new one
-        model._slimlm_fused_step = None
-        step = FusedStep(model)
-        model._slimlm_fused_step = step
+        model._slimlm_fused_step = step = None  # drop the old copy before building the new one
+        model._slimlm_fused_step = step = FusedStep(model)
     return step
