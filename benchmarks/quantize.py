@@ -76,7 +76,9 @@ SLIMLM = {
     "int4-quantease-g128-act": dict(scheme="int4", method="quantease", group_size=128, act_order=True),
     "int4-quantease-g128-asym-act": dict(scheme="int4", method="quantease", group_size=128, symmetric=False,
                                          act_order=True),
-    # with the clipping search (each group's range shrunk to the least energy-weighted rounding error)
+    # with the clipping search (each group's range shrunk to the least energy-weighted rounding error), which
+    # is the calibrated methods' default: the names without -clip turn it off below, so they keep their meaning
+    "int4-gptq-g128-clip": dict(scheme="int4", method="gptq", group_size=128, clip_search=True),
     "int4-rtn-g128-clip": dict(scheme="int4", method="rtn", group_size=128, clip_search=True),
     "int4-gptq-g128-act-clip": dict(scheme="int4", method="gptq", group_size=128, act_order=True, clip_search=True),
     "int4-quantease-g128-asym-act-clip": dict(scheme="int4", method="quantease", group_size=128, symmetric=False,
@@ -84,6 +86,9 @@ SLIMLM = {
     "int4-quantease-g128-act-clip": dict(scheme="int4", method="quantease", group_size=128, act_order=True,
                                          clip_search=True),
 }
+for _name, _cfg in SLIMLM.items():
+    if _cfg["scheme"] == "int4":
+        _cfg.setdefault("clip_search", False)
 BASELINES = ("ao-dynamic-qint8", "torchao-int8-dyn", "torchao-int8-wo")
 # speed only: the int8 export with every layer quantizing its own input (the A/B for sibling sharing)
 UNSHARED = "int8-unshared"

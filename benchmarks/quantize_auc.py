@@ -9,8 +9,9 @@ MovieLens test rows. For each variant against fp32: ΔAUC with a paired bootstra
 resamples of the rows, both models scored on the same resample), the correlation of the two models'
 P(pos) and their mean absolute difference. Variants: int8; int8 leaving down_proj in float (the layer with
 the widest activations); int8 with SmoothQuant calibrated on ``--calib``; fp8 (dynamic); INT4 weight-only
-(``int4-{rtn,gptq,gptq-ao,quantease,quantease-ao}-g{G}``: round-to-nearest, GPTQ, QuantEase, ``-ao`` with
-activation order; group size G, calibrated on ``--calib``).
+(``int4-{rtn,gptq,gptq-ao,quantease,quantease-ao}-g{G}[-clip]``: round-to-nearest, GPTQ, QuantEase, ``-ao``
+with activation order; group size G, calibrated on ``--calib``; ``-clip`` with the clipping search, which
+the names without it turn off so that they keep their meaning now that it is the calibrated methods' default).
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ def variant_config(name: str):
     if name in fixed:
         return fixed[name]
     if name.startswith("int4-") and "-g" in name:
-        method, group = name[len("int4-"):].rsplit("-g", 1)
+        clip = name.endswith("-clip")
+        method, group = name[len("int4-"):].removesuffix("-clip").rsplit("-g", 1)
         act_order = method.endswith("-ao")  # gptq-ao, quantease-ao: columns by activation order
         method = method.removesuffix("-ao")
-        return QuantConfig(scheme="int4", method=method, act_order=act_order, group_size=int(group))
+        return QuantConfig(scheme="int4", method=method, act_order=act_order, group_size=int(group), clip_search=clip)
     raise SystemExit(f"unknown variant {name!r}")
 
 

@@ -489,8 +489,8 @@ def quantize(
                                                  "(static groups; same export format); quantease: start from that.")] = False,
     quantease_iters: Annotated[int | None, typer.Option(help="quantease: most sweeps per layer (default 25; stops "
                                                              "early when the objective stops improving).")] = None,
-    clip_search: Annotated[bool, typer.Option(help="int4: each group's range by a search over clipping ratios "
-                                                   "(least energy-weighted rounding error).")] = False,
+    clip_search: Annotated[bool | None, typer.Option("--clip-search/--no-clip-search", help="int4: each group's "
+                           "range by a search over clipping ratios (default: on for gptq, quantease).")] = None,
     smooth: Annotated[bool, typer.Option(help="int8: SmoothQuant smoothing (needs --calib).")] = False,
     static_activations: Annotated[bool, typer.Option(help="fp8: one calibrated scale per layer input (needs --calib).")] = False,
     ignore: Annotated[list[str] | None, typer.Option(help="Layers to keep in float (repeatable; exact name, class "
@@ -512,10 +512,9 @@ def quantize(
 
     where = choose(device)  # calibration, GPTQ and the quantization run here (bf16 on CUDA, fp32 on CPU)
     given = {"group_size": group_size, "symmetric": symmetric, "method": method, "calib": calib,
-             "quantease_iters": quantease_iters}
+             "quantease_iters": quantease_iters, "clip_search": clip_search}
     fields = {k: v for k, v in given.items() if v is not None}
-    switches = {"smooth": smooth, "static_activations": static_activations, "act_order": act_order,
-                "clip_search": clip_search}
+    switches = {"smooth": smooth, "static_activations": static_activations, "act_order": act_order}
     fields |= {k: True for k, on in switches.items() if on}
     if ignore is not None:
         fields["ignore"] = [] if ignore == ["none"] else ignore

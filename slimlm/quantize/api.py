@@ -80,8 +80,10 @@ class QuantConfig(BaseModel):
     act_order: bool = False  # GPTQ: visit columns by decreasing Hessian diagonal (static groups); QuantEase: its init
     quantease_iters: int = Field(25, ge=1, le=1000)  # QuantEase: most sweeps (stops early when f stops improving)
     # each group's range by a search over clipping ratios (schemes.CLIP_RATIOS: least rounding error weighted by
-    # the calibration Hessian's diagonal; uniform for rtn); GPTQ / QuantEase then work on that grid
-    clip_search: bool = False
+    # the calibration Hessian's diagonal; uniform for rtn); GPTQ / QuantEase then work on that grid. None: on
+    # for the calibrated methods (where it measured better: BENCHMARKS.md, "Clipping search"), off for rtn
+    # (where uniform weights made it worse)
+    clip_search: bool | None = None
     # the dtype int4 group scales are stored in (the export's ``dtype``; set by QuantizeConfig): the grid is
     # rounded to it before the codes are chosen
     scale_dtype: Literal["bfloat16", "float32"] = "float32"
@@ -117,6 +119,13 @@ class QuantConfig(BaseModel):
     def quantease(self) -> bool:
         """Weights by QuantEase (int4, or int8 with an explicit method="quantease")."""
         return self.scheme in ("int4", "int8") and self.method == "quantease"
+
+    @property
+    def clip(self) -> bool:
+        """Whether int4 group ranges come from the clipping search (``clip_search``, or its per-method default)."""
+        if self.clip_search is not None:
+            return self.clip_search
+        return self.scheme == "int4" and self.method in CALIBRATED_METHODS
 
     @property
     def needs_calibration(self) -> bool:
@@ -204,7 +213,7 @@ def quantize_linear(linear: nn.Linear, cfg: QuantConfig, *, group_size: int | No
 
 def int4_grid(cfg: QuantConfig) -> dict:
     """How int4 group scales are chosen: :func:`slimlm.quantize.schemes.int4_group_params`' keywords."""
-    return {"clip_ratios": CLIP_RATIOS if cfg.clip_search else None, "scale_dtype": getattr(torch, cfg.scale_dtype)}
+    return {"clip_ratios": CLIP_RATIOS if cfg.clip else None, "scale_dtype": getattr(torch, cfg.scale_dtype)}
 
 
 # --------------------------------------------------------------------------- SmoothQuant

@@ -85,6 +85,28 @@ def test_gptq_beats_rtn_on_the_calibration_data():
     assert errs["gptq"] < errs["rtn"], errs
 
 
+def test_clip_search_is_on_by_default_for_the_calibrated_methods_only():
+    """gptq / quantease default to the clipping search (the quantized weights equal an explicit
+    clip_search=True and differ from clip_search=False); rtn defaults to the plain range."""
+    assert QuantConfig(scheme="int4").clip and QuantConfig(scheme="int4", method="quantease").clip
+    assert not QuantConfig(scheme="int4", method="rtn").clip and not QuantConfig(scheme="int8").clip
+    assert not QuantConfig(scheme="int4", clip_search=False).clip
+    calib = blocks(8, 64)
+
+    def weights(**kw):
+        model = tiny_model("llama", seed=3)
+        quantize_model(model, QuantConfig(scheme="int4", group_size=32, **kw), calib)
+        return {n: b.clone() for n, b in model.named_buffers() if "mlp" in n or "self_attn" in n}
+
+    for method in ("gptq", "rtn"):
+        default = weights(method=method)
+        on, off = weights(method=method, clip_search=True), weights(method=method, clip_search=False)
+        same_as = on if method == "gptq" else off
+        other = off if method == "gptq" else on
+        assert all(torch.equal(default[n], same_as[n]) for n in default)
+        assert any(not torch.equal(default[n], other[n]) for n in default)
+
+
 def test_smoothing_preserves_fp32_outputs_and_shrinks_activation_ranges():
     model = tiny_model("llama", seed=2)
     with torch.no_grad():  # give one hidden channel an outlier, as real LLMs have

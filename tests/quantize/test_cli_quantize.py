@@ -74,6 +74,7 @@ def test_quantize_int4_quantease_from_act_order(tiny_model_dirs, tmp_path):
     (["--scheme", "int5"], "--scheme"),
     (["--scheme", "int4"], "needs calibration data: add --calib"),
     (["--scheme", "int8", "--group-size", "32"], "apply to --scheme int4 only"),
+    (["--scheme", "int8", "--no-clip-search"], "clip_search apply to --scheme int4 only"),
     (["--scheme", "int4", "--method", "rtn", "--act-order"], "--act-order applies to --method gptq or quantease only"),
     (["--scheme", "int4", "--method", "quantease"], "needs calibration data: add --calib"),
     (["--scheme", "int4", "--method", "gptq", "--quantease-iters", "5"], "--quantease-iters applies to --method quantease"),
