@@ -6,6 +6,8 @@ examples seen.
                                           [--student-layers 10] [--out runs/bench/multi_item_speed.json]
     python benchmarks/multi_item.py quality [--examples 1600] [--k 8] [--runs 1,8] [--layers 6]
                                             [--out runs/bench/multi_item_quality.json]
+    python benchmarks/multi_item.py carry [--k 8] [--candidates 16] [--steps 3] [--rounds 2]
+                                          [--out runs/bench/multi_item_carry.json]
 
 speed: for every k, training steps of ``--candidates`` candidates each (k = 1: that many rows; k > 1:
 packed rows of up to k candidates, as slimlm's trainer builds them from the train split with
@@ -26,6 +28,12 @@ validation split (every user's 2 validation candidates) and compared with a pair
 1,1u,8`` adds the diagnostic "1u": k = 1 rows (each candidate with its own up-to-date prefix) batched in
 blocks of --k consecutive candidates of one user, as the packed rows are; so a batch holds as few users
 as at k = --k, without packing. Every run is compared with k = 1 (else with the first run).
+
+carry: the two ways of sharing a prefix the issue names, on teacher SFT steps at --k: packed rows (one
+sequence, block mask, per-candidate positions: what the trainer does) vs the prefix's KV carried with its
+autograd graph into a right-padded batch of the row's candidates (:func:`carry_loss`). First the loss and
+three weights' gradients of one batch both ways (they must agree to fp32 rounding), then whole steps
+(forward, backward, clip, AdamW) alternating between the two, median seconds per candidate.
 """
 
 from __future__ import annotations
@@ -192,12 +200,108 @@ def quality(args) -> dict:
                           "last_loss": statistics.mean(losses[-10:]),
                           "val_scores": [round(float(x), 6) for x in p]}  # for pairing with later runs
         print(f"{run}: {seen} examples in {train_s:.0f} s; validation AUC {metrics['auc']:.4f} on {len(val)} rows")
+        write_json(args.out, out)  # each run as it ends (the whole command takes hours)
     labels = [e.label for e in val]
     base = "1" if "1" in scores else next(iter(scores))
     for other in [r for r in scores if r != base]:  # each run against k = 1 (else the first), paired on the same rows
         d = paired_auc_delta(labels, scores[other], scores[base])
         out[f"delta_auc_{other}_minus_{base}"] = list(d)
         print(f"ΔAUC ({other} − {base}) {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]; holds 0: {d[1] <= 0 <= d[2]}")
+    return out
+
+
+def carry_loss(module, rows, pad_id: int) -> torch.Tensor:
+    """The summed SFT loss of packed rows computed the other way the issue names: per row, the shared prefix
+    runs once (with its autograd graph), its KV is carried, expanded, into a batch of the row's candidates
+    (right-padded, positions continuing after the prefix), and the loss reads the candidates' hidden states.
+    Equal to the packed loss (the same attention: each candidate sees the prefix and itself)."""
+    from transformers.cache_utils import DynamicCache
+
+    from slimlm.distill.chunked import fused_linear_kd_loss
+    from slimlm.distill.trainer import SFT_LOSS
+    from slimlm.runtime.scoring import cache_kwargs, right_pad
+    from slimlm.tasks.completion import IGNORE_INDEX
+
+    model = module.student
+    base, head = model.get_decoder(), model.get_output_embeddings()
+    hs, ys = [], []
+    for seq in rows:
+        p = seq.segments.index(1)
+        cache = DynamicCache()
+        base(input_ids=torch.tensor([seq.input_ids[:p]]), use_cache=True, **cache_kwargs(base, cache))
+        kv = [(layer.keys, layer.values) for layer in cache.layers]  # still in the graph
+        cands = [[i for i, g in enumerate(seq.segments) if g == j] for j in range(1, max(seq.segments) + 1)]
+        ids, mask = right_pad([[seq.input_ids[i] for i in c] for c in cands], pad_id)
+        labels = torch.full(ids.shape, IGNORE_INDEX, dtype=torch.long)
+        for r, c in enumerate(cands):
+            labels[r, :len(c)] = torch.tensor([seq.labels[i] for i in c])
+        n = len(cands)
+        batch_cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
+        hidden = base(input_ids=ids, attention_mask=torch.cat([torch.ones(n, p, dtype=mask.dtype), mask], 1),
+                      position_ids=torch.arange(p, p + ids.shape[1]).expand(n, -1), use_cache=True,
+                      **cache_kwargs(base, batch_cache)).last_hidden_state
+        hs.append(hidden[:, :-1].reshape(-1, hidden.shape[-1]))
+        ys.append(labels[:, 1:].reshape(-1))
+    return fused_linear_kd_loss(torch.cat(hs), head.weight, torch.cat(ys), SFT_LOSS, student_bias=head.bias,
+                                vocab_size=module.vocab, chunk_size=module.chunk_size, closed_form=module.closed_form)
+
+
+def carry(args) -> dict:
+    """Packed rows (block mask) vs the prefix KV carried into a candidate batch: exactness on the first batch
+    (loss and gradients), then seconds per candidate of whole SFT steps, the two ways alternating."""
+    from slimlm.distill.data import collate, window_targets
+    from slimlm.distill.losses import LossConfig, check_vocab, normalize
+    from slimlm.distill.trainer import DistillModule
+    from slimlm.loading import load_model, load_tokenizer
+
+    tok = load_tokenizer("teacher")
+    model = load_model("teacher").train()
+    vocab = check_vocab(model.get_output_embeddings().weight.shape[0], None, len(tok))
+    module = DistillModule(model, None, LossConfig(), vocab, 256)
+    params = [p for p in model.parameters() if p.requires_grad]
+    pad = tok.pad_token_id
+    feed = batches_of(sequences(tok, args.k), args.candidates, 0)
+
+    def packed(rows):
+        b = collate(rows, pad)
+        return module(b["input_ids"], b["attention_mask"], b["labels"], mode="sft", position_ids=b["position_ids"],
+                      segments=b["segments"])
+
+    ways = {"packed": packed, "carry": lambda rows: carry_loss(module, rows, pad)}
+    rows, n = next(feed)
+    grads, losses = {}, {}
+    for name, fn in ways.items():  # exactness: the same loss and gradients (no optimizer step here)
+        loss = fn(rows)
+        loss.backward()
+        losses[name] = float(loss.detach())
+        grads[name] = {k: p.grad.clone() for k, p in model.named_parameters()
+                       if k in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                                "model.layers.29.mlp.down_proj.weight")}
+        model.zero_grad(set_to_none=True)
+    rel = {k: float((grads["carry"][k] - grads["packed"][k]).norm() / grads["packed"][k].norm()) for k in grads["packed"]}
+    print(f"loss packed {losses['packed']:.6f} carry {losses['carry']:.6f}; gradient relative differences {rel}")
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    batches = [next(feed) for _ in range(args.steps)]
+    for r in range(args.rounds + 1):  # round 0: warm-up
+        for name, fn in (ways.items() if r % 2 else reversed(ways.items())):
+            for rows, n in batches:
+                t0 = time.perf_counter()
+                normalize(fn(rows), window_targets([collate(rows, pad)])).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if r:
+                    times[name].append((time.perf_counter() - t0) / n)
+    out = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+           "threads": torch.get_num_threads(), "k": args.k, "candidates_per_step": args.candidates,
+           "loss": losses, "grad_rel_diff": rel, "ways": {}}
+    for name in ways:
+        per = statistics.median(times[name])
+        out["ways"][name] = {"examples_per_s": 1.0 / per, "steps": len(times[name])}
+    out["carry_over_packed"] = out["ways"]["carry"]["examples_per_s"] / out["ways"]["packed"]["examples_per_s"]
+    print(f"k = {args.k}, {args.candidates} candidates a step: packed {out['ways']['packed']['examples_per_s']:.2f} "
+          f"ex/s, carry {out['ways']['carry']['examples_per_s']:.2f} ex/s ({out['carry_over_packed']:.2f}x)")
     return out
 
 
@@ -220,8 +324,14 @@ def main() -> None:
     q.add_argument("--candidates", type=int, default=16)
     q.add_argument("--lr", type=float, default=1e-4)
     q.add_argument("--out", default="runs/bench/multi_item_quality.json")
+    c = sub.add_parser("carry")
+    c.add_argument("--k", type=int, default=8)
+    c.add_argument("--candidates", type=int, default=16)
+    c.add_argument("--steps", type=int, default=3)
+    c.add_argument("--rounds", type=int, default=2)
+    c.add_argument("--out", default="runs/bench/multi_item_carry.json")
     args = ap.parse_args()
-    result = speed(args) if args.what == "speed" else quality(args)
+    result = {"speed": speed, "quality": quality, "carry": carry}[args.what](args)
     write_json(args.out, result)
 
 
