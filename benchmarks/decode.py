@@ -5,12 +5,14 @@ transformers' ``model.generate``, with the machine's memory bandwidth measured i
                                 [--reps 3] [--threads N] [--compile-batches 1] [--old-rev REV]
                                 [--out runs/bench/decode.json]
 
-Variants, run in a rotating order in every repetition (one process, the same weights, greedy, fp32):
+Variants, run in a rotating order in every repetition (one process, the same weights, greedy, fp32; a
+quantized export is loaded as slimlm loads it, on its runtime modules):
 
     hf        ``model.generate`` (do_sample=False, its own KV cache; the batch left-padded)
     fused     ``slimlm.runtime.decoding.DecodeBatch`` as it runs by default: the decode loop of the server,
               evaluation and on-policy distillation (preallocated KV written in place), its step the fused
-              one of ``slimlm.runtime.fused_step`` where that applies (CPU, float32)
+              one of ``slimlm.runtime.fused_step`` where that applies (CPU: float32, and INT8 W8A8 where
+              ``_int_mm`` is slow)
     unfused   the same with ``fused=False``: transformers' forward for the step
     compiled  ``compile=True`` (``torch.compile`` of transformers' forward for the step), for the batch
               sizes in --compile-batches (compiling takes minutes on a 2-core CPU: its warm-up runs before
@@ -191,13 +193,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from slimlm.assets import teacher_dir
+    from slimlm.loading import load_model, load_tokenizer
 
     model_dir = Path(args.model) if args.model else teacher_dir()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    # slimlm's loader: a quantized export runs on slimlm's runtime modules, as the server runs it
+    model = load_model(model_dir, device=args.device, dtype=torch.float32).eval()
+    tok = load_tokenizer(model_dir)
     model.generation_config.eos_token_id = None  # every variant decodes exactly --new-tokens (same work)
     batches = [int(b) for b in args.batches.split(",") if b]
     compiled_batches = {int(b) for b in args.compile_batches.split(",") if b}

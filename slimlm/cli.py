@@ -411,7 +411,7 @@ def serve(
                                                    "(a user scored again, a repeated system prompt); 0 = off.")] = 512,
     max_prefill_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens per prefill forward: longer "
                                                     "prompts are prefilled in chunks between decode steps.")] = 512,
-    fused_decode: Annotated[bool, typer.Option(help="CPU fp32: the fused decode step (a copy of the weights).")] = True,
+    fused_decode: Annotated[bool, typer.Option(help="CPU fp32 / INT8: the fused decode step (a copy of the weights).")] = True,
 ) -> None:
     """Serve a model: /v1/score (ranking), OpenAI-compatible /v1/completions and /v1/chat/completions."""
     from slimlm.placement import choose

@@ -17,6 +17,13 @@ It covers the decoder families slimlm supports (Llama, Qwen2, Qwen3, Mistral: :d
 :func:`fused_step_for` returns ``None`` for anything else, and the decode loop then runs transformers'
 forward. Greedy tokens equal the unfused step's (tested for every family; float summation order differs).
 
+INT8 W8A8 layers (:class:`slimlm.quantize.linear.Int8Linear`) are fused too on CPUs where ``torch._int_mm``
+is slow (no int8 dot-product instructions: :func:`slimlm.quantize.linear.int_mm_is_fast`), which is where
+their own path converts the int8 weights to float32 on every call: the fused step keeps the int8 codes as
+float32 values in oneDNN's layout once, quantizes each token's activations per token (once for q/k/v and
+once for gate/up, as the unfused modules share them), rounds the exact integer sums and applies the two
+scales: the same W8A8 arithmetic. FP8 and INT4 layers keep transformers' forward.
+
 The fused weights are a copy (about the size of the model's linear weights: the price of the speed). They
 are built once per model and rebuilt when a weight changes in place (an optimizer step: on-policy sampling
 decodes with the student being trained), judged by the weights' version counters.
@@ -62,7 +69,32 @@ class FusedLinear:
         return F.linear(x, self.weight, self.bias)
 
 
-def _linear(*mods) -> FusedLinear:
+class FusedInt8Linear:
+    """W8A8 over concatenated :class:`~slimlm.quantize.linear.Int8Linear` layers: per-token int8 activations,
+    the integer products summed by :class:`FusedLinear` over the int8 codes held as float32 (exact while a
+    sum stays below 2^24, as in ``linear.int8_matmul``'s float path), then ``· s_x · s_w + b``."""
+
+    def __init__(self, mods):
+        self.codes = FusedLinear([m.qweight.float() for m in mods], [None] * len(mods))
+        self.scale = torch.cat([m.weight_scale.reshape(-1) for m in mods])
+        biases = [m.bias for m in mods]
+        self.bias = (torch.cat([b.detach().float() if b is not None else self.scale.new_zeros(m.out_features)
+                                for b, m in zip(biases, mods, strict=True)])
+                     if any(b is not None for b in biases) else None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from slimlm.quantize.schemes import quantize_int8_per_token
+
+        q, s = quantize_int8_per_token(x.float())
+        y = self.codes(q.float()).round_().mul_(s).mul_(self.scale)
+        return y if self.bias is None else y.add_(self.bias)
+
+
+def _linear(*mods) -> FusedLinear | FusedInt8Linear:
+    from slimlm.quantize.linear import Int8Linear
+
+    if all(isinstance(m, Int8Linear) for m in mods):
+        return FusedInt8Linear(mods)
     return FusedLinear([m.weight for m in mods], [getattr(m, "bias", None) for m in mods])
 
 
@@ -123,9 +155,10 @@ class FusedStep:
 
 
 def weight_version(model) -> tuple:
-    """Identity and in-place version of every parameter: changes when any weight is replaced or updated."""
+    """Identity and in-place version of every parameter (and int8 weight buffer): changes when any weight is
+    replaced or updated."""
     out = []
-    for p in model.parameters():
+    for p in [*model.parameters(), *_int8_codes(model)]:
         try:
             out.append((p.data_ptr(), p._version))
         except RuntimeError:  # an inference tensor has no version counter; it cannot be updated in place either
@@ -133,10 +166,17 @@ def weight_version(model) -> tuple:
     return tuple(out)
 
 
+def _int8_codes(model) -> list[torch.Tensor]:
+    from slimlm.quantize.linear import Int8Linear
+
+    return [m.qweight for m in model.modules() if isinstance(m, Int8Linear)]
+
+
 def _room_for_copy(model) -> bool:
     """Whether a copy of the model's weights fits in half the memory available now (else the fused step
     is skipped: its speed is not worth swapping or an out-of-memory kill)."""
     need = sum(p.numel() * p.element_size() for p in model.parameters())
+    need += sum(b.numel() * 4 for b in _int8_codes(model))  # held as float32 codes
     try:  # Linux: MemAvailable (free + reclaimable cache)
         with open("/proc/meminfo") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -154,12 +194,19 @@ def fused_step_for(model) -> FusedStep | None:
     fused step was measured), or when a copy of its weights would not fit in half the free memory."""
     if getattr(model.config, "model_type", None) not in SUPPORTED:
         return None
-    projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    for layer in model.get_decoder().layers:  # quantized layers (slimlm's runtime modules) keep their own path
-        parts = [getattr(layer.self_attn, n, None) for n in projections[:4]] + [getattr(layer.mlp, n, None)
-                                                                               for n in projections[4:]]
-        if not all(type(p) is torch.nn.Linear for p in parts):
-            return None
+    from slimlm.quantize.linear import Int8Linear, int_mm_is_fast
+
+    groups = ((("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj")), (("self_attn", "o_proj"),),
+              (("mlp", "gate_proj"), ("mlp", "up_proj")), (("mlp", "down_proj"),))
+    int8 = False
+    for layer in model.get_decoder().layers:  # other quantized layers (slimlm's runtime modules) keep their path
+        for group in groups:  # each fused group: all float linears, or all int8
+            kinds = {type(getattr(getattr(layer, a), n, None)) for a, n in group}
+            if kinds not in ({torch.nn.Linear}, {Int8Linear}):
+                return None
+            int8 = int8 or kinds == {Int8Linear}
+    if int8 and (int_mm_is_fast() or next(model.parameters()).device.type != "cpu"):
+        return None  # int8 is fused on CPUs where its own path is the slow float one
     head = model.get_output_embeddings()
     if head is None or not _mkldnn(head.weight) or getattr(model.config, "_attn_implementation", "sdpa") not in (
             "sdpa", "eager"):

@@ -99,7 +99,8 @@ class ServeConfig(BaseModel):
     prefix_cache_mb: float = Field(512, ge=0)
     # matches shorter than this are misses: a BOS token or a chat template's header is not worth a hit
     prefix_cache_min_tokens: int = Field(16, ge=1)
-    # decode steps by runtime/fused_step.py where it applies (CPU, float32; a copy of the linear weights)
+    # decode steps by runtime/fused_step.py where it applies (CPU: float32, INT8 W8A8 without fast _int_mm; a
+    # copy of the linear weights)
     fused_decode: bool = True
 
 

@@ -323,7 +323,7 @@ def test_the_fused_step_runs_for_every_family_and_matches_transformers_forward(f
     torch.testing.assert_close(_next_logits(m, ps), _next_logits(m, ps, fused=False), rtol=1e-5, atol=1e-5)
 
 
-def test_the_fused_step_follows_weights_updated_in_place_and_skips_quantized_models():
+def test_the_fused_step_follows_weights_updated_in_place_and_skips_fp8_and_int4_models():
     m = tiny_model("qwen2", seed=6, initializer_range=0.2)
     ps = prompts(5, (6, 9))
     before = _next_logits(m, ps)
@@ -333,6 +333,25 @@ def test_the_fused_step_follows_weights_updated_in_place_and_skips_quantized_mod
     after = _next_logits(m, ps)
     assert not torch.allclose(before, after, atol=1e-3)
     torch.testing.assert_close(after, _next_logits(m, ps, fused=False), rtol=1e-5, atol=1e-5)
-    q = tiny_model("llama", seed=7, initializer_range=0.2)
+    for cfg in ({"scheme": "fp8"}, {"scheme": "int4", "method": "rtn", "group_size": 32}):
+        q = tiny_model("llama", seed=7, initializer_range=0.2)
+        api.quantize_model(q, api.QuantConfig(**cfg))
+        assert DecodeBatch(q)._fused is None  # these quantized layers run transformers' forward
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fused_step_runs_int8_w8a8_layers_as_their_own_path_does(family, monkeypatch):
+    """INT8 W8A8 models are fused where ``_int_mm`` is slow (their own path is then a float GEMM of the int8
+    codes): the logits equal transformers' forward over the Int8Linear modules (activations quantized per
+    token, exact integer sums, both scales, biases); where ``_int_mm`` is fast they keep their own path."""
+    from slimlm.quantize import linear
+
+    q = tiny_model(family, seed=7, initializer_range=0.2,
+                   **({"attention_bias": True, "mlp_bias": True} if family == "llama" else {}))
     api.quantize_model(q, api.QuantConfig(scheme="int8"))
-    assert DecodeBatch(q)._fused is None  # slimlm's quantized layers run transformers' forward
+    monkeypatch.setattr(linear, "int_mm_is_fast", lambda: True)
+    assert DecodeBatch(q)._fused is None
+    monkeypatch.setattr(linear, "int_mm_is_fast", lambda: False)
+    assert DecodeBatch(q)._fused is not None
+    ps = prompts(8, (6, 11, 2))
+    torch.testing.assert_close(_next_logits(q, ps), _next_logits(q, ps, fused=False), rtol=1e-5, atol=1e-5)
