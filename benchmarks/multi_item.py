@@ -6,6 +6,7 @@ examples seen.
                                           [--student-layers 10] [--out runs/bench/multi_item_speed.json]
     python benchmarks/multi_item.py quality [--examples 1600] [--k 8] [--runs 1,8] [--layers 6]
                                             [--out runs/bench/multi_item_quality.json]
+    python benchmarks/multi_item.py paired FILE      (the paired ΔAUCs of a quality file cut short)
     python benchmarks/multi_item.py carry [--k 8] [--candidates 16] [--steps 3] [--rounds 2]
                                           [--out runs/bench/multi_item_carry.json]
 
@@ -39,9 +40,11 @@ three weights' gradients of one batch both ways (they must agree to fp32 roundin
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from _common import write_json  # benchmarks/ is on sys.path when a script runs
@@ -165,7 +168,7 @@ def quality(args) -> dict:
     from slimlm.distill.data import collate
     from slimlm.distill.losses import LossConfig, check_vocab
     from slimlm.distill.trainer import DistillModule
-    from slimlm.evaluate import bootstrap_auc, evaluate_ranking, paired_auc_delta
+    from slimlm.evaluate import bootstrap_auc, evaluate_ranking
     from slimlm.loading import load_model, load_tokenizer
     from slimlm.prune.slice import evenly_spaced, keep_layers
     from slimlm.tasks import load_ranking_task
@@ -200,13 +203,30 @@ def quality(args) -> dict:
                           "last_loss": statistics.mean(losses[-10:]),
                           "val_scores": [round(float(x), 6) for x in p]}  # for pairing with later runs
         print(f"{run}: {seen} examples in {train_s:.0f} s; validation AUC {metrics['auc']:.4f} on {len(val)} rows")
+        paired_deltas(out, [e.label for e in val])
         write_json(args.out, out)  # each run as it ends (the whole command takes hours)
-    labels = [e.label for e in val]
-    base = "1" if "1" in scores else next(iter(scores))
-    for other in [r for r in scores if r != base]:  # each run against k = 1 (else the first), paired on the same rows
-        d = paired_auc_delta(labels, scores[other], scores[base])
+    return out
+
+
+def paired_deltas(out: dict, labels: list[int]) -> None:
+    """Every finished run against k = 1 (else the first run), ΔAUC paired on the same validation rows, from
+    the runs' saved ``val_scores``; written into ``out``."""
+    from slimlm.evaluate import paired_auc_delta
+
+    runs = out["runs"]
+    base = "1" if "1" in runs else next(iter(runs))
+    for other in [r for r in runs if r != base]:
+        d = paired_auc_delta(labels, runs[other]["val_scores"], runs[base]["val_scores"])
         out[f"delta_auc_{other}_minus_{base}"] = list(d)
         print(f"ΔAUC ({other} − {base}) {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}]; holds 0: {d[1] <= 0 <= d[2]}")
+
+
+def paired(args) -> dict:
+    """The paired ΔAUCs of a quality result file whose command stopped early (its runs are saved as they end)."""
+    from slimlm.tasks import load_ranking_task
+
+    out = json.loads(Path(args.file).read_text())
+    paired_deltas(out, [e.label for e in load_ranking_task("movielens-ranking", None, "val")])
     return out
 
 
@@ -330,8 +350,12 @@ def main() -> None:
     c.add_argument("--steps", type=int, default=3)
     c.add_argument("--rounds", type=int, default=2)
     c.add_argument("--out", default="runs/bench/multi_item_carry.json")
+    r = sub.add_parser("paired")
+    r.add_argument("file", help="a quality result file (updated in place)")
     args = ap.parse_args()
-    result = {"speed": speed, "quality": quality, "carry": carry}[args.what](args)
+    if args.what == "paired":
+        args.out = args.file
+    result = {"speed": speed, "quality": quality, "carry": carry, "paired": paired}[args.what](args)
     write_json(args.out, result)
 
 
