@@ -83,10 +83,12 @@ class FusedInt8Linear:
                      if any(b is not None for b in biases) else None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from slimlm.quantize.schemes import quantize_int8_per_token
+        from slimlm.quantize.schemes import INT8_QMAX, symmetric_scale
 
-        q, s = quantize_int8_per_token(x.float())
-        y = self.codes(q.float()).round_().mul_(s).mul_(self.scale)
+        x = x.float()
+        s = symmetric_scale(x, INT8_QMAX)
+        # quantize_int8_per_token's codes, kept as the float32 integers they are (no int8 round trip)
+        y = self.codes(torch.div(x, s).round_()).round_().mul_(s).mul_(self.scale)
         return y if self.bias is None else y.add_(self.bias)
 
 
