@@ -112,7 +112,6 @@ class Engine:
         return out["choices"][0]["text"]
 
 
-
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -183,6 +182,12 @@ def server_error(log_path: Path) -> str:
     return (errors or lines or ["no log"])[0][-400:]
 
 
+def export_format(path: Path) -> str:
+    """"float", or the compressed-tensors format of a quantized export (int-quantized, float-quantized, ...)."""
+    meta = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    return meta.get("format") or ("float" if not meta else meta.get("quant_method", "quantized"))
+
+
 def check_export(path: Path, python: str, args, logs: Path, kernel: dict) -> dict:
     """The agreement of one export (no timing): slimlm's server, then vLLM's."""
     from slimlm.loading import load_tokenizer
@@ -191,8 +196,7 @@ def check_export(path: Path, python: str, args, logs: Path, kernel: dict) -> dic
     tok = load_tokenizer(path)
     label_ids = list(label_token_ids(tok))
     work = workloads(tok, argparse.Namespace(**{**vars(args), "reps": 1}))
-    meta = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
-    scheme = meta.get("format") or ("float" if not meta else meta.get("quant_method", "quantized"))
+    scheme = export_format(path)
     res: dict = {"path": str(path), "format": scheme}
     name = f"{path.parent.name}-{path.name}"  # exports are often .../NAME/model
     with slimlm_server(str(path), port=args.port, log_path=logs / f"agree-slimlm-{name}.log") as (url, _):
@@ -206,7 +210,7 @@ def check_export(path: Path, python: str, args, logs: Path, kernel: dict) -> dic
         res["vllm_error"] = f"{e}: {server_error(vlog)}"
         res["agreement"] = {"passed": False}
         return res
-    res["agreement"] = agreement(res["slimlm"], res["vllm"], tok, quantized=bool(meta))
+    res["agreement"] = agreement(res["slimlm"], res["vllm"], tok, quantized=scheme != "float")
     if scheme == "int-quantized":  # INT8 W8A8: vLLM's GEMM against exact integers, on this CPU
         res["vllm_int8_kernel_check"] = kernel
     return res
@@ -262,8 +266,7 @@ def main() -> None:
         for key in ("rank_cand_s", "rank_again_cand_s", "decode1_tok_s", "decode8_tok_s"):
             ours = statistics.mean([a[key], b[key]])
             res.setdefault("ratio_slimlm_over_vllm", {})[key] = round(ours / v[key], 3)
-        quantized = "quantization_config" in json.loads((path / "config.json").read_text())
-        res["agreement"] = agreement(a, v, tok, quantized)
+        res["agreement"] = agreement(a, v, tok, quantized=export_format(path) != "float")
         result["models"][name] = res
         log(f"{name}: slimlm / vLLM {res['ratio_slimlm_over_vllm']}; agreement {res['agreement']}")
     agree = [Path(resolve_model(p)).resolve() for p in filter(None, args.agree.split(","))]

@@ -178,7 +178,6 @@ def quality(args) -> dict:
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
                  "examples": args.examples, "layers": args.layers, "candidates_per_step": args.candidates,
                  "lr": args.lr, "runs": {}}
-    scores = {}
     for run in args.runs.split(","):  # "1", "8": k; "1u": k = 1 rows in blocks of --k of one user
         spec, _, times = run.partition("x")  # "8x3": k = 8 for 3 x --examples (about k = 1's time at --examples)
         k, examples = int(spec.rstrip("u")), args.examples * (float(times) if times else 1)
@@ -197,7 +196,6 @@ def quality(args) -> dict:
         train_s = time.perf_counter() - t0
         model.eval()
         metrics, p = evaluate_ranking(model, tok, val, batch_size=16)
-        scores[run] = p
         out["runs"][run] = {"examples_seen": seen, "train_seconds": train_s, "val_auc": metrics["auc"],
                           "val_auc_ci95": list(bootstrap_auc([e.label for e in val], p)), "n_val": len(val),
                           "last_loss": statistics.mean(losses[-10:]),
@@ -269,7 +267,7 @@ def carry_loss(module, rows, pad_id: int) -> torch.Tensor:
 def carry(args) -> dict:
     """Packed rows (block mask) vs the prefix KV carried into a candidate batch: exactness on the first batch
     (loss and gradients), then seconds per candidate of whole SFT steps, the two ways alternating."""
-    from slimlm.distill.data import collate, window_targets
+    from slimlm.distill.data import collate
     from slimlm.distill.losses import LossConfig, check_vocab, normalize
     from slimlm.distill.trainer import DistillModule
     from slimlm.loading import load_model, load_tokenizer
@@ -307,7 +305,7 @@ def carry(args) -> dict:
         for name, fn in (ways.items() if r % 2 else reversed(ways.items())):
             for rows, n in batches:
                 t0 = time.perf_counter()
-                normalize(fn(rows), window_targets([collate(rows, pad)])).backward()
+                normalize(fn(rows), n).backward()  # n: the batch's target tokens (batches_of)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -100,14 +100,21 @@ def _linear(*mods) -> FusedLinear | FusedInt8Linear:
     return FusedLinear([m.weight for m in mods], [getattr(m, "bias", None) for m in mods])
 
 
+# the fused products of a decoder layer: name -> (submodule, the linears concatenated into one weight)
+GROUPS = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
+          "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
+
+
+def _group(layer, name: str) -> list:
+    part, names = GROUPS[name]
+    return [getattr(getattr(layer, part), n, None) for n in names]
+
+
 class _Layer:
     def __init__(self, layer):
         a, m = layer.self_attn, layer.mlp
         self.attn, self.mlp = a, m
-        self.qkv = _linear(a.q_proj, a.k_proj, a.v_proj)
-        self.o = _linear(a.o_proj)
-        self.gate_up = _linear(m.gate_proj, m.up_proj)
-        self.down = _linear(m.down_proj)
+        self.qkv, self.o, self.gate_up, self.down = (_linear(*_group(layer, g)) for g in GROUPS)
         self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
         self.q_norm, self.k_norm = getattr(a, "q_norm", None), getattr(a, "k_norm", None)
 
@@ -198,12 +205,10 @@ def fused_step_for(model) -> FusedStep | None:
         return None
     from slimlm.quantize.linear import Int8Linear, int_mm_is_fast
 
-    groups = ((("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj")), (("self_attn", "o_proj"),),
-              (("mlp", "gate_proj"), ("mlp", "up_proj")), (("mlp", "down_proj"),))
     int8 = False
     for layer in model.get_decoder().layers:  # other quantized layers (slimlm's runtime modules) keep their path
-        for group in groups:  # each fused group: all float linears, or all int8
-            kinds = {type(getattr(getattr(layer, a), n, None)) for a, n in group}
+        for group in GROUPS:  # each fused group: all float linears, or all int8
+            kinds = {type(m) for m in _group(layer, group)}
             if kinds not in ({torch.nn.Linear}, {Int8Linear}):
                 return None
             int8 = int8 or kinds == {Int8Linear}
