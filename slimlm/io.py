@@ -145,6 +145,18 @@ def recover_dir(final: Path) -> list[str]:
     return done + remove_temporaries(final)
 
 
+def readable_by_all(root: Path) -> None:
+    """Make every file and directory under ``root`` readable (directories also listable) by the group and
+    others, as a model directory is: some writers (safetensors' ``save_file``, 0.8 at least) create files 0600."""
+    for path in [Path(root), *Path(root).rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode & 0o7777
+        wanted = mode | (0o555 if path.is_dir() else 0o444)
+        if wanted != mode:
+            os.chmod(path, wanted)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a fresh temp directory beside ``final``; on success it replaces ``final`` whole.
@@ -162,6 +174,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o755)
     try:
         yield tmp
+        readable_by_all(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -188,6 +201,7 @@ def shared_atomic_dir(final: Path, main: bool, sync: Callable[[], None]) -> Iter
     yield tmp
     sync()  # every process's files are in
     if main:
+        readable_by_all(tmp)
         os.replace(tmp, _ready(final))
         _commit(final)
     sync()  # nobody reads ``final`` before it is complete

@@ -157,3 +157,23 @@ def test_recover_dir_restores_the_aside_and_removes_only_slimlms_leftovers(tmp_p
     assert done[0] == f"{out}: restored from .out.old.4242" and len(done) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *keep])
     assert remove_temporaries(tmp_path / "out.txt") == [] and recover_dir(tmp_path / "none" / "x") == []
+
+
+def test_atomic_dir_leaves_every_file_readable_by_the_group(tmp_path):
+    """A model directory is shared like any other: safetensors' own writer creates its files 0600, and a
+    directory made 0700 inside the write must not lock the group out either."""
+    import stat
+
+    import torch
+    from safetensors.torch import save_file
+
+    final = tmp_path / "model"
+    with atomic_dir(final) as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp / "model.safetensors"))
+        (tmp / "private").mkdir(mode=0o700)
+        (tmp / "private" / "notes.txt").write_text("x")
+        (tmp / "private" / "notes.txt").chmod(0o600)
+    for path in [final, *final.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        need = 0o055 if path.is_dir() else 0o044
+        assert mode & need == need, f"{path.relative_to(tmp_path)} is {oct(mode)}"
