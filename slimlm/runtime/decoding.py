@@ -30,7 +30,7 @@ import torch
 
 from slimlm import InvalidValue, SlimlmError
 from slimlm.models import cache_kwargs
-from slimlm.runtime.fused_step import fused_step_for
+from slimlm.runtime.fused_step import FusedStep, fused_step_for
 from slimlm.runtime.kv_cache import SlotCache
 from slimlm.runtime.prefix_cache import KV, kv_len
 from slimlm.runtime.text import Detokenizer, StopText
@@ -255,6 +255,15 @@ def _decode_forward(model, cache: SlotCache, ids: torch.Tensor, positions: torch
     return out.logits[:, -1].float()
 
 
+def _step_forward(model, step: FusedStep | None, cache: SlotCache, ids: torch.Tensor, positions: torch.Tensor,
+                  width: int, cache_arg: str) -> torch.Tensor:
+    """:func:`_decode_forward`, or the fused ``step`` where there is one: the function :class:`DecodeBatch`
+    compiles."""
+    if step is not None:
+        return step(ids, positions, cache, width)
+    return _decode_forward(model, cache, ids, positions, width, cache_arg)
+
+
 COMPILE_FAILED = "torch.compile of the decode step failed"  # how the fallback's one warning starts
 
 
@@ -283,12 +292,15 @@ class DecodeBatch:
     gate/up fused, weights in oneDNN's layout: ~1.5x the tokens/s of transformers' forward at batch 1, for
     a copy of the linear weights); models it does not cover run transformers' forward.
 
-    ``compile``: run the per-token step through ``torch.compile`` over the whole preallocated buffers
-    (static shapes: B_cap rows, idle slots computed and ignored, and T_cap columns, both powers of two; a
-    recompile only when the buffers grow, and torch's recompile limit bounds the shapes compiled). If
+    ``compile``: run the per-token step (the fused one where it applies, with its weights in the ordinary
+    layout; else transformers' forward) through ``torch.compile`` over the preallocated buffers (static
+    shapes: the running rows rounded up to a power of two, idle slots computed and ignored, and all T_cap
+    columns, a power of two; a compile per row count 1, 2, 4, ... and per buffer growth, and torch's
+    recompile limit bounds the shapes compiled). If
     compiling is unavailable or fails: one warning, and the eager step (same tokens). Off by default: on a
-    2-core CPU each new buffer shape compiles for 10 s (inductor's disk cache warm) to minutes (cold) and
-    batch-1 decode gains ~10-20% (measure with benchmarks/decode.py).
+    2-core CPU each new buffer shape compiles for 10 s (inductor's disk cache warm) to minutes (cold); it
+    pays where a step is small-op overhead, not weight reading (benchmarks/decode.py: the 20x INT8 student
+    ~1.4x at batch 1, a 135M fp32 model on par with the eager fused step).
 
     The buffers only grow (slots up to the most rows decoded together, columns up to the longest prompt +
     max_tokens seen, within the model's context); a batch that empties keeps them for the rows that join
@@ -313,10 +325,10 @@ class DecodeBatch:
                                pow2=compile)
         self._cache_arg = next(iter(cache_kwargs(model, None)))
         self._compiled: Callable | None = None
-        self._fused = fused_step_for(model) if fused and not compile else None
+        self._fused = fused_step_for(model, packed=not compile) if fused else None
         if compile:
             try:
-                self._compiled = _compile_step(_decode_forward)
+                self._compiled = _compile_step(_step_forward)
             except Exception as e:  # noqa: BLE001 - no compiler here: the eager step gives the same tokens
                 self._compile_failed(e)
 
@@ -330,6 +342,8 @@ class DecodeBatch:
 
     def _compile_failed(self, e: Exception) -> None:
         self._compiled = None
+        if self._fused is not None:  # the eager fused step, with its weights in the faster layout again
+            self._fused = fused_step_for(self.model)
         warnings.warn(f"{COMPILE_FAILED} ({type(e).__name__}: {e}); decoding without compiling (same tokens)",
                       RuntimeWarning, stacklevel=3)
 
@@ -474,21 +488,19 @@ class DecodeBatch:
         reaches the end of its columns)."""
         n, width = len(self.rows), max(self.positions) + 1
         self.cache.reserve(n, width, live=n, max_cols=self._max_columns(self.rows))
-        if self._compiled is not None:  # static shapes: every slot, every column
-            m, w = self.cache.batch_capacity, self.cache.capacity
+        if self._compiled is not None:  # static shapes: the rows rounded up to a power of two, every column
+            m, w = min(1 << (n - 1).bit_length(), self.cache.batch_capacity), self.cache.capacity
             ids = torch.tensor(tokens + [0] * (m - n), device=self.device)
             pos = torch.tensor(self.positions + [0] * (m - n), device=self.device)  # idle slots: column 0 only
-            self.cache.bind(pos, w)
+            self.cache.bind(pos, w, views=True)
             try:
-                return self._compiled(self.model, self.cache, ids, pos, w, self._cache_arg)[:n]
+                return self._compiled(self.model, self._fused, self.cache, ids, pos, w, self._cache_arg)[:n]
             except Exception as e:  # noqa: BLE001 - the eager step below rewrites the same KV and gives the same tokens
                 self._compile_failed(e)
         ids = torch.tensor(tokens, device=self.device)
         pos = torch.tensor(self.positions, device=self.device)
         self.cache.bind(pos, width)
-        if self._fused is not None:
-            return self._fused(ids, pos, self.cache, width)
-        return _decode_forward(self.model, self.cache, ids, pos, width, self._cache_arg)
+        return _step_forward(self.model, self._fused, self.cache, ids, pos, width, self._cache_arg)
 
 
 def eos_token_ids(model, tokenizer=None) -> list[int]:

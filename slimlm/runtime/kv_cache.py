@@ -11,9 +11,9 @@ step follows from the rows' positions alone:
 so there is no mask tensor to grow per step: :meth:`SlotCache.decode_mask` compares a preallocated column
 index with the positions.
 
-A decode forward of m rows (the running ones, or all B_cap slots for a static-shape compiled step) is set
-up by :meth:`SlotCache.bind`: the positions [m] its new tokens take and the number of columns attention
-reads. transformers then calls :meth:`SlotCache.update` once per layer with the new keys/values
+A decode forward of m rows (the running ones; for a static-shape compiled step, their count rounded up to a
+power of two) is set up by :meth:`SlotCache.bind`: the positions [m] its new tokens take and the number of
+columns attention reads. transformers then calls :meth:`SlotCache.update` once per layer with the new keys/values
 [m, H_kv, 1, D]; it writes them at (slot r, column pos[r]) with one ``index_copy_`` and returns views of
 the first m slots and ``width`` columns (no copy).
 
@@ -78,6 +78,7 @@ class SlotCache(Cache):
         self.columns: torch.Tensor | None = None  # 0..T_cap-1
         self._slot_heads: torch.Tensor | None = None  # [B_cap, H_kv]: row r of head h = r * H_kv + h
         self._index: torch.Tensor | None = None  # this forward's writes: rows of keys[l].view(-1, D)
+        self._bound: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # bind(views=True)'s views
         self._width = 0
 
     # ------------------------------------------------------------------ sizes
@@ -143,18 +144,21 @@ class SlotCache(Cache):
 
     # ------------------------------------------------------------------ the decode forward
 
-    def bind(self, positions: torch.Tensor, width: int) -> None:
+    def bind(self, positions: torch.Tensor, width: int, *, views: bool = False) -> None:
         """Set up the next forward: its m new tokens go to columns ``positions`` [m] of slots 0..m-1, and
         attention reads columns 0..width-1.
 
         The writes are one ``index_copy_`` per layer into the buffer viewed as rows of D: (slot r, head h,
-        column p) is row (r * H_kv + h) * T_cap + p; the index [m * H_kv] is computed here once per step."""
+        column p) is row (r * H_kv + h) * T_cap + p; the index [m * H_kv] is computed here once per step.
+        ``views``: the forward reads and writes views of the first m slots made here (a compiled step: its
+        graph then depends on m and T_cap, not on how many slots the buffers have grown to)."""
         m = positions.shape[0]
         if width > self.capacity or m > self.batch_capacity:
             raise SlimlmError(f"decode forward of {m} rows x {width} columns does not fit the "
                               f"cache ({self.batch_capacity} x {self.capacity})")
         self._index = (self._slot_heads[:m] * self.capacity + positions[:, None]).reshape(-1)
         self._width = width
+        self._bound = ([k[:m] for k in self.keys], [v[:m] for v in self.values]) if views else None
 
     def decode_mask(self, positions: torch.Tensor, width: int):
         """The attention mask of a one-token decode forward, in the form the model takes: [m, 1, 1, width]
@@ -180,7 +184,8 @@ class SlotCache(Cache):
         m = key_states.shape[0]
         if key_states.shape[2] != 1:
             raise SlimlmError("SlotCache takes one new token per row (decode); prompts go through prefill")
-        k, v = self.keys[layer_idx], self.values[layer_idx]
+        k, v = (self.keys[layer_idx], self.values[layer_idx]) if self._bound is None else (
+            self._bound[0][layer_idx], self._bound[1][layer_idx])
         k.view(-1, k.shape[-1]).index_copy_(0, self._index, key_states.reshape(-1, k.shape[-1]))
         v.view(-1, v.shape[-1]).index_copy_(0, self._index, value_states.reshape(-1, v.shape[-1]))
         return k[:m, :, :self._width], v[:m, :, :self._width]

@@ -102,6 +102,7 @@ class ServeConfig(BaseModel):
     # decode steps by runtime/fused_step.py where it applies (CPU: float32, INT8 W8A8 without fast _int_mm; a
     # copy of the linear weights)
     fused_decode: bool = True
+    compile_decode: bool = False  # torch.compile the decode step (DecodeBatch(compile=True))
 
 
 # --------------------------------------------------------------------------- the app
@@ -123,7 +124,8 @@ class ServerState:
                              if config.prefix_cache_mb > 0 else None)
         self.scheduler = Scheduler(model, detok_tokenizer, max_batch=config.max_batch,
                                    max_waiting=config.max_waiting, max_prefill_tokens=config.max_prefill_tokens,
-                                   max_positions=ctx, prefix_cache=self.prefix_cache, fused=config.fused_decode)
+                                   max_positions=ctx, prefix_cache=self.prefix_cache, fused=config.fused_decode,
+                                   compile=config.compile_decode)
 
     # ------------------------------------------------------------------ checks
 

@@ -103,18 +103,19 @@ class Scheduler:
 
     ``max_prefill_tokens``: new prompt tokens per prefill forward (the chunk size of chunked prefill).
     ``prefix_cache``: prompt KV shared across requests (the server shares it with its score requests).
-    ``fused``: decode steps by :mod:`slimlm.runtime.fused_step` where it applies (see :class:`DecodeBatch`).
+    ``fused``: decode steps by :mod:`slimlm.runtime.fused_step` where it applies; ``compile``: the step
+    through ``torch.compile`` (both: see :class:`DecodeBatch`).
     """
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_waiting: int = 256,
                  max_prefill_tokens: int = 512, max_positions: int | None = None,
-                 prefix_cache: PrefixCache | None = None, fused: bool = True):
+                 prefix_cache: PrefixCache | None = None, fused: bool = True, compile: bool = False):
         if max_batch < 1 or max_waiting < 1 or max_prefill_tokens < 1:
             raise SlimlmError("max_batch, max_waiting and max_prefill_tokens must be >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_waiting, self.max_prefill_tokens = max_batch, max_waiting, max_prefill_tokens
         self.batch = DecodeBatch(model, pad_id=tokenizer_pad_id(tokenizer), eos_ids=eos_token_ids(model, tokenizer),
-                                 max_positions=max_positions, fused=fused)
+                                 max_positions=max_positions, fused=fused, compile=compile)
         self._waiting: deque[Request] = deque()
         self._calls: deque[tuple[Callable[[], object], Future]] = deque()
         self._current: tuple[Generator, Future] | None = None  # a stepwise call in progress

@@ -291,13 +291,16 @@ def test_a_failing_compile_warns_once_and_decodes_eagerly(monkeypatch, hook):
 
 
 @pytest.mark.slow  # compiling takes tens of seconds on a 2-core CPU
-def test_compiled_step_gives_the_eager_tokens():
-    """The compiled step (static shapes: every slot, every column; idle slots computed and ignored) gives
-    the eager step's tokens, with rows joining and leaving. Skips where torch.compile cannot run."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "transformers-forward"])
+def test_compiled_step_gives_the_eager_tokens(fused):
+    """The compiled step (static shapes: rows rounded up to a power of two, every column; idle slots computed
+    and ignored) gives the eager step's tokens, with rows joining and leaving: the fused step (weights in the
+    ordinary layout) and transformers' forward. Skips where torch.compile cannot run."""
     model = tiny_model("qwen3", seed=1, initializer_range=0.2, num_hidden_layers=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        batch = _join_and_leave(model, compile=True)
+        batch = _join_and_leave(model, compile=True, fused=fused)
+    assert (batch._fused is not None) == fused and (not fused or not batch._fused.packed)
     if not batch.compiled:
         pytest.skip("torch.compile is unavailable here: " + "; ".join(
             str(w.message) for w in caught if str(w.message).startswith(decoding.COMPILE_FAILED)))
@@ -355,3 +358,19 @@ def test_the_fused_step_runs_int8_w8a8_layers_as_their_own_path_does(family, mon
     assert DecodeBatch(q)._fused is not None
     ps = prompts(8, (6, 11, 2))
     torch.testing.assert_close(_next_logits(q, ps), _next_logits(q, ps, fused=False), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # compiling takes seconds to tens of seconds on a 2-core CPU
+def test_the_compiled_fused_step_runs_int8_w8a8_layers_as_their_own_path_does(monkeypatch):
+    from slimlm.quantize import linear
+
+    q = tiny_model("llama", seed=7, initializer_range=0.2, num_hidden_layers=1)
+    api.quantize_model(q, api.QuantConfig(scheme="int8"))
+    monkeypatch.setattr(linear, "int_mm_is_fast", lambda: False)
+    ps = prompts(8, (6, 11, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = _next_logits(q, ps, compile=True)
+    if any(str(w.message).startswith(decoding.COMPILE_FAILED) for w in caught):
+        pytest.skip("torch.compile is unavailable here")
+    torch.testing.assert_close(got, _next_logits(q, ps, fused=False), rtol=1e-5, atol=1e-5)

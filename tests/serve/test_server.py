@@ -350,3 +350,16 @@ def test_metrics_in_prometheus_text_format(server, http, client):
 def test_is_loopback():
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("example.com")
+
+
+@pytest.mark.slow  # compiling takes seconds to tens of seconds on a 2-core CPU
+def test_compiled_decode_serves_the_engines_greedy_text(model_dir, ref):
+    """``--compile-decode``: the server's decode batch runs the step through torch.compile; the text is the
+    engine's greedy text (or, where compiling cannot run here, the eager step's after one warning)."""
+    app = create_app(model_dir, ServeConfig(compile_decode=True, **LIMITS))
+    assert app.state.slimlm.scheduler.batch._compiled is not None
+    tok = ref[1]
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=120) as c:
+        out = c.post("/v1/completions", json={"model": "tiny-llama", "prompt": "User: 24-year-old",
+                                              "max_tokens": 8, "temperature": 0}).json()
+    assert out["choices"][0]["text"] == greedy_text(ref, tok("User: 24-year-old").input_ids, 8).text
