@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from slimlm import SlimlmError
 from slimlm.io import atomic_dir
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -84,6 +85,19 @@ def param_counts(model: torch.nn.Module) -> dict[str, int]:
     embedding = sum(p.numel() for p in model.parameters() if id(p) in emb_params)
     embedding += out.logical_numel if quantized_head else 0
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def attention_layout(config) -> tuple[list[str], int | None]:
+    """Per layer "full_attention" or "sliding_attention", and the sliding window (None if no layer slides):
+    from ``config.layer_types`` (Qwen2/Qwen3), else ``config.sliding_window`` for every layer (Mistral)."""
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    types = list(types)[:n] if types is not None else ["sliding_attention" if window else "full_attention"] * n
+    unknown = set(types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise SlimlmError(f"slimlm supports full and sliding-window attention layers, not {sorted(unknown)}")
+    return types, (window if "sliding_attention" in types else None)
 
 
 def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:

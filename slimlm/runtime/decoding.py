@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from slimlm import InvalidValue, SlimlmError
-from slimlm.models import cache_kwargs
+from slimlm.models import attention_layout, cache_kwargs
 from slimlm.runtime.fused_step import FusedStep, fused_step_for
 from slimlm.runtime.kv_cache import SlotCache
 from slimlm.runtime.prefix_cache import KV, kv_len
@@ -229,19 +229,6 @@ def prefill(model, items: Sequence[Prefill], counts: Sequence[int] | None = None
                       torch.cat([v[i:i + 1, :, :p], v[i:i + 1, :, p + width - c:]], dim=2)) for k, v in kv]
         if it.remaining == 0:
             it.logits = logits[i]
-
-
-def attention_layout(config) -> tuple[list[str], int | None]:
-    """Per layer "full_attention" or "sliding_attention", and the sliding window (None if no layer slides):
-    from ``config.layer_types`` (Qwen2/Qwen3), else ``config.sliding_window`` for every layer (Mistral)."""
-    n = config.num_hidden_layers
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    types = list(types)[:n] if types is not None else ["sliding_attention" if window else "full_attention"] * n
-    unknown = set(types) - {"full_attention", "sliding_attention"}
-    if unknown:
-        raise SlimlmError(f"decoding supports full and sliding-window attention layers, not {sorted(unknown)}")
-    return types, (window if "sliding_attention" in types else None)
 
 
 def _decode_forward(model, cache: SlotCache, ids: torch.Tensor, positions: torch.Tensor, width: int,

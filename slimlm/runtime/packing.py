@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from slimlm.models import attention_layout
+
 PAD_SEGMENT = -1
 
 
@@ -57,7 +59,24 @@ def attention_inputs(model: torch.nn.Module, attention_mask: torch.Tensor, posit
     position ids."""
     if segments is None:
         return {"attention_mask": attention_mask, **({"position_ids": position_ids} if position_ids is not None else {})}
-    return {"attention_mask": model_mask(model, block_mask(segments, attention_mask)), "position_ids": position_ids}
+    return {"attention_mask": layer_masks(model, block_mask(segments, attention_mask), position_ids, position_ids),
+            "position_ids": position_ids}
+
+
+def layer_masks(model: torch.nn.Module, allowed: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    """A boolean mask [B, 1, Q, K] in the form :func:`model_mask` gives, for every kind of layer the model
+    has: where layers attend through a sliding window (Mistral, some Qwen2/Qwen3 configurations), they also
+    drop keys ``window`` or more positions before the query (by the position ids ``q_pos`` [B, Q] and
+    ``k_pos`` [B, K], so restarted positions count as in the unpacked sequence), as transformers' own masks
+    do. One kind of layer: that mask; both: ``{"full_attention": ..., "sliding_attention": ...}``, the form
+    the model's forward takes per layer type."""
+    types, window = attention_layout(model.config)
+    if window is None:
+        return model_mask(model, allowed)
+    near = (q_pos[:, :, None] - k_pos[:, None, :] < window)[:, None]
+    masks = {"full_attention": allowed, "sliding_attention": allowed & near}
+    kinds = sorted(set(types))
+    return model_mask(model, masks[kinds[0]]) if len(kinds) == 1 else {k: model_mask(model, masks[k]) for k in kinds}
 
 
 def model_mask(model: torch.nn.Module, allowed: torch.Tensor) -> torch.Tensor:

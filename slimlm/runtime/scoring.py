@@ -269,7 +269,7 @@ def _packed_after_prefix(model, kv: KV, suffixes: Sequence[Sequence[int]], label
     read (the forward's cache grows by concatenation)."""
     from transformers.cache_utils import DynamicCache
 
-    from slimlm.runtime.packing import after_prefix_mask, model_mask
+    from slimlm.runtime.packing import after_prefix_mask, layer_masks
 
     device = next(model.parameters()).device
     w, b = _label_head(model, label_ids)
@@ -279,8 +279,10 @@ def _packed_after_prefix(model, kv: KV, suffixes: Sequence[Sequence[int]], label
     pos = [p + i for s in suffixes for i in range(len(s))]
     seg = torch.tensor([j for j, s in enumerate(suffixes, 1) for _ in s], device=device)
     cache = DynamicCache(ddp_cache_data=kv)
-    hidden = base(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([pos], device=device),
-                  attention_mask=model_mask(base, after_prefix_mask(p, seg)), use_cache=True,
+    pos = torch.tensor([pos], device=device)
+    keys = torch.cat([torch.arange(p, device=device)[None], pos], dim=1)  # the prefix's positions, the candidates'
+    hidden = base(input_ids=torch.tensor([ids], device=device), position_ids=pos, use_cache=True,
+                  attention_mask=layer_masks(base, after_prefix_mask(p, seg), pos, keys),
                   **cache_kwargs(base, cache)).last_hidden_state
     ends = torch.as_tensor(np.cumsum([len(s) for s in suffixes]) - 1, device=device)
     return _label_probs(hidden[0, ends], w, b).double().cpu().numpy()

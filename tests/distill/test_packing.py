@@ -92,6 +92,22 @@ def test_packed_loss_and_gradients_equal_one_sequence_per_candidate(family, attn
     torch.testing.assert_close(wp, ws, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("family,window", [("mistral", {"sliding_window": 4}),
+                                           ("qwen2", {"use_sliding_window": True, "sliding_window": 4,
+                                                      "max_window_layers": 1})], ids=["all-sliding", "mixed"])
+def test_packed_rows_keep_sliding_windows(family, window):
+    """A window shorter than prefix + candidate: a packed row's sliding-window layers drop the same keys
+    (by position, restarted per candidate) as the candidate's own sequence does."""
+    student = tiny_model(family, seed=1, initializer_range=0.2, **window)
+    outs = []
+    for seqs in (packed_seqs(groups(3)), single_seqs(groups(3))):
+        b = collate(seqs, pad_id=0)
+        hidden = student.get_decoder()(input_ids=b["input_ids"], **attention_inputs(
+            student, b["attention_mask"], b.get("position_ids"), b.get("segments"))).last_hidden_state
+        outs.append(hidden[:, :-1][b["labels"][:, 1:] != IGNORE_INDEX].detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
 def test_sft_mode_and_a_mixed_batch_of_packed_and_plain_rows():
     student = tiny_model("llama", seed=3)
     vocab = student.config.vocab_size

@@ -140,3 +140,31 @@ def test_label_probs_over_a_label_set_match_full_vocab_softmax(model):
         label_probs_full(model, [prefix], (5, 5))
     with pytest.raises(SlimlmError, match="vocabulary"):
         label_probs_full(model, [prefix], (5, VOCAB))
+
+
+# --------------------------------------------------------------------------- sliding windows
+
+
+SLIDING = {"mistral": {"sliding_window": 8},  # every layer slides
+           "qwen2": {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}}  # one of each
+
+
+@pytest.mark.parametrize("family", sorted(SLIDING))
+def test_sliding_window_layers_keep_their_window_in_shared_prefix_scoring(family):
+    """Layers with a sliding window shorter than prefix + candidate: the packed row (with the prefix, and
+    after its cached KV) and the broadcast batches drop the keys beyond the window as the unpacked prompt
+    does."""
+    from slimlm.runtime.prefix_cache import PrefixCache
+
+    m = tiny_model(family, seed=4, initializer_range=0.2, **SLIDING[family])
+    prefix = list(range(3, 23))
+    rounds = [[[30, 31, 32], [40], [50, 51, 52, 53, 54]], [[60, 61], [70, 71, 72, 73]]]
+    cache = PrefixCache(1 << 24)
+    for suffixes in rounds:  # cold (packed with the prefix), then after the cached prefix
+        want = _reference(m, [TokenizedRanking(str(i), "g", tuple(prefix), tuple(x), 0) for i, x in enumerate(suffixes)])
+        for kw in ({"cache": cache}, {"pack_max": 0}):
+            got = label_probs_shared_prefix(m, prefix, suffixes, LABELS, **kw)[:, 0]
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    examples = _examples()  # evaluation: many groups packed into rows, and broadcast
+    for strategy in ("packed", "broadcast"):
+        np.testing.assert_allclose(score(m, examples, LABELS, strategy=strategy), _reference(m, examples), atol=1e-5, rtol=0)
