@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -195,3 +196,12 @@ def test_builtin_recipes_validate():
         if name not in pipelines:  # single-stage configs are refused by `slimlm run` with a pointer
             with pytest.raises(SlimlmError, match="not a pipeline recipe"):
                 load_recipe(path)
+
+
+def test_benchmark_recipes_validate():
+    """The experiment recipes BENCHMARKS.md runs (benchmarks/recipes): every stage config and reference."""
+    paths = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "recipes").glob("*.yaml"))
+    assert len(paths) >= 5
+    for path in paths:
+        # the experiments on the 20x run's fine-tuned teacher name it by path; any teacher validates the rest
+        assert plan(load_recipe(path, ["teacher=teacher"])), path.name
