@@ -83,9 +83,10 @@ def bandwidth(numel: int = 128 << 20, reps: int = 5) -> dict[str, float]:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the parameters (tied ones once): what one batch-1 decode step reads."""
+    """Bytes of the parameters and buffers (tied ones once; a quantized model's int8 / int4 codes and scales are
+    buffers): what one batch-1 decode step reads."""
     seen, total = set(), 0
-    for p in model.parameters():
+    for p in [*model.parameters(), *model.buffers()]:
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()

@@ -15,6 +15,11 @@ tokens, every position a target (labels = input_ids), forward KL(p_T || p_S) at 
               normalise by the target count, backward, clip, AdamW step, zero_grad
     ours-gc   the same with student.gradient_checkpointing_enable() (as train() does for
               gradient_checkpointing: true)
+    ours-int8t  ours with the teacher quantized to INT8 W8A8 (per-channel int8 weights, per-token int8
+              activations; no SmoothQuant, which needs calibration data and changes nothing in the speed;
+              the LM head stays fp32 as in slimlm's exports): what ``teacher: <an INT8 export>`` runs. Not
+              matching settings (the teacher's signal is quantized), so a row of its own; its step-1 loss
+              differs from the others by the quantization error
     trl       trl.experimental.gkd.GKDTrainer with lmbda=0 (never on-policy), beta=0 (TRL's generalized
               JSD at beta=0 is F.kl_div(student_logp, teacher_logp, log_target=True) = KL(p_T || p_S),
               the forward KL), seq_kd=False, temperature 1, gradient_checkpointing=False and bf16=False
@@ -53,7 +58,7 @@ from pathlib import Path
 
 from _common import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
 
-VARIANTS = ("ours", "ours-gc", "trl")
+VARIANTS = ("ours", "ours-gc", "ours-int8t", "trl")
 LR, BETAS, EPS, MAX_GRAD_NORM = 5e-5, (0.9, 0.999), 1e-8, 1.0  # slimlm's OptimConfig defaults
 
 
@@ -116,12 +121,20 @@ def _setup(args):
     return torch, tok, teacher, student, vocab, ids
 
 
-def run_ours(args, gc: bool) -> dict:
+def run_ours(args, gc: bool, int8_teacher: bool = False) -> dict:
     from slimlm.distill.data import window_targets
     from slimlm.distill.losses import LossConfig, normalize
     from slimlm.distill.trainer import DistillModule
 
     torch, _, teacher, student, vocab, ids = _setup(args)
+    extra = {}
+    if int8_teacher:
+        from slimlm.quantize.api import QuantConfig, quantize_model
+        from slimlm.quantize.linear import int_mm_is_fast
+
+        report = quantize_model(teacher, QuantConfig(scheme="int8"))
+        extra = {"teacher_quantized_layers": report["quantized_layers"],
+                 "int8_kernel": "_int_mm" if int_mm_is_fast() else "fp32 GEMM of the int8 values"}
     student.train()
     if gc:
         student.gradient_checkpointing_enable()
@@ -147,7 +160,7 @@ def run_ours(args, gc: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     return _result(args, times, losses, pre_kib, reset, {"gradient_checkpointing": gc,
-                                                         "chunk_size": args.chunk_size})
+                                                         "chunk_size": args.chunk_size, **extra})
 
 
 def run_trl(args) -> dict:
@@ -308,7 +321,8 @@ def main() -> None:
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     if args.variant:
-        result = run_trl(args) if args.variant == "trl" else run_ours(args, gc=args.variant == "ours-gc")
+        result = (run_trl(args) if args.variant == "trl" else
+                  run_ours(args, gc=args.variant == "ours-gc", int8_teacher=args.variant == "ours-int8t"))
         print(json.dumps(result))
         return
 

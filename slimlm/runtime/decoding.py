@@ -244,10 +244,18 @@ def _decode_forward(model, cache: SlotCache, ids: torch.Tensor, positions: torch
 
 def _step_forward(model, step: FusedStep | None, cache: SlotCache, ids: torch.Tensor, positions: torch.Tensor,
                   width: int, cache_arg: str) -> torch.Tensor:
-    """:func:`_decode_forward`, or the fused ``step`` where there is one: the function :class:`DecodeBatch`
-    compiles."""
+    """:func:`_decode_forward`, or the fused ``step`` where there is one."""
     if step is not None:
         return step(ids, positions, cache, width)
+    return _decode_forward(model, cache, ids, positions, width, cache_arg)
+
+
+def _compiled_part(model, step: FusedStep | None, cache: SlotCache, ids: torch.Tensor, positions: torch.Tensor,
+                   width: int, cache_arg: str) -> torch.Tensor:
+    """What :class:`DecodeBatch` compiles: the fused ``step``'s layers up to the final norm (hidden [m, H]; its
+    LM head then runs eagerly, see :meth:`FusedStep.logits`), or the whole :func:`_decode_forward` (logits)."""
+    if step is not None:
+        return step.hidden(ids, positions, cache, width)
     return _decode_forward(model, cache, ids, positions, width, cache_arg)
 
 
@@ -315,7 +323,7 @@ class DecodeBatch:
         self._fused = fused_step_for(model, packed=not compile) if fused else None
         if compile:
             try:
-                self._compiled = _compile_step(_step_forward)
+                self._compiled = _compile_step(_compiled_part)
             except Exception as e:  # noqa: BLE001 - no compiler here: the eager step gives the same tokens
                 self._compile_failed(e)
 
@@ -481,7 +489,8 @@ class DecodeBatch:
             pos = torch.tensor(self.positions + [0] * (m - n), device=self.device)  # idle slots: column 0 only
             self.cache.bind(pos, w, views=True)
             try:
-                return self._compiled(self.model, self._fused, self.cache, ids, pos, w, self._cache_arg)[:n]
+                out = self._compiled(self.model, self._fused, self.cache, ids, pos, w, self._cache_arg)[:n]
+                return out if self._fused is None else self._fused.logits(out)
             except Exception as e:  # noqa: BLE001 - the eager step below rewrites the same KV and gives the same tokens
                 self._compile_failed(e)
         ids = torch.tensor(tokens, device=self.device)

@@ -17,17 +17,20 @@ It covers the decoder families slimlm supports (Llama, Qwen2, Qwen3, Mistral: :d
 :func:`fused_step_for` returns ``None`` for anything else, and the decode loop then runs transformers'
 forward. Greedy tokens equal the unfused step's (tested for every family; float summation order differs).
 
-INT8 W8A8 layers (:class:`slimlm.quantize.linear.Int8Linear`) are fused too on CPUs where ``torch._int_mm``
-is slow (no int8 dot-product instructions: :func:`slimlm.quantize.linear.int_mm_is_fast`), which is where
-their own path converts the int8 weights to float32 on every call: the fused step keeps the int8 codes as
-float32 values in oneDNN's layout once, quantizes each token's activations per token (once for q/k/v and
-once for gate/up, as the unfused modules share them), rounds the exact integer sums and applies the two
-scales: the same W8A8 arithmetic. FP8 and INT4 layers keep transformers' forward.
+INT8 W8A8 layers (:class:`slimlm.quantize.linear.Int8Linear`) are fused too: q/k/v's int8 codes concatenated
+(and gate/up's), each token's activations quantized per token once a group (as the unfused modules share
+them), the exact integer sums scaled by both scales: the same W8A8 arithmetic. Where ``torch._int_mm`` is fast
+(int8 dot-product instructions, VNNI / AMX: :func:`slimlm.quantize.linear.int_mm_is_fast`) the products are
+``_int_mm`` over the int8 codes, a quarter of float32's bytes a step; elsewhere the codes are held as float32
+values in oneDNN's layout (the integer sums are exact in float32 below 2^24), which beats the int8 modules'
+own path there (it converts the weights to float32 on every call). FP8 and INT4 layers keep transformers'
+forward.
 
-Compiled (``DecodeBatch(compile=True)``), the step runs through ``torch.compile`` with the fused weights in
-the ordinary layout (``packed=False``: the oneDNN-layout tensors cannot be traced), so inductor fuses the
-elementwise work between the products: what a small model's step is made of (on this 2-core CPU the 20x
-INT8 student decoded ~1.4x faster compiled; a 135M fp32 model, bound by reading its weights, the same).
+Compiled (``DecodeBatch(compile=True)``), the step's layers (:meth:`FusedStep.hidden`) run through
+``torch.compile`` with the fused weights in the ordinary layout (``packed=False``: the oneDNN-layout tensors
+cannot be traced), so inductor fuses the elementwise work between the products: what a small model's step is
+made of (on a 2-core CPU the 20x INT8 student decoded ~1.4x faster compiled; a 135M fp32 model, bound by
+reading its weights, no faster). The LM head runs after the graph, eagerly, in oneDNN's layout.
 
 The fused weights are a copy (about the size of the model's linear weights: the price of the speed). They
 are built once per model and rebuilt when a weight changes in place (an optimizer step: on-policy sampling
@@ -77,11 +80,13 @@ class FusedLinear:
 
 class FusedInt8Linear:
     """W8A8 over concatenated :class:`~slimlm.quantize.linear.Int8Linear` layers: per-token int8 activations,
-    the integer products summed by :class:`FusedLinear` over the int8 codes held as float32 (exact while a
-    sum stays below 2^24, as in ``linear.int8_matmul``'s float path), then ``· s_x · s_w + b``."""
+    the integer products, then ``· s_x · s_w + b``. ``int_mm``: the products by ``torch._int_mm`` over the int8
+    codes [N, K]; else summed by :class:`FusedLinear` over the codes held as float32 (exact while a sum stays
+    below 2^24, as in ``linear.int8_matmul``'s float path)."""
 
-    def __init__(self, mods, packed: bool = True):
-        self.codes = FusedLinear([m.qweight.float() for m in mods], [None] * len(mods), packed)
+    def __init__(self, mods, packed: bool = True, int_mm: bool = False):
+        self.int_mm = torch.cat([m.qweight for m in mods]).contiguous() if int_mm else None
+        self.codes = None if int_mm else FusedLinear([m.qweight.float() for m in mods], [None] * len(mods), packed)
         self.scale = torch.cat([m.weight_scale.reshape(-1) for m in mods])
         biases = [m.bias for m in mods]
         self.bias = (torch.cat([b.detach().float() if b is not None else self.scale.new_zeros(m.out_features)
@@ -93,18 +98,23 @@ class FusedInt8Linear:
 
         x = x.float()
         s = symmetric_scale(x, INT8_QMAX)
-        # quantize_int8_per_token's codes, kept as the float32 integers they are (no int8 round trip); float32
-        # sums of integer products are integers (exact below 2^24, where every float32 is one above), so no
-        # rounding after the product
-        y = self.codes(torch.div(x, s).round_()).mul_(s).mul_(self.scale)
+        # quantize_int8_per_token's codes; for the float path kept as the float32 integers they are (no int8
+        # round trip): float32 sums of integer products are integers (exact below 2^24, where every float32 is
+        # one above), so no rounding after the product
+        codes = torch.div(x, s).round_()
+        if self.int_mm is not None:
+            y = torch._int_mm(codes.to(torch.int8), self.int_mm.t()).float()
+        else:
+            y = self.codes(codes)
+        y = y.mul_(s).mul_(self.scale)
         return y if self.bias is None else y.add_(self.bias)
 
 
 def _linear(mods, packed: bool) -> FusedLinear | FusedInt8Linear:
-    from slimlm.quantize.linear import Int8Linear
+    from slimlm.quantize.linear import Int8Linear, int_mm_is_fast
 
     if all(isinstance(m, Int8Linear) for m in mods):
-        return FusedInt8Linear(mods, packed)
+        return FusedInt8Linear(mods, packed, int_mm=int_mm_is_fast())
     return FusedLinear([m.weight for m in mods], [getattr(m, "bias", None) for m in mods], packed)
 
 
@@ -144,10 +154,20 @@ class FusedStep:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.layers = [_Layer(layer, packed) for layer in self.decoder.layers]
-        self.head = _linear([model.get_output_embeddings()], packed)
+        # the LM head always in the fast layout: a compiled step runs it eagerly after the graph (``logits``),
+        # where oneDNN's layout uses both threads (a compiled F.linear of a 49k-row head: ~2x slower here)
+        self.head = _linear([model.get_output_embeddings()], True)
         self.version = weight_version(model)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, cache: SlotCache, width: int) -> torch.Tensor:
+        return self.logits(self.hidden(ids, positions, cache, width))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [m, V] (float32) from :meth:`hidden`'s [m, H]."""
+        return self.head(hidden).float()
+
+    def hidden(self, ids: torch.Tensor, positions: torch.Tensor, cache: SlotCache, width: int) -> torch.Tensor:
+        """The decoder's final-normed hidden states [m, H] after the step (the part a compiled step compiles)."""
         m, d = ids.shape[0], self.head_dim
         h = self.decoder.embed_tokens(ids)  # [m, H]
         cos, sin = self.decoder.rotary_emb(h[:, None], positions[:, None])  # [m, 1, D]
@@ -169,7 +189,7 @@ class FusedStep:
             h = h + lay.o(o.reshape(m, nq))
             gate, up = lay.gate_up(lay.norm2(h)).chunk(2, dim=-1)
             h = h + lay.down(lay.mlp.act_fn(gate) * up)
-        return self.head(self.decoder.norm(h)).float()
+        return self.decoder.norm(h)
 
 
 def weight_version(model) -> tuple:
@@ -193,8 +213,10 @@ def _int8_codes(model) -> list[torch.Tensor]:
 def _room_for_copy(model) -> bool:
     """Whether a copy of the model's weights fits in half the memory available now (else the fused step
     is skipped: its speed is not worth swapping or an out-of-memory kill)."""
+    from slimlm.quantize.linear import int_mm_is_fast
+
     need = sum(p.numel() * p.element_size() for p in model.parameters())
-    need += sum(b.numel() * 4 for b in _int8_codes(model))  # held as float32 codes
+    need += sum(b.numel() * (1 if int_mm_is_fast() else 4) for b in _int8_codes(model))  # int8, or float32 codes
     try:  # Linux: MemAvailable (free + reclaimable cache)
         with open("/proc/meminfo") as f:
             free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
@@ -213,19 +235,16 @@ def fused_step_for(model, packed: bool = True) -> FusedStep | None:
     fused step was measured), or when a copy of its weights would not fit in half the free memory."""
     if getattr(model.config, "model_type", None) not in SUPPORTED:
         return None
-    from slimlm.quantize.linear import Int8Linear, int_mm_is_fast
+    from slimlm.quantize.linear import Int8Linear
 
-    int8 = False
     for layer in model.get_decoder().layers:  # other quantized layers (slimlm's runtime modules) keep their path
         for group in GROUPS:  # each fused group: all float linears, or all int8
             kinds = {type(m) for m in _group(layer, group)}
             if kinds not in ({torch.nn.Linear}, {Int8Linear}):
                 return None
-            int8 = int8 or kinds == {Int8Linear}
-    if int8 and (int_mm_is_fast() or next(model.parameters()).device.type != "cpu"):
-        return None  # int8 is fused on CPUs where its own path is the slow float one
     head = model.get_output_embeddings()
-    if head is None or not _mkldnn(head.weight) or getattr(model.config, "_attn_implementation", "sdpa") not in (
+    head_weight = head.weight_scale if isinstance(head, Int8Linear) else getattr(head, "weight", None)
+    if head_weight is None or not _mkldnn(head_weight) or getattr(model.config, "_attn_implementation", "sdpa") not in (
             "sdpa", "eager"):
         return None
     step = getattr(model, "_slimlm_fused_step", None)

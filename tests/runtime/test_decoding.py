@@ -342,31 +342,36 @@ def test_the_fused_step_follows_weights_updated_in_place_and_skips_fp8_and_int4_
         assert DecodeBatch(q)._fused is None  # these quantized layers run transformers' forward
 
 
+@pytest.mark.parametrize("int_mm", [True, False], ids=["int_mm", "float-codes"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_fused_step_runs_int8_w8a8_layers_as_their_own_path_does(family, monkeypatch):
-    """INT8 W8A8 models are fused where ``_int_mm`` is slow (their own path is then a float GEMM of the int8
-    codes): the logits equal transformers' forward over the Int8Linear modules (activations quantized per
-    token, exact integer sums, both scales, biases); where ``_int_mm`` is fast they keep their own path."""
+def test_the_fused_step_runs_int8_w8a8_layers_as_their_own_path_does(family, int_mm, monkeypatch):
+    """INT8 W8A8 models are fused with either kernel (``_int_mm`` over the int8 codes where it is fast, a float
+    GEMM of the codes elsewhere): the logits equal transformers' forward over the Int8Linear modules
+    (activations quantized per token, exact integer sums, both scales, biases), an INT8 LM head included."""
     from slimlm.quantize import linear
+    from slimlm.runtime import fused_step
 
-    q = tiny_model(family, seed=7, initializer_range=0.2,
-                   **({"attention_bias": True, "mlp_bias": True} if family == "llama" else {}))
-    api.quantize_model(q, api.QuantConfig(scheme="int8"))
-    monkeypatch.setattr(linear, "int_mm_is_fast", lambda: True)
-    assert DecodeBatch(q)._fused is None
-    monkeypatch.setattr(linear, "int_mm_is_fast", lambda: False)
-    assert DecodeBatch(q)._fused is not None
-    ps = prompts(8, (6, 11, 2))
-    torch.testing.assert_close(_next_logits(q, ps), _next_logits(q, ps, fused=False), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(linear, "int_mm_is_fast", lambda: int_mm)
+    for ignore in (["lm_head"], []):
+        q = tiny_model(family, seed=7, initializer_range=0.2,
+                       **({"attention_bias": True, "mlp_bias": True} if family == "llama" else {}))
+        api.quantize_model(q, api.QuantConfig(scheme="int8", ignore=ignore))
+        step = DecodeBatch(q)._fused
+        assert step is not None and isinstance(step.layers[0].qkv, fused_step.FusedInt8Linear)
+        assert (step.layers[0].qkv.int_mm is not None) == int_mm
+        assert isinstance(step.head, fused_step.FusedInt8Linear) == (not ignore)
+        ps = prompts(8, (6, 11, 2))
+        torch.testing.assert_close(_next_logits(q, ps), _next_logits(q, ps, fused=False), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow  # compiling takes seconds to tens of seconds on a 2-core CPU
-def test_the_compiled_fused_step_runs_int8_w8a8_layers_as_their_own_path_does(monkeypatch):
+@pytest.mark.parametrize("int_mm", [True, False], ids=["int_mm", "float-codes"])
+def test_the_compiled_fused_step_runs_int8_w8a8_layers_as_their_own_path_does(int_mm, monkeypatch):
     from slimlm.quantize import linear
 
     q = tiny_model("llama", seed=7, initializer_range=0.2, num_hidden_layers=1)
     api.quantize_model(q, api.QuantConfig(scheme="int8"))
-    monkeypatch.setattr(linear, "int_mm_is_fast", lambda: False)
+    monkeypatch.setattr(linear, "int_mm_is_fast", lambda: int_mm)
     ps = prompts(8, (6, 11, 2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
