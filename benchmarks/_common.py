@@ -35,6 +35,17 @@ def reset_peak() -> bool:
         return False
 
 
+def best_of(fn, reps: int = 5) -> float:
+    """The fastest of ``reps`` timed calls of ``fn`` in seconds, after one untimed call (warm-up)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
 def write_json(path, result) -> None:
     """A benchmark's results as indented JSON at ``path`` (parent directories made), and say where."""
     import json

@@ -49,7 +49,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import write_json  # benchmarks/ is on sys.path when a script runs
+from _common import best_of, write_json  # benchmarks/ is on sys.path when a script runs
 
 from slimlm.runtime.decoding import COMPILE_FAILED
 
@@ -68,18 +68,8 @@ def bandwidth(numel: int = 128 << 20, reps: int = 5) -> dict[str, float]:
     """Best-of-``reps`` memory bandwidth in GB/s: read (a sum) and copy (read + write)."""
     x, y = torch.rand(numel), torch.empty(numel)
     nbytes = x.numel() * x.element_size()
-
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    return {"read_gb_s": round(nbytes / best(x.sum) / 1e9, 2),
-            "copy_gb_s": round(2 * nbytes / best(lambda: y.copy_(x)) / 1e9, 2)}
+    return {"read_gb_s": round(nbytes / best_of(x.sum, reps) / 1e9, 2),
+            "copy_gb_s": round(2 * nbytes / best_of(lambda: y.copy_(x), reps) / 1e9, 2)}
 
 
 def weight_bytes(model) -> int:

@@ -24,18 +24,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import write_json  # benchmarks/ is on sys.path when a script runs
+from _common import best_of, write_json  # benchmarks/ is on sys.path when a script runs
 from torch import nn
-
-
-def best_of(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def gemm_rates(m: int, k: int = 576, n: int = 1536) -> dict:
