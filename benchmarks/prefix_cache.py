@@ -13,11 +13,13 @@ server, --concurrency requests in flight.
     off   ``slimlm serve --prefix-cache-mb 0``: today's engine (each request runs its prefix once, then the
           candidates against its KV)
     on    ``--prefix-cache-mb N``: a repeated user's prefix KV comes from the cache; only candidates run
+    filed ``--prefix-cache-mb 0 --score-pack-max 0`` (with ``--filed``): the engine as issue 18 found it — no
+          cache, and the prefix KV broadcast to a padded candidate batch instead of one packed row
 
-Each trial runs both servers over the same requests, in alternating order (off first in odd trials), each
-cache starting empty. Reported per C: aggregate candidates/s (all candidates / wall), per-request latency
+Each trial runs every server over the same requests, the order rotating from trial to trial, each cache
+starting empty. Reported per C: aggregate candidates/s (all candidates / wall), per-request latency
 p50/p99, the cache's hit rate (hits / lookups, from /metrics) and the share of prefix tokens it supplied;
-speed-up = median over trials of on / off candidates/s; max |score difference| between on and off (the
+speed-up = median over trials of on / off candidates/s (and on / filed); max |score difference| between on and off (the
 cache must not change a score beyond float rounding). The best possible hit rate is (repeats - 1) / repeats.
 
 The saving per repeated request is the prefix's forward, so it shrinks as C grows: with P prefix and
@@ -102,14 +104,16 @@ def bench_c(model, tok, name: str, n_cand: int, args) -> dict:
     log(f"[C={n_cand}] {len(reqs)} requests ({args.users} users x {args.repeats}), "
         f"{np.mean([r['prefix_tokens'] for r in reqs]):.0f} prefix tokens on average")
     common = dict(score_batch_size=args.batch_size, max_candidates=4096, max_prompt_tokens=8192)
-    trials = {"off": [], "on": []}
+    modes = ("off", "on", "filed") if args.filed else ("off", "on")
+    trials = {m: [] for m in modes}
     max_diff = 0.0
     for trial in range(args.trials):
-        order = ("off", "on") if trial % 2 == 0 else ("on", "off")
+        order = modes[trial % len(modes):] + modes[:trial % len(modes)]
         got = {}
         for mode in order:
-            mb = 0 if mode == "off" else args.prefix_cache_mb
-            app = create_app(name, ServeConfig(**common, prefix_cache_mb=mb), model=model, tokenizer=tok)
+            mb = args.prefix_cache_mb if mode == "on" else 0
+            cfg = ServeConfig(**common, prefix_cache_mb=mb, **({"score_pack_max": 0} if mode == "filed" else {}))
+            app = create_app(name, cfg, model=model, tokenizer=tok)
             with serve_in_thread(app) as url:  # a fresh server: the cache starts empty every trial
                 run_pass(url, [{**reqs[0], "prefix": "Warm-up.\n", "candidates": reqs[0]["candidates"][:2]}], 1,
                          args.timeout)
@@ -129,7 +133,8 @@ def bench_c(model, tok, name: str, n_cand: int, args) -> dict:
             trials[mode].append(row)
             got[mode] = res["scores"]
             log(f"[C={n_cand}] trial {trial} {mode}: {json.dumps(row)}")
-        max_diff = max(max_diff, max(float(np.abs(a - b).max()) for a, b in zip(got["on"], got["off"], strict=True)))
+        max_diff = max(max_diff, *(float(np.abs(a - b).max()) for m in modes[1:]
+                                   for a, b in zip(got[m], got["off"], strict=True)))
 
     def med(mode, key, sub=None):
         vals = [t[key] if sub is None else t[key][sub] for t in trials[mode]]
@@ -139,13 +144,16 @@ def bench_c(model, tok, name: str, n_cand: int, args) -> dict:
            "mean_prefix_tokens": prefix_tokens / len(reqs),
            "mean_candidate_tokens": float(np.mean([len(tok(c, add_special_tokens=False).input_ids)
                                                    for r in reqs for c in r["candidates"]])),
-           "best_hit_rate": (args.repeats - 1) / args.repeats, "max_abs_score_diff_on_vs_off": max_diff}
-    for mode in ("off", "on"):
+           "best_hit_rate": (args.repeats - 1) / args.repeats, "max_abs_score_diff_vs_off": max_diff}
+    for mode in modes:
         out[mode] = {"candidates_per_s": med(mode, "candidates_per_s"), "p50_s": med(mode, "latency_s", "p50"),
                      "p99_s": med(mode, "latency_s", "p99")}
     out["on"] |= {"hit_rate": med("on", "hit_rate"), "reused_prefix_share": med("on", "reused_prefix_share")}
     out["speedup"] = statistics.median(a["candidates_per_s"] / b["candidates_per_s"]
                                        for a, b in zip(trials["on"], trials["off"], strict=True))
+    if "filed" in modes:
+        out["speedup_vs_filed"] = statistics.median(a["candidates_per_s"] / b["candidates_per_s"]
+                                                    for a, b in zip(trials["on"], trials["filed"], strict=True))
     return out
 
 
@@ -160,6 +168,8 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--prefix-cache-mb", type=float, default=512)
+    ap.add_argument("--filed", action="store_true", help="a third server: no cache and no packing (the engine "
+                    "issue 18 was filed against)")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/prefix_cache.json"))
@@ -193,7 +203,10 @@ def main() -> None:
         print(f"{r['candidates_per_request']:>4} {r['off']['candidates_per_s']:>10.2f} {r['on']['candidates_per_s']:>10.2f} "
               f"{r['speedup']:>7.2f}x {r['on']['hit_rate']:>8.2f} {r['on']['reused_prefix_share']:>13.2f} "
               f"{r['off']['p50_s']:>6.2f}/{r['off']['p99_s']:<7.2f} {r['on']['p50_s']:>6.2f}/{r['on']['p99_s']:<7.2f} "
-              f"{r['max_abs_score_diff_on_vs_off']:>11.1e}")
+              f"{r['max_abs_score_diff_vs_off']:>11.1e}")
+        if "speedup_vs_filed" in r:
+            print(f"     filed (no cache, broadcast) {r['filed']['candidates_per_s']:.2f} cand/s, p50/p99 "
+                  f"{r['filed']['p50_s']:.2f}/{r['filed']['p99_s']:.2f} s; on / filed {r['speedup_vs_filed']:.2f}x")
     print(f"loadavg {result['loadavg_end']}")
 
 

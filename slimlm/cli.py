@@ -413,19 +413,19 @@ def serve(
                                                     "prompts are prefilled in chunks between decode steps.")] = 512,
     fused_decode: Annotated[bool, typer.Option(help="CPU fp32 / INT8: the fused decode step (a copy of the weights).")] = True,
     compile_decode: Annotated[bool, typer.Option(help="torch.compile the decode step (small models; compiles per shape).")] = False,
+    score_pack_max: Annotated[int | None, typer.Option(min=0, help="Score requests of <= N candidates: one packed row.")] = None,
 ) -> None:
     """Serve a model: /v1/score (ranking), OpenAI-compatible /v1/completions and /v1/chat/completions."""
     from slimlm.placement import choose
     from slimlm.serve.app import ServeConfig, is_loopback, run_server
 
     where = choose(device, dtype)  # before the model loads: a placement this machine cannot run is a one-line error
-    cfg = ServeConfig(api_key=api_key, model_name=model_name, max_batch=max_batch,
-                      max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens, max_candidates=max_candidates,
-                      prefix_cache_mb=prefix_cache_mb, max_prefill_tokens=max_prefill_tokens, fused_decode=fused_decode,
-                      compile_decode=compile_decode)
+    cfg = ServeConfig(api_key=api_key, model_name=model_name, max_batch=max_batch, max_tokens=max_tokens,
+                      max_prompt_tokens=max_prompt_tokens, max_candidates=max_candidates, prefix_cache_mb=prefix_cache_mb,
+                      max_prefill_tokens=max_prefill_tokens, fused_decode=fused_decode, compile_decode=compile_decode,
+                      **({} if score_pack_max is None else {"score_pack_max": score_pack_max}))
     if not is_loopback(host) and api_key is None:
-        console.print(f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach "
-                      "this address can use the model")
+        console.print(f"[bold yellow]warning:[/] serving on {host} without --api-key: anyone who can reach it can use it")
     console.print(f"serving {model} on http://{host}:{port} (Ctrl-C stops)")
     run_server(model, cfg, host=host, port=port, device=str(where.device), dtype=where.dtype)
 

@@ -3,31 +3,30 @@
 Endpoints (all JSON; errors in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``):
 
 - ``POST /v1/score``: ``prefix`` + ``candidates`` (text or token ids) + label strings or ids ->
-  ``scores[i][j]`` = P(label j | prefix + candidate i), normalised over the label set. The prefix runs
-  once; its KV cache serves every candidate (:func:`slimlm.runtime.scoring.label_probs_shared_prefix`).
+  ``scores[i][j]`` = P(label j | prefix + candidate i), normalised over the label set. The prefix runs once: up
+  to ``score_pack_max`` candidates in one packed row with it, more on its KV (``runtime/scoring.py``).
 - ``POST /v1/completions``, ``POST /v1/chat/completions``: OpenAI's request/response shapes, ``stream``
   as server-sent events ending with ``data: [DONE]``; generation runs in the continuous-batching
   :class:`~slimlm.serve.scheduler.Scheduler` (one worker thread owns the model; scoring runs there too,
   between decode steps).
 - ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text format).
 
-Prefix cache (``prefix_cache_mb`` > 0): one :class:`~slimlm.runtime.prefix_cache.PrefixCache` of prompt KV
-shared by all requests. A score request starts from the longest cached part of its prefix and stores the
-whole prefix's KV; a generation request starts from the longest cached prefix of its prompt and stores
-the prompt's KV once prefilled. So a user scored again (new candidates) skips the prefix, and a chat whose
-system prompt or earlier turns were seen skips those. Reuse changes no result beyond float rounding.
-Prompts are prefilled in chunks of ``max_prefill_tokens`` between decode steps; a client that goes away
-(a closed stream, or a non-streaming request whose connection closes) has its request cancelled.
+Prefix cache (``prefix_cache_mb`` > 0): one :class:`~slimlm.runtime.prefix_cache.PrefixCache` of prompt KV shared by
+all requests. A score request starts from the longest cached part of its prefix and stores the whole prefix's KV; a
+generation request starts from the longest cached prefix of its prompt and stores the prompt's KV once prefilled. So a
+user scored again (new candidates) skips the prefix, and a chat whose system prompt or earlier turns were seen skips
+those. Reuse changes no result beyond float rounding. Prompts are prefilled in chunks of ``max_prefill_tokens``
+between decode steps; a client that goes away (a closed stream, or a non-streaming request whose connection closes)
+has its request cancelled.
 
-Guards: an optional API key (``Authorization: Bearer KEY``) on every ``/v1/`` route, checked before
-the body is read; a body-size limit (413); limits on prompt tokens (413), candidates per request (413),
-``max_tokens`` and choices per request (400); a bounded queue (503 when full); a bounded number of open
-connections (uvicorn answers 503 beyond it). Status codes: 400 malformed JSON or an invalid value (out of
-the engine's range, text that is not valid Unicode, a candidate or label that tokenises to nothing), 401
-wrong or missing key, 404 unknown model or route, 405 wrong method, 413 too large, 422 wrong types, out-of-
-range numbers or unknown fields, 499 the client went away, 503 overloaded, 500 a failure inside the model.
-A 500 is that request's alone: the scheduler isolates failures (see ``serve/scheduler.py``), every error
-is a complete JSON response, and the keep-alive connection stays usable.
+Guards: an optional API key (``Authorization: Bearer KEY``) on every ``/v1/`` route, checked before the body is read;
+a body-size limit (413); limits on prompt tokens (413), candidates per request (413), ``max_tokens`` and choices per
+request (400); a bounded queue (503 when full); a bounded number of open connections (uvicorn answers 503 beyond it).
+Status codes: 400 malformed JSON or an invalid value (out of the engine's range, text that is not valid Unicode, a
+candidate or label that tokenises to nothing), 401 wrong or missing key, 404 unknown model or route, 405 wrong method,
+413 too large, 422 wrong types, out-of- range numbers or unknown fields, 499 the client went away, 503 overloaded, 500
+a failure inside the model. A 500 is that request's alone: the scheduler isolates failures (see
+``serve/scheduler.py``), every error is a complete JSON response, and the keep-alive connection stays usable.
 
 Request models and error bodies are in ``serve/schemas.py``; metrics and the guarding middleware in
 ``serve/metrics.py``.
@@ -56,7 +55,7 @@ from starlette.exceptions import HTTPException
 from slimlm import SlimlmError
 from slimlm.runtime.decoding import Generation, SamplingParams
 from slimlm.runtime.prefix_cache import PrefixCache
-from slimlm.runtime.scoring import iter_label_probs_full, iter_label_probs_shared_prefix
+from slimlm.runtime.scoring import PACK_MAX_CANDIDATES, iter_label_probs_full, iter_label_probs_shared_prefix
 from slimlm.serve.metrics import Guard, Metrics
 from slimlm.serve.scheduler import QueueFull, Scheduler
 from slimlm.serve.schemas import (
@@ -93,6 +92,7 @@ class ServeConfig(BaseModel):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_connections: int = Field(256, ge=1)  # open connections before uvicorn answers 503
     score_batch_size: int = Field(16, ge=1)  # candidates per forward when scoring
+    score_pack_max: int = Field(PACK_MAX_CANDIDATES, ge=0)  # <= N candidates: one packed row (0: never)
     # Prompt KV kept across requests (0 = off). 512 MiB holds ~11k tokens of SmolLM2-135M KV in fp32
     # (46 KiB/token: ~45 MovieLens user prefixes) or 4k of an 8B Llama-3 in bf16 (128 KiB/token): a
     # window of recently active users, small next to the decode batch's own KV and the weights.
@@ -307,7 +307,7 @@ def create_app(model_dir: str | Path, config: ServeConfig | None = None, *, devi
             def fn():
                 return iter_label_probs_shared_prefix(state.model, prefix, suffixes, label_ids, batch_size=bs,
                                                       pad_id=pad, cache=state.prefix_cache,
-                                                      prefill_chunk=cfg.max_prefill_tokens)
+                                                      prefill_chunk=cfg.max_prefill_tokens, pack_max=cfg.score_pack_max)
         else:
             def fn():
                 return iter_label_probs_full(state.model, suffixes, label_ids, batch_size=bs, pad_id=pad)

@@ -146,3 +146,24 @@ def test_generation_reuses_a_cached_prompt_and_gives_the_same_text(servers, ref)
     assert after["slimlm_prefix_cache_hits_total"] - before["slimlm_prefix_cache_hits_total"] >= 2
     n_system = len(tok(tok.apply_chat_template([system], tokenize=False), add_special_tokens=False).input_ids)
     assert after["slimlm_prefix_cache_reused_tokens_total"] - before["slimlm_prefix_cache_reused_tokens_total"] >= 2 * n_system
+
+
+@pytest.mark.parametrize("pack_max, packed", [(None, True), (0, False), (2, False)])
+def test_score_pack_max_picks_the_way_and_keeps_scores(ref, _one_thread, monkeypatch, pack_max, packed):
+    """``score_pack_max``: a request of at most that many candidates runs packed (one row, block mask), a larger
+    one (or any, at 0) broadcasts the prefix KV to candidate batches; the scores are the same either way."""
+    import slimlm.runtime.scoring as scoring
+
+    d, model, tok = ref
+    calls = []
+    for name in ("_packed_with_prefix_kv", "_packed_after_prefix"):
+        real = getattr(scoring, name)
+        monkeypatch.setattr(scoring, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    cfg = ServeConfig(**LIMITS, **({} if pack_max is None else {"score_pack_max": pack_max}))
+    app = create_app(d, cfg, model=model, tokenizer=tok)
+    with serve_in_thread(app) as url:
+        for rnd in range(2):  # a miss, then a hit on the cached prefix
+            cands = candidates(40 + rnd)
+            np.testing.assert_allclose(score(url, user_prefix(5), cands), reference_scores(ref, user_prefix(5), cands),
+                                       atol=1e-5, rtol=0)
+    assert calls == (["_packed_with_prefix_kv", "_packed_after_prefix"] if packed else [])
