@@ -1,13 +1,13 @@
-"""Training-step benchmark: one distillation step of slimlm's trainer vs TRL's GKDTrainer, fp32 on CPU.
+"""Training-step benchmark: one distillation step of slimlm's trainer vs TRL's GKDTrainer on CPU, fp32 or bf16.
 
     python benchmarks/train_step.py [--steps 5] [--warmup 2] [--batch-size 4] [--seq-len 256] [--threads N]
-                                    [--chunk-size 256] [--variants ours,ours-gc,trl] [--out runs/bench/train_step.json]
+                                    [--chunk-size 256] [--variants ours,ours-gc,trl,...] [--out runs/bench/train_step.json]
 
 Setting (the issue's spec): the built-in SmolLM2-135M-Instruct teacher -> a ~30M-parameter student (a
 Llama like the teacher, narrower and shallower, randomly initialised, saved with the teacher's tokenizer
 into a temporary directory so every variant starts from the same weights), sequences of --seq-len random
 tokens, every position a target (labels = input_ids), forward KL(p_T || p_S) at temperature 1, AdamW
-(lr 5e-5, betas 0.9/0.999, eps 1e-8, no weight decay, constant lr), gradient clipping at 1.0, fp32, CPU.
+(lr 5e-5, betas 0.9/0.999, eps 1e-8, no weight decay, constant lr), gradient clipping at 1.0, CPU, fp32 (the -bf16 rows: bf16 autocast).
 
     ours      slimlm.distill.trainer.DistillModule (live teacher, chunked fused-linear loss, no
               [tokens x vocab] logits, its per-chunk maths compiled as ``loss.compile: auto`` does),
@@ -20,6 +20,11 @@ tokens, every position a target (labels = input_ids), forward KL(p_T || p_S) at 
               the LM head stays fp32 as in slimlm's exports): what ``teacher: <an INT8 export>`` runs. Not
               matching settings (the teacher's signal is quantized), so a row of its own; its step-1 loss
               differs from the others by the quantization error
+    ours-bf16 ours inside a CPU bf16 autocast region, the teacher held in bf16: what train() does where
+              bf16 products are fast (mixed_precision: true on a CPU with AVX512_BF16 / AMX, or CUDA);
+              compared with trl-bf16. Run it on a CPU without those and it is slower (bf16 emulated)
+    trl-bf16  trl with bf16=True (TRL's default: accelerate's CPU bf16 autocast), the teacher held in bf16
+              as for ours-bf16 (matching settings)
     trl       trl.experimental.gkd.GKDTrainer with lmbda=0 (never on-policy), beta=0 (TRL's generalized
               JSD at beta=0 is F.kl_div(student_logp, teacher_logp, log_target=True) = KL(p_T || p_S),
               the forward KL), seq_kd=False, temperature 1, gradient_checkpointing=False and bf16=False
@@ -38,7 +43,8 @@ steps (warm-up included, so AdamW's state is counted) minus ``pre-step`` (high-w
 /proc/self/clear_refs). The step-1 loss (per-token forward KL, before any update) of ours and TRL must
 agree: it checks that both compute the same thing on the same batch.
 
-Target: ours >= 2x TRL's tokens/s at <= 0.5x TRL's peak memory.
+Target: ours >= 2x TRL's tokens/s at <= 0.5x TRL's peak memory. The table compares each -bf16 row with
+trl-bf16 and every other row with trl.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from pathlib import Path
 
 from _common import reset_peak, status_kib  # benchmarks/ is on sys.path when run as a script
 
-VARIANTS = ("ours", "ours-gc", "ours-int8t", "trl")
+VARIANTS = ("ours", "ours-gc", "ours-int8t", "ours-bf16", "trl", "trl-bf16")
 LR, BETAS, EPS, MAX_GRAD_NORM = 5e-5, (0.9, 0.999), 1e-8, 1.0  # slimlm's OptimConfig defaults
 
 
@@ -121,7 +127,7 @@ def _setup(args):
     return torch, tok, teacher, student, vocab, ids
 
 
-def run_ours(args, gc: bool, int8_teacher: bool = False) -> dict:
+def run_ours(args, gc: bool, int8_teacher: bool = False, bf16: bool = False) -> dict:
     from slimlm.distill.data import window_targets
     from slimlm.distill.losses import LossConfig, normalize
     from slimlm.distill.trainer import DistillModule
@@ -135,6 +141,8 @@ def run_ours(args, gc: bool, int8_teacher: bool = False) -> dict:
         report = quantize_model(teacher, QuantConfig(scheme="int8"))
         extra = {"teacher_quantized_layers": report["quantized_layers"],
                  "int8_kernel": "_int_mm" if int_mm_is_fast() else "fp32 GEMM of the int8 values"}
+    if bf16:  # the teacher held in bf16, as train() does where it autocasts (no per-step weight casts)
+        teacher.to(torch.bfloat16)
     student.train()
     if gc:
         student.gradient_checkpointing_enable()
@@ -152,24 +160,28 @@ def run_ours(args, gc: bool, int8_teacher: bool = False) -> dict:
     for batch in batches:
         t0 = time.perf_counter()
         n_targets = window_targets([batch])
-        loss_sum = module(batch["input_ids"], batch["attention_mask"], batch["labels"], mode="kd")
-        normalize(loss_sum, n_targets).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss_sum = module(batch["input_ids"], batch["attention_mask"], batch["labels"], mode="kd")
+            normalize(loss_sum, n_targets).backward()
         losses.append(loss_sum.detach().item() / n_targets)
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     return _result(args, times, losses, pre_kib, reset, {"gradient_checkpointing": gc,
-                                                         "chunk_size": args.chunk_size, **extra})
+                                                         "chunk_size": args.chunk_size, "bf16_autocast": bf16,
+                                                         **extra})
 
 
-def run_trl(args) -> dict:
+def run_trl(args, bf16: bool = False) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     torch, tok, teacher, student, _, ids = _setup(args)
+    if bf16:
+        teacher.to(torch.bfloat16)
     rows = ids.reshape(-1, args.seq_len).tolist()
     dataset = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * args.seq_len] * len(rows),
                                  "labels": rows})
@@ -207,7 +219,7 @@ def run_trl(args) -> dict:
             max_length=args.seq_len, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
             max_steps=args.warmup + args.steps, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0,
             optim="adamw_torch", adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_epsilon=EPS, weight_decay=0.0,
-            max_grad_norm=MAX_GRAD_NORM, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+            max_grad_norm=MAX_GRAD_NORM, gradient_checkpointing=False, bf16=bf16, fp16=False, use_cpu=True,
             train_sampling_strategy="sequential", dataloader_num_workers=0, save_strategy="no",
             logging_strategy="no", report_to="none", disable_tqdm=True, seed=args.seed,
             dataset_kwargs={"skip_prepare_dataset": True})
@@ -279,13 +291,17 @@ def child(name: str, args, student_dir: Path) -> dict:
 def table(results: list[dict]) -> str:
     head = ("variant", "tokens/s", "median step s", "steps s", "peak RSS MiB", "pre-step RSS MiB", "Δpeak MiB",
             "tokens/s vs trl", "peak vs trl", "Δpeak vs trl", "step-1 loss")
-    anchor = next((r for r in results if r["variant"] == "trl" and "error" not in r), None)
+    def anchor_of(variant: str) -> dict | None:  # bf16 rows against TRL in bf16, the rest against TRL in fp32
+        name = "trl-bf16" if variant.endswith("-bf16") else "trl"
+        return next((r for r in results if r["variant"] == name and "error" not in r), None)
+
     rows = []
     for r in results:
+        anchor = anchor_of(r["variant"])
         if "error" in r:
             rows.append((r["variant"], "error", r["error"][:60], *[""] * 8))
             continue
-        def ratio(k: str, r=r) -> str:
+        def ratio(k: str, r=r, anchor=anchor) -> str:
             return f"{r[k] / anchor[k]:.2f}x" if anchor and r.get(k) and anchor.get(k) else ""
 
         rows.append((r["variant"], f"{r['tokens_per_s']:.0f}", f"{r['median_s']:.2f}",
@@ -321,8 +337,9 @@ def main() -> None:
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     if args.variant:
-        result = (run_trl(args) if args.variant == "trl" else
-                  run_ours(args, gc=args.variant == "ours-gc", int8_teacher=args.variant == "ours-int8t"))
+        bf16 = args.variant.endswith("-bf16")
+        result = (run_trl(args, bf16) if args.variant.startswith("trl") else
+                  run_ours(args, gc=args.variant == "ours-gc", int8_teacher=args.variant == "ours-int8t", bf16=bf16))
         print(json.dumps(result))
         return
 
@@ -335,10 +352,10 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; expected some of {', '.join(VARIANTS)}")
-    trl = trl_status() if "trl" in variants else None
+    trl = trl_status() if any(v.startswith("trl") for v in variants) else None
     if trl:
         print(trl)
-        variants.remove("trl")
+        variants = [v for v in variants if not v.startswith("trl")]
     started = time.time()
     student_dir = Path(tempfile.mkdtemp(prefix="slimlm-bench-student-"))
     try:

@@ -96,12 +96,15 @@ class DistillConfig(Strict):
     max_steps: int = Field(100, ge=1)  # optimizer steps
     seed: int = 0
     device: str | None = None  # None: slimlm.placement's default (CUDA when torch sees a GPU, else CPU)
-    dtype: Literal["float32", "bfloat16"] = "float32"  # student weights; bf16 autocast is used on CUDA
-    teacher_dtype: Literal["float32", "bfloat16"] | None = None  # default: bf16 on CUDA, fp32 on CPU
+    dtype: Literal["float32", "bfloat16"] = "float32"  # student weights (masters under mixed_precision)
+    # default: bf16 where training autocasts (mixed_precision on a device with fast bf16), else the device's dtype
+    teacher_dtype: Literal["float32", "bfloat16"] | None = None
     parallel: Literal["auto", "none", "ddp", "fsdp2"] = "auto"  # under torchrun; auto = ddp
     gradient_checkpointing: bool = False
     offload_optimizer: bool = False  # AdamW state + fp32 master weights in host memory (for GPU training)
-    mixed_precision: bool = True  # bf16 autocast for forward passes on CUDA (ignored on CPU, where fp32 is fastest)
+    # bf16 autocast for training's forward passes where bf16 products are fast (slimlm.placement.fast_bf16: CUDA;
+    # CPUs with AVX512_BF16 or AMX); elsewhere (older CPUs, where bf16 is emulated) training runs in fp32
+    mixed_precision: bool = True
     eval_every: int = Field(50, ge=0)  # 0 = only at the end
     save_every: int = Field(50, ge=0)  # 0 = only at the end
     log_every: int = Field(1, ge=1)

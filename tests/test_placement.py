@@ -152,3 +152,37 @@ def test_prune_distill_and_teacher_cache_run_where_the_placement_says(tmp_path, 
     build_teacher_cache(load_config(DistillConfig, None, [*common, f"out={tmp_path / 'c'}", "teacher_signal=cached",
                                                           f"teacher_cache={tmp_path / 'cache'}"]))
     assert loads == [("cpu", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, fast", [(False, False, False), (True, False, True), (False, True, True)])
+def test_fast_bf16_follows_the_cpus_features(monkeypatch, avx512_bf16, amx, fast):
+    from slimlm.placement import fast_bf16
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert fast_bf16("cpu") is fast
+
+
+@pytest.mark.parametrize("fast, mixed, autocast", [(True, True, "bfloat16"), (True, False, "off"), (False, True, "off")])
+def test_training_autocasts_only_where_bf16_is_fast(tmp_path, monkeypatch, fast, mixed, autocast):
+    """mixed_precision on a device with fast bf16 (a CPU with AVX512_BF16 / AMX, or CUDA): the forward passes
+    autocast to bf16 and the frozen teacher is held in bf16; elsewhere, or with mixed_precision off, fp32."""
+    from conftest import synth_movielens, write_movielens
+
+    import slimlm.distill.trainer as trainer
+    from slimlm.config import DistillConfig, load_config
+    from slimlm.testing import save_tiny_model
+
+    monkeypatch.setattr(trainer, "fast_bf16", lambda device: fast)
+    teacher = save_tiny_model("llama", tmp_path / "teacher", seed=1)
+    student = save_tiny_model("llama", tmp_path / "student", seed=2, num_hidden_layers=1)
+    users, items, ratings = synth_movielens(n_users=4, per_user=10, seed=4)
+    write_movielens(tmp_path / "ml", users, items, ratings)
+    trainer.train(load_config(DistillConfig, None, [
+        f"student={student}", f"teacher={teacher}", f"task.data={tmp_path / 'ml'}", "max_steps=2", "eval_every=0",
+        "task.eval_limit=4", "tensorboard=false", "device=cpu", f"mixed_precision={str(mixed).lower()}",
+        f"out={tmp_path / 'kd'}"]))
+    metrics = json.loads((tmp_path / "kd" / "metrics.json").read_text())
+    assert metrics["autocast"] == autocast
+    assert metrics["teacher_precision"] == ("bfloat16" if autocast != "off" else "float32")
+    assert math.isfinite(metrics["eval_kl"])

@@ -62,6 +62,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         need_b = need_b and s_bias is not None
         rows = (labels != ignore_index).nonzero().squeeze(1)
         acc = torch.promote_types(s_hidden.dtype, torch.float32)  # gradient accumulators: >= fp32
+        low = autocast_dtype(s_hidden.device)  # None, or the dtype the LM-head GEMMs run in under autocast
         w = s_weight.detach()[:vocab]
         w_acc = w.to(acc)  # a copy only when the weight is lower precision than the accumulators
         b = s_bias.detach()[:vocab] if s_bias is not None else None
@@ -87,10 +88,13 @@ class _FusedLinearLoss(torch.autograd.Function):
                     g = torch.autograd.grad(loss, [z])[0]
             del zs, z
             if wants_grad:
-                if need_h:
-                    grad_h.index_add_(0, idx, g @ w_acc)
+                if need_h:  # under autocast the product is bf16/fp16 (a fast GEMM): accumulate it in acc
+                    grad_h.index_add_(0, idx, (g @ w_acc).to(acc))
                 if need_w:
-                    grad_w.addmm_(g.T, h.to(acc))
+                    if low is None:
+                        grad_w.addmm_(g.T, h.to(acc))  # in place: no [V, H] temporary per chunk
+                    else:  # autocast: the product in its low precision (addmm_ would run in fp32)
+                        grad_w.add_(g.T @ h)
                 if need_b:
                     grad_b += g.sum(0)
             total += loss.detach()
@@ -117,6 +121,18 @@ def _fit(grad: torch.Tensor | None, scale: torch.Tensor, shape: torch.Size, dtyp
     out = torch.zeros(shape, dtype=dtype, device=grad.device)
     out[: grad.shape[0]] = grad
     return out
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast runs matrix products in on ``device`` now, or None when autocast is off there."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def exact(device: torch.device):
+    """A context with autocast off: the per-chunk softmax / divergence maths run in the accumulators' dtype
+    (fp32 or fp64) even inside a bf16 autocast region; only the LM-head products are low precision."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _check(student_hidden, labels, chunk_size) -> None:
@@ -176,12 +192,14 @@ def fused_linear_kd_loss(
                 zt = teacher_hidden.detach().index_select(0, idx) @ teacher_weight.detach()[:vocab].T
                 if teacher_bias is not None:
                     zt = zt + teacher_bias.detach()[:vocab]
+            zt = zt if zt is None else zt.to(zs.dtype)  # bf16 under autocast; the maths is zs's dtype
         if closed:  # value and gradient in closed form: no autograd graph
-            with torch.no_grad():
+            with torch.no_grad(), exact(zs.device):
                 loss, grad = closed_form(zs.detach(), zt, y, cfg.divergence, cfg.beta, cfg.temperature,
                                          cfg.kd_weight, cfg.ce_weight, cfg.ignore_index)
             return loss.sum(), grad
-        return kd_token_losses(zs, zt, y, cfg, vocab)  # not closed form: kd_weight > 0, so zt exists
+        with exact(zs.device):
+            return kd_token_losses(zs, zt, y, cfg, vocab)  # not closed form: kd_weight > 0, so zt exists
 
     return _apply(student_hidden, student_weight, student_bias, labels, chunk_loss, cfg, vocab, chunk_size)
 
@@ -213,7 +231,8 @@ def fused_linear_cached_kd_loss(
     vocab = vocab_size or student_weight.shape[0]
 
     def chunk_loss(zs: torch.Tensor, idx: torch.Tensor, pos: slice) -> torch.Tensor:
-        return cached_token_losses(zs, teacher_ids[pos], teacher_logprobs[pos], teacher_tail[pos],
-                                   labels.index_select(0, idx), cfg, vocab)
+        with exact(zs.device):
+            return cached_token_losses(zs, teacher_ids[pos], teacher_logprobs[pos], teacher_tail[pos],
+                                       labels.index_select(0, idx), cfg, vocab)
 
     return _apply(student_hidden, student_weight, student_bias, labels, chunk_loss, cfg, vocab, chunk_size)

@@ -278,13 +278,14 @@ class TeacherCache:
         return tuple(torch.cat([p[j] for p in parts]) for j in range(3))  # type: ignore[return-value]
 
 
-def load_teacher(cfg, device, load=None) -> torch.nn.Module:
+def load_teacher(cfg, device, load=None, autocast: torch.dtype | None = None) -> torch.nn.Module:
     """The frozen teacher of a distill config on ``device`` (``load``: :func:`slimlm.loading.load_model`, or
-    :func:`slimlm.distill.sharded.meta_model` under FSDP2), in ``teacher_dtype`` (default: per device)."""
+    :func:`slimlm.distill.sharded.meta_model` under FSDP2), in ``teacher_dtype``; by default in ``autocast``'s
+    dtype when training autocasts (no per-step casts of its weights), else the device's dtype."""
     from slimlm.loading import load_model
     from slimlm.placement import DTYPES
 
-    t_dtype = DTYPES[cfg.teacher_dtype] if cfg.teacher_dtype else None
+    t_dtype = DTYPES[cfg.teacher_dtype] if cfg.teacher_dtype else autocast
     teacher = (load or load_model)(cfg.teacher, device=device, dtype=t_dtype, trust_remote_code=cfg.trust_remote_code)
     return teacher.requires_grad_(False)
 

@@ -72,7 +72,7 @@ from slimlm.distill.teacher import (
 from slimlm.io import atomic_write_json, atomic_write_text, read_jsonl, recover_dir, remove_temporaries
 from slimlm.loading import check_model_dir, load_model, load_tokenizer, resolve_model
 from slimlm.models import save_model
-from slimlm.placement import DTYPES
+from slimlm.placement import DTYPES, fast_bf16
 from slimlm.runtime.packing import attention_inputs
 from slimlm.tasks import RANKING_TASKS, load_ranking_task
 from slimlm.tasks.completion import IGNORE_INDEX
@@ -343,6 +343,8 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
     generation_eval = generation_eval_set(cfg, tokenizer)
 
     fsdp2 = dist.strategy == "fsdp2"  # models built as shapes only; each rank reads its own rows once sharded
+    # bf16 autocast for the forward passes where bf16 products are fast (slimlm.placement), else None (fp32)
+    autocast = torch.bfloat16 if cfg.mixed_precision and fast_bf16(device) else None
     load = meta_model if fsdp2 else load_model
     student = load(cfg.student, device=device, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     student.train()
@@ -356,7 +358,7 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
         cache.check(train_seqs, cfg.loss.temperature)
     teacher = None
     if cfg.teacher is not None and cache is None:  # sft uses it only for the held-out KL
-        teacher = load_teacher(cfg, device, load)
+        teacher = load_teacher(cfg, device, load, autocast)
     vocab = check_vocab(student.get_output_embeddings().weight.shape[0],
                         teacher.get_output_embeddings().weight.shape[0] if teacher is not None else None,
                         len(tokenizer))
@@ -458,9 +460,8 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
         n_targets = sum_int(window_targets([b for b, _, _ in window]), dist)  # over the window, all ranks
         loss_total, tokens = 0.0, 0
         for i, (batch, micro_mode, rows) in enumerate(window):
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                                      enabled=device.type == "cuda" and cfg.mixed_precision)
-            with no_sync(wrapped, dist, last=i == len(window) - 1), autocast:
+            amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast is not None)
+            with no_sync(wrapped, dist, last=i == len(window) - 1), amp:
                 loss_sum = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], mode=micro_mode,
                                    cached=rows, position_ids=batch.get("position_ids"), segments=batch.get("segments"))
                 # both engines average gradients over ranks: scale back to a sum over the global window
@@ -527,6 +528,7 @@ def _train(cfg: DistillConfig, out: Path, dist, device, progress, stop_after) ->
         rates = [r["tokens_per_s"] for r in read_jsonl(out / "metrics.jsonl") if "tokens_per_s" in r]
         if rates:  # over every logged step of every run of the stage
             final["median_tokens_per_s"] = statistics.median(rates)
+        final["autocast"] = str(autocast).removeprefix("torch.") if autocast else "off"
         if teacher is not None:
             final["teacher_precision"] = teacher_precision(cfg.teacher, teacher)
         atomic_write_json(out / "metrics.json", final)

@@ -260,6 +260,29 @@ def test_chunked_low_precision_vs_fp64_reference(kind, kw, dtype):
     check_chunked(t, labels, kind, kw, dtype, chunk_size=8, temperature=2.0, ce_weight=0.3, grads_too=grads_too)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(("kind", "kw"), DIVS, ids=DIV_IDS)
+def test_chunked_under_bf16_autocast_vs_fp64_reference(kind, kw, compiled):
+    """fp32 weights inside a CPU bf16 autocast region (training where bf16 is fast): the LM-head products run
+    in bf16, the per-chunk maths and the gradient accumulators in fp32, the gradients come back fp32; the loss
+    and gradients agree with the fp64 reference to bf16's tolerance. (Adding bf16 products into the fp32
+    accumulators once raised "index_add_(): self (Float) and source (BFloat16)".)"""
+    t, labels = make_hidden(37, 101, 24, 40, torch.float32, seed=2, bias=True)
+    closed_form = Compiled(closed_form_value_and_grad, "test") if compiled else closed_form_value_and_grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cfg = cfg_for(kind, kw, temperature=2.0, kd_weight=1.0, ce_weight=0.3)
+        loss, grads = run_chunked(t, labels, cfg, chunk_size=8, closed_form=closed_form)
+    assert loss.dtype == torch.float32
+    ref, ref_grads = run_naive(t, labels, kind, temperature=2.0, kd_weight=1.0, ce_weight=0.3, **kw)
+    assert_close(loss, ref, torch.bfloat16, "loss")
+    for k in grads:
+        assert grads[k].dtype == torch.float32
+        if kind != "tvd":  # TVD's sign-shaped gradient: see test_chunked_low_precision_vs_fp64_reference
+            assert_close(grads[k], ref_grads[k], torch.bfloat16, f"grad {k}")
+    fp32_loss, _ = run_chunked(t, labels, cfg, chunk_size=8)
+    assert loss.item() != fp32_loss.item()  # the products did run in bf16
+
+
 def test_chunked_all_rows_ignored_is_zero():
     t, labels = make_hidden(9, 11, 4, 6, torch.float64)
     labels[:] = IGNORE
