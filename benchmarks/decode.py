@@ -2,10 +2,10 @@
 transformers' ``model.generate``, with the machine's memory bandwidth measured in the same process.
 
     python benchmarks/decode.py [--model DIR] [--batches 1,8] [--new-tokens 64] [--prompt-tokens 260]
-                                [--reps 3] [--threads N] [--compile-batches 1] [--old-rev REV]
+                                [--reps 3] [--threads N] [--compile-batches 1] [--old-rev REV] [--dtype D]
                                 [--out runs/bench/decode.json]
 
-Variants, run in a rotating order in every repetition (one process, the same weights, greedy, fp32; a
+Variants, run in a rotating order in every repetition (one process, the same weights, greedy, --dtype; a
 quantized export is loaded as slimlm loads it, on its runtime modules):
 
     hf        ``model.generate`` (do_sample=False, its own KV cache; the batch left-padded)
@@ -179,6 +179,9 @@ def main() -> None:
     ap.add_argument("--compile-batches", default="1", help="batch sizes to also run compiled ('' for none)")
     ap.add_argument("--old-rev", default=None, help="also run the decode loop of this git revision")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="the model's dtype (bfloat16: what `slimlm serve --dtype bfloat16` runs; the fused step "
+                         "takes it where the CPU has bf16 dot products)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/decode.json"))
     args = ap.parse_args()
     if args.threads:
@@ -191,7 +194,7 @@ def main() -> None:
 
     model_dir = Path(args.model) if args.model else teacher_dir()
     # slimlm's loader: a quantized export runs on slimlm's runtime modules, as the server runs it
-    model = load_model(model_dir, device=args.device, dtype=torch.float32).eval()
+    model = load_model(model_dir, device=args.device, dtype=getattr(torch, args.dtype)).eval()
     tok = load_tokenizer(model_dir)
     model.generation_config.eos_token_id = None  # every variant decodes exactly --new-tokens (same work)
     batches = [int(b) for b in args.batches.split(",") if b]

@@ -6,7 +6,8 @@ down) through ``F.linear``, which on a CPU is one thread's bandwidth (``benchmar
 runs the same maths over the same modules' weights with
 
 - q/k/v concatenated into one weight and gate/up into another: 4 GEMVs a layer instead of 7;
-- on a CPU in float32, every weight (LM head included) reordered once into oneDNN's blocked layout
+- on a CPU in float32 (or bfloat16 where the CPU has bf16 dot products: half the bytes a step, for a model
+  served with ``--dtype bfloat16``), every weight (LM head included) reordered once into oneDNN's blocked layout
   (``torch.ops.mkldnn._reorder_linear_weight``) and run by ``mkldnn._linear_pointwise``, which uses every
   thread; elsewhere the fused weights run through ``F.linear``;
 - the layer loop written out: RMSNorms, rotary embeddings (the model's own ``rotary_emb`` module, so any
@@ -51,7 +52,13 @@ SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def _mkldnn(w: torch.Tensor) -> bool:
-    return w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    """Whether ``w`` runs in oneDNN's layout: on a CPU, float32, or bfloat16 where the CPU has bf16 dot products
+    (:func:`slimlm.placement.fast_bf16`; emulated bf16 would be slower than transformers' own forward)."""
+    from slimlm.placement import fast_bf16
+
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and fast_bf16("cpu"))
 
 
 class FusedLinear:
@@ -142,6 +149,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
+def _attention(q, keys, values, mask, scale: float, gqa: bool) -> torch.Tensor:
+    """SDPA of one new token per row. bf16 on a CPU runs in float32: torch's CPU flash kernel takes ~5x longer
+    in bf16 than in float32 for a one-token query (1.76 ms vs 0.28 ms at 8 rows x 330 columns, an AVX512_BF16
+    CPU), far more than the casts (0.34 ms with them)."""
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        o = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask, scale=scale,
+                                           enable_gqa=gqa)
+        return o.to(q.dtype)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
 class FusedStep:
     """One decode step of m rows over a :class:`SlotCache`: ``step(ids [m], positions [m], cache, width)``
     -> next-token logits [m, V] (float32), as ``decoding._decode_forward`` computes them. ``packed``: the
@@ -184,8 +202,7 @@ class FusedStep:
             k = k * cos + _rotate_half(k) * sin
             keys, values = cache.update(k, v, i)
             mask = masks if not isinstance(masks, dict) else masks[cache.layer_types[i]]
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=lay.attn.scaling,
-                                               enable_gqa=self.heads != self.kv_heads)
+            o = _attention(q, keys, values, mask, lay.attn.scaling, self.heads != self.kv_heads)
             h = h + lay.o(o.reshape(m, nq))
             gate, up = lay.gate_up(lay.norm2(h)).chunk(2, dim=-1)
             h = h + lay.down(lay.mlp.act_fn(gate) * up)
@@ -231,8 +248,8 @@ def _room_for_copy(model) -> bool:
 def fused_step_for(model, packed: bool = True) -> FusedStep | None:
     """The model's :class:`FusedStep` (built on first use, rebuilt after its weights change or to change
     ``packed``; one copy of the weights is kept per model), or None when
-    the model is not of a supported family with plain linear layers, not on a CPU in float32 (where the
-    fused step was measured), or when a copy of its weights would not fit in half the free memory."""
+    the model is not of a supported family with plain linear layers, not on a CPU in float32 or fast bfloat16
+    (where the fused step was measured), or when a copy of its weights would not fit in half the free memory."""
     if getattr(model.config, "model_type", None) not in SUPPORTED:
         return None
     from slimlm.quantize.linear import Int8Linear
@@ -244,6 +261,9 @@ def fused_step_for(model, packed: bool = True) -> FusedStep | None:
                 return None
     head = model.get_output_embeddings()
     head_weight = head.weight_scale if isinstance(head, Int8Linear) else getattr(head, "weight", None)
+    if head_weight is not None and head_weight.dtype != torch.float32 and any(
+            isinstance(m, Int8Linear) for m in model.modules()):
+        return None  # INT8 layers compute in float32: fused only with the float32 tensors slimlm loads them with
     if head_weight is None or not _mkldnn(head_weight) or getattr(model.config, "_attn_implementation", "sdpa") not in (
             "sdpa", "eager"):
         return None

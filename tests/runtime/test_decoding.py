@@ -326,6 +326,29 @@ def test_the_fused_step_runs_for_every_family_and_matches_transformers_forward(f
     torch.testing.assert_close(_next_logits(m, ps), _next_logits(m, ps, fused=False), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_fused_step_in_bf16_where_the_cpu_has_bf16_dot_products(family, monkeypatch):
+    """A model served in bf16 (``--dtype bfloat16``) on a CPU with AVX512_BF16 / AMX runs the fused step with
+    bf16 weights in oneDNN's layout: the next-token logits agree with transformers' bf16 forward and with the
+    fp32 model to bf16's rounding; on a CPU without bf16 dot products it keeps transformers' forward."""
+    import slimlm.placement
+
+    m = tiny_model(family, seed=5, initializer_range=0.2).to(torch.bfloat16)
+    ps = prompts(4, (7, 3, 12))
+    monkeypatch.setattr(slimlm.placement, "fast_bf16", lambda device: False)
+    assert DecodeBatch(m)._fused is None
+    monkeypatch.setattr(slimlm.placement, "fast_bf16", lambda device: True)
+    assert DecodeBatch(m)._fused is not None
+    fused, plain = _next_logits(m, ps), _next_logits(m, ps, fused=False)
+    fp32 = _next_logits(m.float(), ps, fused=False)
+    assert fused.dtype == plain.dtype == torch.float32 and not torch.equal(fused, fp32)  # it ran in bf16
+    # bf16 rounding moves these logits 1.4-2.3% of their scale from fp32 (the fused step's attention runs in
+    # fp32, transformers' in bf16: 1% apart); a wrong mask, rotary or projection moves them by O(1)
+    scale = fp32.abs().max().item()
+    torch.testing.assert_close(fused, plain, rtol=0, atol=0.03 * scale)
+    torch.testing.assert_close(fused, fp32, rtol=0, atol=0.03 * scale)
+
+
 def test_the_fused_step_follows_weights_updated_in_place_and_skips_fp8_and_int4_models():
     m = tiny_model("qwen2", seed=6, initializer_range=0.2)
     ps = prompts(5, (6, 9))
