@@ -10,8 +10,9 @@ Defaults (what :func:`choose` picks when nothing is asked):
   the fast path on such CPUs (about 3.6x fp32 on an AVX-512 core), so CPU speed comes from quantization.
 - **Training autocasts to bf16 where bf16 matrix products are fast** (:func:`fast_bf16`): CUDA GPUs that
   support bf16, and CPUs with AVX512_BF16 or AMX, where a bf16 GEMM ran 2.6x an fp32 one (339 vs 132 GFLOP/s,
-  an AMD EPYC with AVX512_BF16, 2 cores) and a distillation step 1.85x. The weights stay fp32 (masters); the
-  frozen teacher is held in bf16 there. Evaluation, scoring and serving stay in the placement's dtype.
+  an AMD EPYC with AVX512_BF16, 2 cores) and a distillation step 1.5x (``benchmarks/train_step.py``). The
+  weights stay fp32 (masters); the frozen teacher is held in bf16 there. Evaluation, scoring and serving stay
+  in the placement's dtype.
 - **Solver threads** (OSSCAR / greedy pruning updates, :func:`solver_threads`): 1 on CPU. The solver's updates
   are many small, memory-bound tensor ops; with two OpenMP threads on a 2-core CPU they ran 4-5x slower than
   with one (the threads spin against each other and any other process). Raise it (``solver_threads`` in the

@@ -13,6 +13,7 @@ import torch
 from conftest import free_port, synth_movielens, write_movielens
 from safetensors.torch import load_file
 
+from slimlm.placement import fast_bf16
 from slimlm.testing import save_tiny_model
 
 STOPPER = Path(__file__).with_name("dist_stop.py")
@@ -56,6 +57,21 @@ def _losses(out):
 @pytest.fixture(scope="module")
 def single(run_dir):
     return _distill(run_dir, run_dir / "single", ["batch_size=4"])
+
+
+@pytest.mark.skipif(not fast_bf16("cpu"), reason="this CPU has no bf16 dot products: training does not autocast")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_under_bf16_autocast_follow_the_single_process_run(run_dir, single, strategy):
+    """Where training autocasts on a CPU (AVX512_BF16 / AMX), DDP and FSDP2 (the teacher held in bf16 and
+    sharded too) train as one process does, to bf16's rounding (the batch split changes the bf16 sums)."""
+    runs = {name: _distill(run_dir, run_dir / f"{name}-bf16", [*extra, "mixed_precision=true"], nproc=n)
+            for name, extra, n in (("single", ["batch_size=4"], 1),
+                                   (strategy, ["batch_size=2", f"parallel={strategy}"], 2))}
+    for out in runs.values():
+        final = json.loads((out / "metrics.json").read_text())
+        assert final["autocast"] == "bfloat16" and final["teacher_precision"] == "bfloat16"
+    assert _losses(runs[strategy]) == pytest.approx(_losses(runs["single"]), rel=2e-2)
+    assert _losses(runs[strategy]) != pytest.approx(_losses(single), rel=1e-6)  # not the fp32 run
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
