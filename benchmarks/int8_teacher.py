@@ -98,7 +98,8 @@ def main() -> None:
         run_logged([*slim, "init-student", args.teacher, "--layers", str(args.layers), "--out", student], log)
     common = [f"student={student}", f"task.limit={args.limit}", "task.eval_limit=64", f"batch_size={args.batch_size}",
               f"max_steps={args.steps}", f"optim.lr={args.lr}", "optim.warmup_steps=10", "eval_every=0",
-              "save_every=50", "tensorboard=false", "loss.divergence=forward_kl"]
+              "save_every=50", "tensorboard=false", "loss.divergence=forward_kl",
+              "mixed_precision=false"]  # fp32 vs INT8: no bf16 autocast (and bf16 teacher) where the CPU has bf16
     runs = {"fp32-teacher": args.teacher, "int8-teacher": str(t8)}
     for name, teacher in runs.items():  # the trainer skips a finished run and resumes an interrupted one
         run_logged([*slim, "distill", "mode=kd", f"teacher={teacher}", f"out={o}/{name}", *common], log)
