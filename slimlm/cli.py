@@ -411,7 +411,7 @@ def serve(
                                                    "(a user scored again, a repeated system prompt); 0 = off.")] = 512,
     max_prefill_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens per prefill forward: longer "
                                                     "prompts are prefilled in chunks between decode steps.")] = 512,
-    fused_decode: Annotated[bool, typer.Option(help="CPU fp32 / INT8: the fused decode step (a copy of the weights).")] = True,
+    fused_decode: Annotated[bool, typer.Option(help="CPU fp32 / INT8 (bf16 with bf16 dot products): the fused decode step (a weight copy).")] = True,
     compile_decode: Annotated[bool, typer.Option(help="torch.compile the decode step (small models; compiles per shape).")] = False,
     score_pack_max: Annotated[int | None, typer.Option(min=0, help="Score requests of <= N candidates: one packed row.")] = None,
 ) -> None:

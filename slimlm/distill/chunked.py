@@ -62,7 +62,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         need_b = need_b and s_bias is not None
         rows = (labels != ignore_index).nonzero().squeeze(1)
         acc = torch.promote_types(s_hidden.dtype, torch.float32)  # gradient accumulators: >= fp32
-        low = autocast_dtype(s_hidden.device)  # None, or the dtype the LM-head GEMMs run in under autocast
+        low = torch.is_autocast_enabled(s_hidden.device.type)  # the LM-head GEMMs then run in bf16 / fp16
         w = s_weight.detach()[:vocab]
         w_acc = w.to(acc)  # a copy only when the weight is lower precision than the accumulators
         b = s_bias.detach()[:vocab] if s_bias is not None else None
@@ -91,7 +91,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 if need_h:  # under autocast the product is bf16/fp16 (a fast GEMM): accumulate it in acc
                     grad_h.index_add_(0, idx, (g @ w_acc).to(acc))
                 if need_w:
-                    if low is None:
+                    if not low:
                         grad_w.addmm_(g.T, h.to(acc))  # in place: no [V, H] temporary per chunk
                     else:  # autocast: the product in its low precision (addmm_ would run in fp32)
                         grad_w.add_(g.T @ h)
@@ -121,12 +121,6 @@ def _fit(grad: torch.Tensor | None, scale: torch.Tensor, shape: torch.Size, dtyp
     out = torch.zeros(shape, dtype=dtype, device=grad.device)
     out[: grad.shape[0]] = grad
     return out
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The dtype autocast runs matrix products in on ``device`` now, or None when autocast is off there."""
-    kind = device.type
-    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def exact(device: torch.device):

@@ -24,7 +24,7 @@ a body-size limit (413); limits on prompt tokens (413), candidates per request (
 request (400); a bounded queue (503 when full); a bounded number of open connections (uvicorn answers 503 beyond it).
 Status codes: 400 malformed JSON or an invalid value (out of the engine's range, text that is not valid Unicode, a
 candidate or label that tokenises to nothing), 401 wrong or missing key, 404 unknown model or route, 405 wrong method,
-413 too large, 422 wrong types, out-of- range numbers or unknown fields, 499 the client went away, 503 overloaded, 500
+413 too large, 422 wrong types, out-of-range numbers or unknown fields, 499 the client went away, 503 overloaded, 500
 a failure inside the model. A 500 is that request's alone: the scheduler isolates failures (see
 ``serve/scheduler.py``), every error is a complete JSON response, and the keep-alive connection stays usable.
 
