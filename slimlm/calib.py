@@ -53,9 +53,11 @@ def check_source(source: str) -> None:
         raise SlimlmError(f"{path}: calibration files must be .txt, .jsonl or .parquet (rows with 'text')")
 
 
-def calibration_windows(tokenizer, source: str, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+def calibration_windows(tokenizer, source: str, samples: int, seq_len: int, seed: int = 0,
+                        data: str | Path | None = None) -> torch.Tensor:
     """``samples`` non-overlapping windows of ``seq_len`` tokens from ``source`` (module docstring),
-    [samples, seq_len] (long). Too little text for that many windows is an error, not a silent shortfall."""
+    [samples, seq_len] (long). Too little text for that many windows is an error, not a silent shortfall.
+    ``data``: the MovieLens directory for ``movielens-ranking`` (None: the fetched asset)."""
     from slimlm.tasks.text import read_texts
 
     if samples < 1 or seq_len < 2:
@@ -74,7 +76,7 @@ def calibration_windows(tokenizer, source: str, samples: int, seq_len: int, seed
         from slimlm.tasks import load_ranking_task
 
         # a prompt is ~250 tokens with this tokenizer; take enough whole users for the windows, then more
-        examples = load_ranking_task(source, None, "train", limit=max(64, math.ceil(need / 100)), seed=seed)
+        examples = load_ranking_task(source, data, "train", limit=max(64, math.ceil(need / 100)), seed=seed)
         stream = _token_stream(tokenizer, [ex.prompt for ex in examples])
     else:
         stream = _token_stream(tokenizer, read_texts(source))

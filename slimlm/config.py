@@ -227,6 +227,7 @@ class PruneConfig(Strict):
     # which says why), 0: torch's own count
     solver_threads: int | None = Field(None, ge=0)
     calib: str = "text"  # text | movielens-ranking | a .txt/.jsonl/.parquet file
+    calib_data: str | None = None  # calib movielens-ranking: its data directory (None: the fetched asset)
     samples: int = Field(128, ge=1)  # calibration sequences
     seq_len: int = Field(256, ge=2)
     batch_size: int = Field(8, ge=1)  # calibration sequences per forward pass

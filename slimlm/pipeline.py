@@ -193,14 +193,18 @@ def _stage_config(recipe: Recipe, st: Stage, where: str):
             task = {**recipe.task.model_dump(), **st.config.get("task", {})}
             return DistillConfig.model_validate({"seed": recipe.seed, **st.config, "task": task,
                                                  "student": "-", "teacher": "-", "out": "-"})
+        if st.kind in ("prune", "quantize"):
+            cfg = dict(st.config)
+            if cfg.get("calib") == recipe.task.name == "movielens-ranking" and recipe.task.data:
+                cfg.setdefault("calib_data", recipe.task.data)  # calibrate on the recipe's own MovieLens copy
         if st.kind == "prune":
-            return PruneConfig.model_validate({"seed": recipe.seed, **st.config})
+            return PruneConfig.model_validate({"seed": recipe.seed, **cfg})
         if st.kind == "init":
             return InitConfig.model_validate(st.config)
         if st.kind == "quantize":
             from slimlm.quantize.api import QuantizeConfig
 
-            cfg = QuantizeConfig.model_validate(st.config)
+            cfg = QuantizeConfig.model_validate(cfg)
             cfg.check()
             return cfg
         return EvaluateConfig.model_validate(st.config)

@@ -75,6 +75,24 @@ def test_prune_and_quantize_stages_make_smaller_models(recipe_world):
     assert evals["int8"]["disk_bytes"] < evals["kd"]["disk_bytes"]
 
 
+def test_ranking_calibration_reads_the_recipes_own_movielens_copy(recipe_world, monkeypatch):
+    """Prune and quantize stages that calibrate on movielens-ranking read the recipe's task.data, never the
+    fetched asset (an offline machine, or a user's own copy of the data)."""
+    import slimlm.assets
+
+    def no_asset(*a, **k):
+        raise AssertionError("calibration fetched the packaged MovieLens instead of the recipe's task.data")
+
+    monkeypatch.setattr(slimlm.assets, "movielens_dir", no_asset)
+    root, data = recipe_world
+    calib = {"calib": "movielens-ranking", "samples": 2, "seq_len": 32}
+    stages = [{"name": "pruned", "kind": "prune", "config": {"layers_keep": 2, "multiple": 4, **calib}},
+              {"name": "int4", "kind": "quantize", "config": {"scheme": "int4", "group_size": 32, **calib}}]
+    records = run(load_recipe(write(root / "cal.yaml", recipe(root, data, "cal", stages))))
+    assert list(records) == ["pruned", "int4"]
+    assert json.loads((root / "cal" / "int4" / "model" / "config.json").read_text())["quantization_config"]
+
+
 def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(recipe_world):
     root, data = recipe_world
     path = write(root / "r2.yaml", recipe(root, data, "resume"))

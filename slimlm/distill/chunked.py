@@ -62,9 +62,9 @@ class _FusedLinearLoss(torch.autograd.Function):
         need_b = need_b and s_bias is not None
         rows = (labels != ignore_index).nonzero().squeeze(1)
         acc = torch.promote_types(s_hidden.dtype, torch.float32)  # gradient accumulators: >= fp32
-        low = torch.is_autocast_enabled(s_hidden.device.type)  # the LM-head GEMMs then run in bf16 / fp16
+        low = gemm_dtype(s_hidden)  # bf16 / fp16: the LM-head GEMMs run in it (None: in acc)
         w = s_weight.detach()[:vocab]
-        w_acc = w.to(acc)  # a copy only when the weight is lower precision than the accumulators
+        w_acc = w.to(low or acc)  # the weight as the GEMMs take it (one copy per call, not per chunk, if any)
         b = s_bias.detach()[:vocab] if s_bias is not None else None
         grad_h = torch.zeros(s_hidden.shape, dtype=acc, device=s_hidden.device) if need_h else None
         grad_w = torch.zeros((vocab, s_weight.shape[1]), dtype=acc, device=s_weight.device) if need_w else None
@@ -73,7 +73,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         for start in range(0, rows.numel(), chunk):
             idx = rows[start:start + chunk]
             h = s_hidden.detach().index_select(0, idx)
-            zs = h @ w.T
+            zs = h.to(low) @ w_acc.T if low else h @ w.T
             if b is not None:
                 zs = zs + b
             # autograd runs only from the chunk's loss back to its logits [C, V]; the LM-head products
@@ -88,13 +88,17 @@ class _FusedLinearLoss(torch.autograd.Function):
                     g = torch.autograd.grad(loss, [z])[0]
             del zs, z
             if wants_grad:
-                if need_h:  # under autocast the product is bf16/fp16 (a fast GEMM): accumulate it in acc
-                    grad_h.index_add_(0, idx, (g @ w_acc).to(acc))
-                if need_w:
-                    if not low:
+                if low:  # the products in bf16 / fp16 (fast GEMMs), accumulated in acc
+                    gl = g.to(low)
+                    if need_h:
+                        grad_h.index_add_(0, idx, (gl @ w_acc).to(acc))
+                    if need_w:  # a [V, H] low-precision temporary per chunk, as autograd would make
+                        grad_w.add_(gl.T @ h.to(low))
+                else:
+                    if need_h:
+                        grad_h.index_add_(0, idx, g @ w_acc)
+                    if need_w:
                         grad_w.addmm_(g.T, h.to(acc))  # in place: no [V, H] temporary per chunk
-                    else:  # autocast: the product in its low precision (addmm_ would run in fp32)
-                        grad_w.add_(g.T @ h)
                 if need_b:
                     grad_b += g.sum(0)
             total += loss.detach()
@@ -121,6 +125,16 @@ def _fit(grad: torch.Tensor | None, scale: torch.Tensor, shape: torch.Size, dtyp
     out = torch.zeros(shape, dtype=dtype, device=grad.device)
     out[: grad.shape[0]] = grad
     return out
+
+
+def gemm_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The low precision the LM-head products run in: autocast's dtype inside an autocast region, else the
+    input's own when it is bf16 / fp16 (a model trained in bf16, FSDP2's bf16 parameters); None: full precision.
+    (On a GPU an fp32 GEMM is ~10x slower than bf16: first measured on an H200, the chunked loss 5x slower
+    than Liger's until the products of bf16 inputs stopped running in fp32.)"""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else None
 
 
 def exact(device: torch.device):

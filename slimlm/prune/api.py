@@ -368,7 +368,7 @@ def prune_dir(source: str | Path, out_dir: str | Path, cfg: PruneConfig, *, plac
     if use_calib:
         if status:
             status(f"calibration data: {cfg.samples} x {cfg.seq_len} tokens of {cfg.calib}")
-        windows = calibration_windows(tokenizer, cfg.calib, cfg.samples, cfg.seq_len, cfg.seed)
+        windows = calibration_windows(tokenizer, cfg.calib, cfg.samples, cfg.seq_len, cfg.seed, data=cfg.calib_data)
         calib = batches(windows, cfg.batch_size, device)
     small, report = prune_model(source_model, calib, cfg, progress=progress)
     report.update(source=str(path), placement=where.to_dict(), wall_seconds=round(time.perf_counter() - t_start, 2),

@@ -138,6 +138,7 @@ class QuantizeConfig(QuantConfig):
     storage dtype of the tensors left in float (pipeline recipes use this as a quantize stage's config)."""
 
     calib: str | None = None  # text | movielens-ranking | a .txt/.jsonl/.parquet file (schemes that calibrate)
+    calib_data: str | None = None  # calib movielens-ranking: its data directory (None: the fetched asset)
     samples: int = Field(64, ge=1)  # calibration blocks
     seq_len: int = Field(512, ge=2)  # tokens per block
     batch_size: int = Field(8, ge=1)
@@ -457,7 +458,7 @@ def quantize_dir(source: str | Path, out_dir: str | Path, cfg: QuantizeConfig, *
     if scheme.needs_calibration:
         if status:
             status(f"calibration data: {cfg.samples} x {cfg.seq_len} tokens of {cfg.calib}")
-        blocks = calibration_windows(tokenizer, cfg.calib, cfg.samples, cfg.seq_len)
+        blocks = calibration_windows(tokenizer, cfg.calib, cfg.samples, cfg.seq_len, data=cfg.calib_data)
     elif cfg.calib is not None and status:
         status("note: this scheme needs no calibration; calib is not used")
     where = placement or choose()

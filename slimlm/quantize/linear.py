@@ -274,14 +274,16 @@ class Fp8Linear(QuantizedLinear):
         return self._finish(y, x)
 
     def _scaled_mm(self, x2: torch.Tensor) -> torch.Tensor:
-        """Real fp8 GEMM (CUDA sm89+): row-wise scales, bf16 out. Tested only where a GPU with fp8 runs the GPU tier (CI has none)."""
+        """Real fp8 GEMM (CUDA sm89+): row-wise scales, bf16 out. Tested where a GPU with fp8 runs the GPU tier
+        (CI has none). ``_scaled_mm`` takes float32 scales only: a model moved to bf16 (``model.to(dtype)`` casts
+        the scale buffers too) and bf16 activations give bf16 scales, cast back here."""
         if self.input_scale is not None:
             xq = quantize_fp8(x2, self.input_scale)
-            sa = self.input_scale.expand(x2.shape[0], 1).contiguous()
+            sa = self.input_scale.float().expand(x2.shape[0], 1).contiguous()
         else:
             xq, sa = quantize_fp8_per_token(x2)
-        return torch._scaled_mm(xq, self.qweight_fp8.t(), scale_a=sa, scale_b=self.weight_scale.view(1, -1),
-                                out_dtype=torch.bfloat16).float()
+        return torch._scaled_mm(xq, self.qweight_fp8.t(), scale_a=sa.float(),
+                                scale_b=self.weight_scale.float().view(1, -1), out_dtype=torch.bfloat16).float()
 
 
 class Int4Linear(QuantizedLinear):

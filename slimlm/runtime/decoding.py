@@ -262,10 +262,11 @@ def _compiled_part(model, step: FusedStep | None, cache: SlotCache, ids: torch.T
 COMPILE_FAILED = "torch.compile of the decode step failed"  # how the fallback's one warning starts
 
 
-def _compile_step(fn: Callable) -> Callable:
+def _compile_step(fn: Callable, mode: str | None = None) -> Callable:
     """``fn`` compiled with ``torch.compile`` (the one place decoding compiles; tests replace it to simulate a
-    failure). Compilation itself is lazy: a failure shows at the first call, where the batch falls back."""
-    return torch.compile(fn, dynamic=False)
+    failure). Compilation itself is lazy: a failure shows at the first call, where the batch falls back.
+    ``mode``: inductor's ("reduce-overhead": CUDA graphs, what a GPU decode step needs, see DecodeBatch)."""
+    return torch.compile(fn, dynamic=False, mode=mode)
 
 
 class DecodeBatch:
@@ -295,7 +296,8 @@ class DecodeBatch:
     compiling is unavailable or fails: one warning, and the eager step (same tokens). Off by default: on a
     2-core CPU each new buffer shape compiles for 10 s (inductor's disk cache warm) to minutes (cold); it
     pays where a step is small-op overhead, not weight reading (benchmarks/decode.py: the 20x INT8 student
-    ~1.4x at batch 1, a 135M fp32 model on par with the eager fused step).
+    ~1.4x at batch 1, a 135M fp32 model on par with the eager fused step). On a GPU the compiled step is
+    replayed as a CUDA graph (inductor's "reduce-overhead"; the cache buffers marked fixed-address).
 
     The buffers only grow (slots up to the most rows decoded together, columns up to the longest prompt +
     max_tokens seen, within the model's context); a batch that empties keeps them for the rows that join
@@ -316,14 +318,17 @@ class DecodeBatch:
         if impl not in ("sdpa", "eager"):
             raise SlimlmError(f"decoding runs sdpa or eager attention, not {impl!r}")
         types, window = attention_layout(model.config)
+        # on a GPU the compiled step is replayed as a CUDA graph (a batch-1 step is ~1,000 small kernels whose
+        # launches, not the weight reads, set the pace): the cache buffers it writes keep fixed addresses
+        self._graphs = compile and self.device.type == "cuda"
         self.cache = SlotCache(model.config.num_hidden_layers, layer_types=types, window=window, attn_impl=impl,
-                               pow2=compile)
+                               pow2=compile, static=self._graphs)
         self._cache_arg = next(iter(cache_kwargs(model, None)))
         self._compiled: Callable | None = None
         self._fused = fused_step_for(model, packed=not compile) if fused else None
         if compile:
             try:
-                self._compiled = _compile_step(_compiled_part)
+                self._compiled = _compile_step(_compiled_part, **({"mode": "reduce-overhead"} if self._graphs else {}))
             except Exception as e:  # noqa: BLE001 - no compiler here: the eager step gives the same tokens
                 self._compile_failed(e)
 
@@ -489,6 +494,8 @@ class DecodeBatch:
             pos = torch.tensor(self.positions + [0] * (m - n), device=self.device)  # idle slots: column 0 only
             self.cache.bind(pos, w, views=True)
             try:
+                if self._graphs:  # a new step: the graph's outputs of the last one are no longer read
+                    torch.compiler.cudagraph_mark_step_begin()
                 out = self._compiled(self.model, self._fused, self.cache, ids, pos, w, self._cache_arg)[:n]
                 return out if self._fused is None else self._fused.logits(out)
             except Exception as e:  # noqa: BLE001 - the eager step below rewrites the same KV and gives the same tokens

@@ -57,11 +57,13 @@ class SlotCache(Cache):
     ``layer_types``: per layer "full_attention" or "sliding_attention" (``window`` columns) — what the
     mask of :meth:`decode_mask` follows. ``attn_impl``: the model's attention implementation; eager
     attention takes an additive float mask, SDPA a boolean one. ``pow2``: buffer sizes are powers of two
-    (up to the callers' bounds), so that a compiled step sees few distinct shapes.
+    (up to the callers' bounds), so that a compiled step sees few distinct shapes. ``static``: the buffers (and
+    the views :meth:`bind` makes) are marked as fixed-address inputs, so a compiled step that writes them can be
+    replayed as a CUDA graph.
     """
 
     def __init__(self, n_layers: int, *, layer_types: list[str] | None = None, window: int | None = None,
-                 attn_impl: str = "sdpa", pow2: bool = False):
+                 attn_impl: str = "sdpa", pow2: bool = False, static: bool = False):
         super().__init__(layers=[])  # we hold the tensors ourselves; transformers only calls update()
         self.n_layers = n_layers
         self.layer_types = list(layer_types or ["full_attention"] * n_layers)
@@ -72,6 +74,7 @@ class SlotCache(Cache):
         self.window = window
         self.attn_impl = attn_impl
         self.pow2 = pow2
+        self.static = static  # buffers marked as fixed-address inputs of a compiled step (CUDA graphs)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.dtype: torch.dtype | None = None  # the KV's, from the first prompt that joins
@@ -121,6 +124,11 @@ class SlotCache(Cache):
                 new[:live, :, :t].copy_(old[:live])
         self.columns = torch.arange(nt, device=device)
         self._slot_heads = torch.arange(nb * h, device=device).view(nb, h)
+        if self.static:
+            from torch._dynamo import mark_static_address
+
+            for t in self.keys + self.values:
+                mark_static_address(t)
         return True
 
     # ------------------------------------------------------------------ rows joining and leaving
@@ -159,6 +167,11 @@ class SlotCache(Cache):
         self._index = (self._slot_heads[:m] * self.capacity + positions[:, None]).reshape(-1)
         self._width = width
         self._bound = ([k[:m] for k in self.keys], [v[:m] for v in self.values]) if views else None
+        if views and self.static:  # the views a CUDA graph writes: the same addresses every step
+            from torch._dynamo import mark_static_address
+
+            for t in self._bound[0] + self._bound[1]:
+                mark_static_address(t)
 
     def decode_mask(self, positions: torch.Tensor, width: int):
         """The attention mask of a one-token decode forward, in the form the model takes: [m, 1, 1, width]

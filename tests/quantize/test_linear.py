@@ -172,6 +172,22 @@ def test_fp8_scaled_mm_path_matches_fallback_on_gpu(static):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and fp8_matmul_supported(torch.device("cuda"))),
+                    reason="needs a CUDA GPU with compute capability >= 8.9 (fp8 _scaled_mm)")
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_scaled_mm_in_a_bf16_model(static):
+    """``.to(torch.bfloat16)`` casts the scale buffers to bf16 and the activations come in bf16 [B, T, in]; the
+    fp8 GEMM (float32 scales only) still runs and matches the fp32 layer (first seen failing on an H200)."""
+    lin = fp32_layer(256, 128).cuda()
+    x = torch.randn(4, 8, 256, device="cuda")
+    in_scale = S.fp8_static_scale(x.abs().max()) if static else None
+    q = Fp8Linear(*S.quantize_fp8_per_channel(lin.weight.detach()), lin.bias, input_scale=in_scale).cuda()
+    y = q.to(torch.bfloat16)(x.bfloat16())
+    assert y.shape == (4, 8, 128) and y.dtype == torch.bfloat16
+    assert rel_err(y.float(), lin(x)) < 5e-2  # fp8 e4m3 weights and activations
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_int8_linear_on_gpu_pads_small_batches():
     lin = fp32_layer(72, 40).cuda()
