@@ -102,19 +102,10 @@ class ServeConfig(BaseModel):
     # decode steps by runtime/fused_step.py where it applies (CPU: float32, INT8 W8A8 without fast _int_mm; a
     # copy of the linear weights)
     fused_decode: bool = True
-    # torch.compile the decode step (DecodeBatch(compile=True)); None: on a GPU only, where it is replayed as a CUDA
-    # graph (an H200: 2.6x transformers' generate for an 8B model at batch 1, BENCHMARKS.md) — on a CPU it
-    # compiles per shape for seconds to minutes and pays for small models only
-    compile_decode: bool | None = None
+    compile_decode: bool = False  # torch.compile the decode step (DecodeBatch(compile=True))
 
 
 # --------------------------------------------------------------------------- the app
-
-
-def compile_decode_for(model, setting: bool | None) -> bool:
-    """Whether the server compiles its decode step: ``setting``, or when unset, where the model is on a GPU."""
-    return setting if setting is not None else next(model.parameters()).device.type == "cuda"
-
 
 
 class ServerState:
@@ -134,7 +125,7 @@ class ServerState:
         self.scheduler = Scheduler(model, detok_tokenizer, max_batch=config.max_batch,
                                    max_waiting=config.max_waiting, max_prefill_tokens=config.max_prefill_tokens,
                                    max_positions=ctx, prefix_cache=self.prefix_cache, fused=config.fused_decode,
-                                   compile=compile_decode_for(model, config.compile_decode))
+                                   compile=config.compile_decode)
 
     # ------------------------------------------------------------------ checks
 

@@ -352,24 +352,6 @@ def test_is_loopback():
     assert not is_loopback("0.0.0.0") and not is_loopback("example.com")
 
 
-def test_decode_compiles_by_default_on_gpus_only(model_dir):
-    """``compile_decode`` unset: compiled (CUDA graphs) where the model is on a GPU, eager on a CPU, where each
-    shape compiles for seconds to minutes; an explicit setting wins."""
-    from types import SimpleNamespace
-
-    import torch
-
-    from slimlm.serve.app import compile_decode_for
-
-    def on(device):
-        return SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device(device))]))
-
-    assert compile_decode_for(on("cuda"), None) and not compile_decode_for(on("cpu"), None)
-    assert compile_decode_for(on("cpu"), True) and not compile_decode_for(on("cuda"), False)
-    app = create_app(model_dir, ServeConfig(**LIMITS))  # the server on this CPU: eager
-    assert app.state.slimlm.scheduler.batch._compiled is None
-
-
 @pytest.mark.slow  # compiling takes seconds to tens of seconds on a 2-core CPU
 def test_compiled_decode_serves_the_engines_greedy_text(model_dir, ref):
     """``--compile-decode``: the server's decode batch runs the step through torch.compile; the text is the
