@@ -412,7 +412,7 @@ def serve(
     max_prefill_tokens: Annotated[int, typer.Option(min=1, help="Prompt tokens per prefill forward: longer "
                                                     "prompts are prefilled in chunks between decode steps.")] = 512,
     fused_decode: Annotated[bool, typer.Option(help="CPU fp32 / INT8 (bf16 with bf16 dot products): the fused decode step (a weight copy).")] = True,
-    compile_decode: Annotated[bool, typer.Option(help="torch.compile the decode step (small models; compiles per shape).")] = False,
+    compile_decode: Annotated[bool, typer.Option(help="torch.compile the decode step (GPU: CUDA graphs; compiles per shape).")] = False,
     score_pack_max: Annotated[int | None, typer.Option(min=0, help="Score requests of <= N candidates: one packed row.")] = None,
 ) -> None:
     """Serve a model: /v1/score (ranking), OpenAI-compatible /v1/completions and /v1/chat/completions."""
