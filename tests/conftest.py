@@ -215,3 +215,27 @@ def recipe_world(tmp_path_factory) -> tuple[Path, Path]:
     data = write_movielens(root / "ml", users, items, ratings)
     save_tiny_model("llama", root / "teacher", seed=1, num_hidden_layers=3)
     return root, data
+
+
+def more_stages_recipe(root, data, out: Path, device: str) -> dict:
+    """A recipe of the stages the GPU tier's tiny recipe leaves out (tests/gpu/test_gpu_tier.py: on-policy KD,
+    cached-teacher KD, GPTQ / QuantEase INT4 and FP8 with calibration, evaluation of them all), on ``device``.
+    tests/test_pipeline.py runs it with ``device: cpu``, so a failure of the GPU tier's run is the GPU's."""
+    train = {"max_steps": 2, "batch_size": 3, "eval_every": 0, "save_every": 0, "tensorboard": False}
+    calib = {"calib": "movielens-ranking", "samples": 4, "seq_len": 32}
+    return {"out": str(out), "teacher": str(root / "teacher"), "device": device,
+            "task": {"name": "movielens-ranking", "data": str(data), "eval_limit": 6},
+            "stages": [
+                {"name": "student", "kind": "prune", "config": {"layers_keep": 2, "multiple": 4, **calib}},
+                {"name": "on-policy", "kind": "distill",
+                 "config": {**train, "mode": "on_policy", "on_policy": {"lam": 0.5, "max_new_tokens": 4}}},
+                {"name": "cached", "kind": "distill", "from": "student",
+                 "config": {**train, "mode": "kd", "teacher_signal": "cached",
+                            "teacher_cache": str(out / "teacher-cache"), "cache_top_k": 8}},
+                {"name": "int4-gptq", "kind": "quantize", "from": "on-policy",
+                 "config": {"scheme": "int4", "method": "gptq", "group_size": 32, **calib}},
+                {"name": "int4-qe", "kind": "quantize", "from": "on-policy",
+                 "config": {"scheme": "int4", "method": "quantease", "group_size": 32, **calib}},
+                {"name": "fp8", "kind": "quantize", "from": "on-policy", "config": {"scheme": "fp8"}},
+                {"name": "eval", "kind": "evaluate", "models": ["on-policy", "cached", "int4-gptq", "int4-qe", "fp8"],
+                 "config": {"split": "val", "limit": 6}}]}

@@ -93,6 +93,17 @@ def test_ranking_calibration_reads_the_recipes_own_movielens_copy(recipe_world, 
     assert json.loads((root / "cal" / "int4" / "model" / "config.json").read_text())["quantization_config"]
 
 
+def test_the_gpu_tiers_stage_recipe_runs_on_cpu(recipe_world, tmp_path):
+    """The recipe the GPU tier runs on CUDA (tests/gpu: on-policy, cached-teacher KD, GPTQ / QuantEase / FP8),
+    here on the CPU: the tree is valid and every stage runs, so on a GPU only the GPU can fail it."""
+    from conftest import more_stages_recipe
+
+    records = run(load_recipe(write(tmp_path / "more.yaml", more_stages_recipe(*recipe_world, tmp_path / "run", "cpu"))))
+    results = records["eval"]["metrics"]
+    assert set(results) == {"on-policy", "cached", "int4-gptq", "int4-qe", "fp8"}
+    assert all(0.0 <= r["metrics"]["auc"] <= 1.0 for r in results.values())
+
+
 def test_rerun_skips_finished_stages_and_resumes_an_interrupted_one(recipe_world):
     root, data = recipe_world
     path = write(root / "r2.yaml", recipe(root, data, "resume"))

@@ -6,6 +6,9 @@ CUDA; ``benchmarks/gpu_check.sh`` runs this tier plus a short GPU benchmark.
 - packed multi-item scoring on CUDA against the unpacked reference;
 - the decode loop on CUDA, eager and compiled, against its greedy tokens on CPU;
 - the tiny recipe end to end on CUDA (placement from the recipe's ``device``);
+- the stages the first GPU run (2026-12-04, one H200) did not reach: on-policy KD (generation inside
+  training), GPTQ and QuantEase INT4 and FP8 quantization with calibration on CUDA, a cached-teacher KD stage;
+- the server on CUDA: /v1/score and greedy /v1/completions against the same model's CPU server;
 - DDP and FSDP2 steps on NCCL through torchrun (2 ranks when two GPUs exist, else 1).
 (The fp8 ``_scaled_mm`` check lives beside the fp8 module: tests/quantize/test_linear.py.)
 """
@@ -128,6 +131,43 @@ def test_tiny_recipe_end_to_end_on_cuda(recipe_world, tmp_path):
     assert res.exit_code == 0, res.output
     results = json.loads((tmp_path / "run" / "eval" / "stage.json").read_text())["metrics"]
     assert all(r["placement"]["device"].startswith("cuda") for r in results.values())
+
+
+def test_more_stages_end_to_end_on_cuda(recipe_world, tmp_path):
+    from conftest import more_stages_recipe
+
+    from slimlm.pipeline import load_recipe, run
+
+    root, data = recipe_world
+    recipe = tmp_path / "more.yaml"
+    recipe.write_text(yaml.safe_dump(more_stages_recipe(root, data, tmp_path / "run", "cuda")))
+    records = run(load_recipe(recipe))
+    results = records["eval"]["metrics"]
+    assert set(results) == {"on-policy", "cached", "int4-gptq", "int4-qe", "fp8"}
+    assert all(r["placement"]["device"].startswith("cuda") for r in results.values())
+    assert all(0.0 <= r["metrics"]["auc"] <= 1.0 for r in results.values())
+
+
+def test_server_on_cuda_scores_and_generates_like_the_cpu_server(tmp_path):
+    import httpx
+
+    from slimlm.serve.app import ServeConfig, create_app, serve_in_thread
+    from slimlm.testing import save_tiny_model
+
+    model_dir = save_tiny_model("llama", tmp_path / "tiny-llama", seed=0, initializer_range=0.2)
+    limits = dict(max_prompt_tokens=64, max_tokens=16, max_candidates=10, max_batch=4)
+    score = {"model": "tiny-llama", "prefix": "User: 24-year-old male technician. Recently rated movies:\n",
+             "candidates": ["Candidate movie: Toy Story. Answer:", "Four Rooms?", "Yes No Yes"]}
+    gen = {"model": "tiny-llama", "prompt": "User: 24-year-old", "max_tokens": 12, "temperature": 0}
+    out = {}
+    for device in ("cpu", "cuda"):
+        app = create_app(model_dir, ServeConfig(**limits), device=device, dtype=torch.float32)
+        with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=120) as c:
+            s, g = c.post("/v1/score", json=score), c.post("/v1/completions", json=gen)
+            assert s.status_code == 200 and g.status_code == 200, (s.text, g.text)
+            out[device] = (s.json()["scores"], g.json()["choices"][0]["text"])
+    torch.testing.assert_close(torch.tensor(out["cuda"][0]), torch.tensor(out["cpu"][0]), rtol=0, atol=1e-4)
+    assert out["cuda"][1] == out["cpu"][1]
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
