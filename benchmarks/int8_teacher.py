@@ -1,7 +1,7 @@
 """Does an INT8 teacher change what the student learns? KD from a fp32 teacher vs from its INT8 W8A8 export.
 
     python benchmarks/int8_teacher.py --teacher DIR [--student DIR | --layers 8] [--steps 200] [--limit 4000]
-                                      [--eval-limit 512] [--test-limit 1000] [--out runs/bench/int8_teacher]
+                                      [--eval-limit 512] [--test-limit 1000] [--seed 0] [--out runs/bench/int8_teacher]
 
 1. the teacher's INT8 W8A8 export, SmoothQuant calibrated on MovieLens train prompts (``slimlm quantize``);
 2. unless ``--student`` is given, a student from the teacher's evenly spaced layers (``slimlm init-student``);
@@ -11,6 +11,9 @@
    validation sequences (the quantity KD minimises, against the teacher a user actually has), test AUC on
    ``--test-limit`` rows, and ΔAUC (INT8-taught − fp32-taught) by paired bootstrap on the same rows; each
    KD run's median training tokens/s (from its metrics.jsonl).
+
+``--seed``: the training seed of both KD runs (the examples drawn and their order); the evaluation rows stay
+those of seed 0, so runs with different seeds are replicates measured on the same rows.
 
 ``--teacher`` should be a teacher fine-tuned on the task (a zero-shot model ranks at chance, so AUC would
 say nothing). Every training stage is the user-facing CLI in a subprocess; a re-run skips finished stages.
@@ -86,6 +89,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--eval-limit", type=int, default=512, help="validation sequences for the held-out KL")
     ap.add_argument("--test-limit", type=int, default=1000, help="test rows for AUC (whole users, seeded)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed of both KD runs")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/int8_teacher"))
     args = ap.parse_args()
     slim, o, log = [sys.executable, "-m", "slimlm"], args.out, []
@@ -98,7 +102,7 @@ def main() -> None:
         run_logged([*slim, "init-student", args.teacher, "--layers", str(args.layers), "--out", student], log)
     common = [f"student={student}", f"task.limit={args.limit}", "task.eval_limit=64", f"batch_size={args.batch_size}",
               f"max_steps={args.steps}", f"optim.lr={args.lr}", "optim.warmup_steps=10", "eval_every=0",
-              "save_every=50", "tensorboard=false", "loss.divergence=forward_kl",
+              "save_every=50", "tensorboard=false", "loss.divergence=forward_kl", f"seed={args.seed}",
               "mixed_precision=false"]  # fp32 vs INT8: no bf16 autocast (and bf16 teacher) where the CPU has bf16
     runs = {"fp32-teacher": args.teacher, "int8-teacher": str(t8)}
     for name, teacher in runs.items():  # the trainer skips a finished run and resumes an interrupted one
