@@ -41,6 +41,17 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+LLAMA3_8B = dict(vocab_size=128_256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                 tie_word_embeddings=False)
+LLAMA32_1B = dict(vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+                  tie_word_embeddings=True)
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                    tie_word_embeddings=True)
+
+
 def timed(fn, reps: int = 5) -> float:
     fn()
     out = []
@@ -120,9 +131,7 @@ def model_bench() -> dict:
     from slimlm.quantize.api import QuantConfig, quantize_model
     from slimlm.quantize.linear import fp8_matmul_supported
 
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(**SMOLLM2_135M)
     tokens = torch.randint(100, 40000, (4096,)).tolist()
     out = {}
     for name in ("fp32", "bf16", "int8", "fp8"):
@@ -143,17 +152,6 @@ def model_bench() -> dict:
         del model
         torch.cuda.empty_cache()
     return out
-
-
-LLAMA3_8B = dict(vocab_size=128_256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-                 tie_word_embeddings=False)
-LLAMA32_1B = dict(vocab_size=128_256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-                  tie_word_embeddings=True)
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                    tie_word_embeddings=True)
 
 
 def random_model(shape: dict, dtype: torch.dtype, device: str = "cuda"):

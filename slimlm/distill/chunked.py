@@ -73,7 +73,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         for start in range(0, rows.numel(), chunk):
             idx = rows[start:start + chunk]
             h = s_hidden.detach().index_select(0, idx)
-            zs = h.to(low) @ w_acc.T if low else h @ w.T
+            zs = h.to(w_acc.dtype) @ w_acc.T
             if b is not None:
                 zs = zs + b
             # autograd runs only from the chunk's loss back to its logits [C, V]; the LM-head products
@@ -88,17 +88,13 @@ class _FusedLinearLoss(torch.autograd.Function):
                     g = torch.autograd.grad(loss, [z])[0]
             del zs, z
             if wants_grad:
-                if low:  # the products in bf16 / fp16 (fast GEMMs), accumulated in acc
-                    gl = g.to(low)
-                    if need_h:
-                        grad_h.index_add_(0, idx, (gl @ w_acc).to(acc))
-                    if need_w:  # a [V, H] low-precision temporary per chunk, as autograd would make
-                        grad_w.add_(gl.T @ h.to(low))
-                else:
-                    if need_h:
-                        grad_h.index_add_(0, idx, g @ w_acc)
-                    if need_w:
-                        grad_w.addmm_(g.T, h.to(acc))  # in place: no [V, H] temporary per chunk
+                gw = g.to(w_acc.dtype)  # the products in the GEMMs' precision (bf16 / fp16 when low), sums in acc
+                if need_h:
+                    grad_h.index_add_(0, idx, (gw @ w_acc).to(acc))
+                if need_w and low:  # a [V, H] low-precision temporary per chunk, as autograd would make
+                    grad_w.add_(gw.T @ h.to(low))
+                elif need_w:
+                    grad_w.addmm_(g.T, h.to(acc))  # in place: no [V, H] temporary per chunk
                 if need_b:
                     grad_b += g.sum(0)
             total += loss.detach()

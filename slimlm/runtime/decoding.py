@@ -328,7 +328,7 @@ class DecodeBatch:
         self._fused = fused_step_for(model, packed=not compile) if fused else None
         if compile:
             try:
-                self._compiled = _compile_step(_compiled_part, **({"mode": "reduce-overhead"} if self._graphs else {}))
+                self._compiled = _compile_step(_compiled_part, "reduce-overhead" if self._graphs else None)
             except Exception as e:  # noqa: BLE001 - no compiler here: the eager step gives the same tokens
                 self._compile_failed(e)
 

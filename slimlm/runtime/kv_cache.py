@@ -124,11 +124,7 @@ class SlotCache(Cache):
                 new[:live, :, :t].copy_(old[:live])
         self.columns = torch.arange(nt, device=device)
         self._slot_heads = torch.arange(nb * h, device=device).view(nb, h)
-        if self.static:
-            from torch._dynamo import mark_static_address
-
-            for t in self.keys + self.values:
-                mark_static_address(t)
+        self._mark_static(self.keys + self.values)
         return True
 
     # ------------------------------------------------------------------ rows joining and leaving
@@ -167,10 +163,15 @@ class SlotCache(Cache):
         self._index = (self._slot_heads[:m] * self.capacity + positions[:, None]).reshape(-1)
         self._width = width
         self._bound = ([k[:m] for k in self.keys], [v[:m] for v in self.values]) if views else None
-        if views and self.static:  # the views a CUDA graph writes: the same addresses every step
+        if views:  # the views a CUDA graph writes: the same addresses every step
+            self._mark_static(self._bound[0] + self._bound[1])
+
+    def _mark_static(self, tensors: list[torch.Tensor]) -> None:
+        """With ``static``: mark ``tensors`` as fixed-address inputs of a compiled step (see the class docstring)."""
+        if self.static:
             from torch._dynamo import mark_static_address
 
-            for t in self._bound[0] + self._bound[1]:
+            for t in tensors:
                 mark_static_address(t)
 
     def decode_mask(self, positions: torch.Tensor, width: int):

@@ -266,13 +266,13 @@ def test_a_rows_own_failure_reaches_library_callers_as_an_error(tiny_tok):
 # --------------------------------------------------------------------------- the compiled step
 
 
-def _broken_compile(fn):
+def _broken_compile(fn, mode=None):
     def run(*args, **kwargs):
         raise RuntimeError("simulated: no C++ compiler")
     return run
 
 
-def _no_compile(fn):
+def _no_compile(fn, mode=None):
     raise RuntimeError("simulated: torch.compile unavailable")
 
 
