@@ -111,7 +111,16 @@ def speeds(result: dict) -> dict[str, Any]:
     if from_eval:
         cands = num(result["metrics"]["candidates_per_s"])
     return {"prefill": num(speed.get("prefill_tokens_per_s")), "decode": num(speed.get("decode_tokens_per_s")),
-            "candidates": cands, "candidates_from_eval": from_eval}
+            "candidates": cands, "candidates_from_eval": from_eval, "cpu_share": num(speed.get("cpu_share"))}
+
+
+CONTENDED_SHARE = 0.7  # a CPU speed probe whose process got less of its threads' time ran beside other work
+
+
+def contended(s: dict[str, Any]) -> bool:
+    """Whether a model's speed probe (:func:`speeds`) ran while other processes held the CPU
+    (``cpu_share`` below :data:`CONTENDED_SHARE`; see :func:`slimlm.evaluate.speed`)."""
+    return s.get("cpu_share") is not None and s["cpu_share"] < CONTENDED_SHARE
 
 
 # --------------------------------------------------------------------------- where each model came from

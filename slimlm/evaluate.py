@@ -264,7 +264,13 @@ def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len:
     """Prefill tokens/s (``prefill_batch`` x ``prefill_len``, one forward without a cache), decode
     tokens/s (batch 1, greedy, KV cache, ``decode_tokens`` new tokens) and ranking candidates/s (one
     192-token prefix run once, ``candidates`` 16-token suffixes scored on its KV cache), median of
-    ``reps``. ``tokens`` supplies real text (repeated if short)."""
+    ``reps``. ``tokens`` supplies real text (repeated if short).
+
+    On a CPU also ``cpu_share``: the CPU time this process got during the timed calls over the wall time of
+    its torch threads (the lowest of the three probes' medians). About 1 on an otherwise idle machine (0.8-1:
+    a small model's decode leaves a thread idle between steps); about 0.5 when another job of as many
+    threads shares the cores, which slows every probe 2-20x (oversubscribed OpenMP threads): the report
+    flags such rows rather than compare them."""
     import time
 
     device = next(model.parameters()).device
@@ -275,15 +281,19 @@ def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len:
     ids = ids.view(prefill_batch, prefill_len)
     base = model.get_decoder()
 
+    shares = []  # per probe: the median CPU share of its timed calls
+
     def timed(fn) -> float:
         fn()  # warm-up
-        times = []
+        times, share = [], []
         for _ in range(reps):
             sync(device)
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             fn()
             sync(device)  # CUDA work is asynchronous: the clock stops when the GPU is done, not when queued
             times.append(time.perf_counter() - t)
+            share.append((time.process_time() - cpu) / max(times[-1], 1e-9) / torch.get_num_threads())
+        shares.append(float(np.median(share)))
         return float(np.median(times))
 
     prefill_s = timed(lambda: base(input_ids=ids, use_cache=False))
@@ -294,8 +304,11 @@ def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len:
     distinct = list(dict.fromkeys(int(t) for t in flat))[:2]
     label_ids = tuple(distinct) if len(distinct) == 2 else (0, 1)  # any two distinct tokens: only speed counts
     rank_s = timed(lambda: scoring.score_shared_prefix(model, prefix, suffixes, label_ids, batch_size=candidates))
-    return {"prefill_tokens_per_s": need / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s,
-            "candidates_per_s": candidates / rank_s}
+    out = {"prefill_tokens_per_s": need / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s,
+           "candidates_per_s": candidates / rank_s}
+    if device.type == "cpu":
+        out["cpu_share"] = round(min(shares), 3)
+    return out
 
 
 EVAL_TASKS = ("movielens-ranking", "ranking", "text", "arithmetic")

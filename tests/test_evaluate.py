@@ -154,5 +154,20 @@ def test_speed_probe_measures_prefill_decode_and_ranking(tokens):
     from slimlm.testing import tiny_model
 
     got = speed(tiny_model("llama"), tokens, prefill_batch=2, prefill_len=16, decode_tokens=2, candidates=3, reps=1)
-    assert set(got) == {"prefill_tokens_per_s", "decode_tokens_per_s", "candidates_per_s"}
+    assert set(got) == {"prefill_tokens_per_s", "decode_tokens_per_s", "candidates_per_s", "cpu_share"}
     assert all(math.isfinite(v) and v > 0 for v in got.values())
+
+
+def test_the_speed_probe_records_how_much_cpu_it_got(monkeypatch):
+    """cpu_share = process CPU time / (wall time x torch threads): with a CPU clock that runs at a third of
+    the threads' wall time (another job holding the cores), the probe reports a third."""
+    import time
+
+    from slimlm.evaluate import speed
+    from slimlm.testing import tiny_model
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(time, "process_time", lambda: time.perf_counter() * threads / 3)
+    got = speed(tiny_model("llama"), list(range(5, 300)), prefill_batch=2, prefill_len=16, decode_tokens=2,
+                candidates=3, reps=2)
+    assert got["cpu_share"] == pytest.approx(1 / 3, abs=0.02)

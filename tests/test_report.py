@@ -275,6 +275,27 @@ def test_a_named_reference_and_a_reference_at_chance(tmp_path):
         write_report(out, reference="nope")
 
 
+def test_speeds_measured_beside_other_work_are_flagged_not_compared(tmp_path):
+    out = fake_run(tmp_path)
+    record = json.loads((out / "eval" / "stage.json").read_text())
+    for name, share in {"teacher-sft": 0.97, "pruned": 0.85, "kd": 0.48}.items():
+        record["metrics"][name]["speed"]["cpu_share"] = share
+    (out / "eval" / "stage.json").write_text(json.dumps(record))
+    md = write_report(out).read_text()
+    rows = table(md, "## Evaluation")
+    assert rows["kd"]["cand/s"] == "520‡" and rows["kd"]["decode tok/s"] == "91.0‡"
+    assert rows["kd"]["cand/s ×"] == f"{520 / 198:.2f}×‡"
+    assert rows["pruned"]["cand/s"] == "500" and rows["pruned"]["cand/s ×"] == f"{500 / 198:.2f}×"  # 85%: an idle machine
+    assert rows["int8"]["cand/s"] == "800"  # no share recorded (an older stage, or a GPU): nothing to flag
+    assert "48% (`kd`) of its threads' time" in md and "(`pruned`)" not in md
+    # a flagged reference makes every speed-up doubtful, not the other models' own speeds
+    record["metrics"]["teacher-sft"]["speed"]["cpu_share"] = 0.5
+    (out / "eval" / "stage.json").write_text(json.dumps(record))
+    rows = table(write_report(out).read_text(), "## Evaluation")
+    assert rows["pruned"]["cand/s"] == "500" and rows["pruned"]["cand/s ×"] == f"{500 / 198:.2f}×‡"
+    assert rows["teacher-sft"]["cand/s"] == "198‡" and rows["teacher-sft"]["cand/s ×"] == "1.00×‡"
+
+
 def test_the_fine_tuned_teacher_is_the_reference_even_when_the_starting_one_is_above_chance(tmp_path):
     out = fake_run(tmp_path)
     record = json.loads((out / "eval" / "stage.json").read_text())

@@ -9,7 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from slimlm.comparison import METRIC_BY_KEY, metric_ci, metric_text, num, primary_metric, speeds
+from slimlm.comparison import (
+    CONTENDED_SHARE,
+    METRIC_BY_KEY,
+    contended,
+    metric_ci,
+    metric_text,
+    num,
+    primary_metric,
+    speeds,
+)
 from slimlm.report.plots import plot_quality
 
 MISSING = "—"
@@ -169,6 +178,7 @@ def render_evaluation(ev: dict, run: dict, tmp: Path) -> list[str]:
                              if paired else []),
               "prefill tok/s", "decode tok/s", "cand/s", "prefill ×", "decode ×", "cand/s ×"]
     table = []
+    ref_contended = any(r["reference"] and contended(r) for r in rows)
     for r in rows:
         name = f"**{r['model']}**" if r["reference"] else r["model"]
         if not r["evaluated"]:
@@ -189,9 +199,11 @@ def render_evaluation(ev: dict, run: dict, tmp: Path) -> list[str]:
         cands = _rate(r["candidates"]) + ("†" if r["candidates_from_eval"] else "")
         delta_cell = ["—" if r["reference"] else MISSING if r["delta"] is None else _delta_text(r["delta"])] \
             if paired else []
+        mark = "‡" if contended(r) else ""  # the probe shared the CPU: its speeds and its × are not comparable
+        times_mark = "‡" if (mark or ref_contended) and not r["reference"] else mark
         table.append([name, r["kind"], _count(r["params_total"]), _count(r["params_non_embedding"]), _mib(r["disk_mib"]),
-                      value, ret, *delta_cell, _rate(r["prefill"]), _rate(r["decode"]), cands,
-                      _times(r["speedup"]["prefill"]), _times(r["speedup"]["decode"]), _times(r["speedup"]["candidates"])])
+                      value, ret, *delta_cell, _rate(r["prefill"]) + mark, _rate(r["decode"]) + mark, cands + mark,
+                      *(_times(x) + (times_mark if x is not None else "") for x in r["speedup"].values())])
     lines += _table(header, table, right=range(2, len(header)))
     lines += ["", f"- Reference (**bold**): {comparison.get('reference_why')}. Retention = metric / reference metric"
               + (" (perplexity: reference / metric)" if metric and not metric.higher_is_better else "")
@@ -212,6 +224,13 @@ def render_evaluation(ev: dict, run: dict, tmp: Path) -> list[str]:
                  "KV cache, 32 new tokens; cand/s = ranking candidates per second, one 192-token prefix computed "
                  "once and 100 16-token candidates scored on its KV cache. Medians of 3 after a warm-up, on this "
                  "run's machine (see Reproduce); on a shared CPU they carry noise of tens of percent.")
+    shared = [r for r in rows if contended(r)]
+    if shared:
+        lines.append("- ‡: measured while other work held the CPU — the probe's process got "
+                     + ", ".join(f"{r['cpu_share']:.0%} (`{r['model']}`)" for r in shared)
+                     + f" of its threads' time (the report flags below {CONTENDED_SHARE:.0%}): such speeds can be "
+                     "several times low, and their × columns (every × against a flagged reference) are not "
+                     "comparable; for speeds, evaluate again on an idle machine.")
     if any(r["candidates_from_eval"] for r in rows):
         lines.append("- †: no speed probe; candidates/s measured during the evaluation itself (tokenization, padding and "
                      "batching included), not comparable with the probe.")
