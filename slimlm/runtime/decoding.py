@@ -502,7 +502,7 @@ class DecodeBatch:
                 self._compile_failed(e)
         ids = torch.tensor(tokens, device=self.device)
         pos = torch.tensor(self.positions, device=self.device)
-        self.cache.bind(pos, width)
+        self.cache.bind(pos, width, full=all(p == width - 1 for p in self.positions))
         return _step_forward(self.model, self._fused, self.cache, ids, pos, width, self._cache_arg)
 
 

@@ -83,6 +83,7 @@ class SlotCache(Cache):
         self._index: torch.Tensor | None = None  # this forward's writes: rows of keys[l].view(-1, D)
         self._bound: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # bind(views=True)'s views
         self._width = 0
+        self._full = False  # bind(full=True): this forward needs no mask
 
     # ------------------------------------------------------------------ sizes
 
@@ -148,9 +149,10 @@ class SlotCache(Cache):
 
     # ------------------------------------------------------------------ the decode forward
 
-    def bind(self, positions: torch.Tensor, width: int, *, views: bool = False) -> None:
+    def bind(self, positions: torch.Tensor, width: int, *, views: bool = False, full: bool = False) -> None:
         """Set up the next forward: its m new tokens go to columns ``positions`` [m] of slots 0..m-1, and
-        attention reads columns 0..width-1.
+        attention reads columns 0..width-1. ``full``: every row's new token is at column width-1 (batch 1, or
+        rows of one length), so each row attends to all the columns read and :meth:`decode_mask` gives no mask.
 
         The writes are one ``index_copy_`` per layer into the buffer viewed as rows of D: (slot r, head h,
         column p) is row (r * H_kv + h) * T_cap + p; the index [m * H_kv] is computed here once per step.
@@ -162,6 +164,7 @@ class SlotCache(Cache):
                               f"cache ({self.batch_capacity} x {self.capacity})")
         self._index = (self._slot_heads[:m] * self.capacity + positions[:, None]).reshape(-1)
         self._width = width
+        self._full = full
         self._bound = ([k[:m] for k in self.keys], [v[:m] for v in self.values]) if views else None
         if views:  # the views a CUDA graph writes: the same addresses every step
             self._mark_static(self._bound[0] + self._bound[1])
@@ -177,7 +180,13 @@ class SlotCache(Cache):
     def decode_mask(self, positions: torch.Tensor, width: int):
         """The attention mask of a one-token decode forward, in the form the model takes: [m, 1, 1, width]
         (boolean, True = may attend; additive 0 / dtype-min floats for eager attention), or, when full and
-        sliding-window layers mix, a dict {layer type: mask}."""
+        sliding-window layers mix, a dict {layer type: mask}.
+
+        None when :meth:`bind` was told every row attends to every column read and no layer slides: as
+        ``generate`` does for an unpadded batch, so SDPA may take its flash kernel (any mask rules it out on
+        CUDA) and nothing is built per step."""
+        if self._full and all(t == "full_attention" for t in self.layer_types):
+            return None
         cols = self.columns[:width][None, :]
         pos = positions[:, None]
         masks = {}
@@ -218,7 +227,10 @@ class SlotCache(Cache):
 
     @property
     def is_compileable(self) -> bool:
-        return True
+        # transformers reads this only in generate (not used with this cache) and in its mask creation, which a
+        # decode forward reaches only without a mask of ours (bind(full=True)): False lets it keep "no mask" for
+        # SDPA at one query token, as with its own dynamic cache (True would make it build an all-True mask)
+        return False
 
     @property
     def is_sliding(self) -> list[bool]:

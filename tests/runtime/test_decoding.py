@@ -140,6 +140,46 @@ def test_eager_attention_gets_an_additive_mask():
     assert generate(m, ps, max_new_tokens=6, temperature=0) == [greedy_reference(m, p, 6) for p in ps]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "transformers-forward"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_rows_of_one_length_attend_without_a_mask(fused, attn, monkeypatch):
+    """Batch 1 (and rows at one position) attend to every cached column, so no mask reaches attention (as in
+    ``generate`` without padding: SDPA may then take its flash kernel); rows at different positions get one.
+    Greedy tokens equal the no-cache reference either way."""
+    m = tiny_model("llama", seed=2, initializer_range=0.2, attn_implementation=attn)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, *args, **kwargs):
+        seen.append(attn_mask is not None)
+        return sdpa(q, k, v, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    eager = []
+    from transformers.models.llama import modeling_llama
+    orig_eager = modeling_llama.eager_attention_forward
+
+    def eager_spy(module, query, key, value, attention_mask, *args, **kwargs):
+        eager.append(attention_mask is not None)
+        return orig_eager(module, query, key, value, attention_mask, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", eager_spy)
+    masks = eager if attn == "eager" and not fused else seen
+    for ps, want_mask in (([prompts(4)[2]], False), (prompts(5, (6, 6)), False), (prompts(6, (3, 7)), True)):
+        batch = DecodeBatch(m, fused=fused)
+        gens = [Generation(p, SamplingParams(max_tokens=5, temperature=0)) for p in ps]
+        batch.add(gens)  # the prompts' forward (its masks are not the decode steps')
+        masks.clear()
+        while len(batch):
+            batch.step()
+        stepped = list(masks)  # (the reference below runs attention too)
+        if attn == "eager" and not fused:  # transformers' eager attention always builds its own (here all-True) mask
+            assert stepped and all(stepped)
+        else:
+            assert stepped and set(stepped) == {want_mask}, (ps, stepped)
+        assert [g.tokens for g in gens] == [greedy_reference(m, p, 5) for p in ps]
+
+
 def test_cancel_removes_a_row_and_the_rest_continue(model):
     ps = prompts(3)
     gens = [Generation(p, SamplingParams(max_tokens=6, temperature=0)) for p in ps]
