@@ -14,7 +14,8 @@
 3. Decode at the users' scale (--decode: SmolLM2-135M and Llama-3-8B shapes, bf16, random weights):
    transformers' ``generate`` against slimlm's decode loop (``DecodeBatch``) eager, compiled as it runs on a GPU
    (CUDA graphs: ``mode="reduce-overhead"``, cache buffers at fixed addresses) and compiled in inductor's
-   default mode (``compiled_no_graphs``), batch 1 and 8 (--decode-*), 64 new tokens
+   default mode (``compiled_no_graphs``) and with CUDA graphs over automatic dynamic shapes (``compiled_dynamic``:
+   one compile for every row count >= 2 and KV width, where ``compiled`` compiles each), batch 1 and 8 (--decode-*), 64 new tokens
    after a 256-token prompt; decode tok/s over the steps after the prefill, and the fraction of the
    measured HBM read bandwidth (a ``sum`` over 4 GiB) that batch 1 reaches (weight bytes x tok/s / bandwidth).
 4. A KD training step at the users' scale (--kd-step: a Llama-3-8B-shaped bf16 teacher, a 1.2B Llama-3.2-1B-
@@ -172,11 +173,13 @@ def hbm_read_gb_s() -> float:
 
 
 DECODE_MODELS = {"smollm2-135m": SMOLLM2_135M, "llama3-8b": LLAMA3_8B}
-DECODE_VARIANTS = ("hf", "eager", "compiled", "compiled_no_graphs")
+DECODE_VARIANTS = ("hf", "eager", "compiled", "compiled_no_graphs", "compiled_dynamic")
+# gpu_check.sh's time budget: the variants measured by default (--decode-variants names any of the above)
+DEFAULT_DECODE_VARIANTS = ("hf", "eager", "compiled", "compiled_no_graphs")
 
 
 def decode_bench(new_tokens: int = 64, prompt: int = 256, models: tuple[str, ...] = tuple(DECODE_MODELS),
-                 variants: tuple[str, ...] = DECODE_VARIANTS, batches: tuple[int, ...] = (1, 8)) -> dict:
+                 variants: tuple[str, ...] = DEFAULT_DECODE_VARIANTS, batches: tuple[int, ...] = (1, 8)) -> dict:
     import torch._dynamo
 
     out = {"hbm_read_gb_s": round(hbm_read_gb_s(), 1), "new_tokens": new_tokens, "prompt_tokens": prompt}
@@ -190,7 +193,7 @@ def decode_bench(new_tokens: int = 64, prompt: int = 256, models: tuple[str, ...
 
 
 def decode_model(model, name: str, hbm_gb_s: float, new_tokens: int, prompt: int,
-                 variants: tuple[str, ...] = DECODE_VARIANTS, batches: tuple[int, ...] = (1, 8)) -> dict:
+                 variants: tuple[str, ...] = DEFAULT_DECODE_VARIANTS, batches: tuple[int, ...] = (1, 8)) -> dict:
     """Decode tok/s of ``model`` for each variant at batch 1 and 8 (see the module's docstring)."""
     import torch._dynamo
 
@@ -238,13 +241,22 @@ def decode_model(model, name: str, hbm_gb_s: float, new_tokens: int, prompt: int
     def no_graphs(ps, n):
         torch._dynamo.reset()
         saved = decoding._compile_step
-        decoding._compile_step = lambda f, mode=None: torch.compile(f, dynamic=False)
+        decoding._compile_step = lambda f, mode=None, dynamic=None: torch.compile(f, dynamic=False)
         try:
             return ours(compile=True)(ps, n)
         finally:
             decoding._compile_step = saved
 
-    fns = {"hf": hf, "eager": ours(), "compiled": ours(compile=True), "compiled_no_graphs": no_graphs}
+    def dynamic_graphs(ps, n):  # CUDA graphs over automatic dynamic shapes (what the CPU's compiled step uses)
+        torch._dynamo.reset()
+        decoding.CUDA_GRAPHS_DYNAMIC = True
+        try:
+            return ours(compile=True)(ps, n)
+        finally:
+            decoding.CUDA_GRAPHS_DYNAMIC = False
+
+    fns = {"hf": hf, "eager": ours(), "compiled": ours(compile=True), "compiled_no_graphs": no_graphs,
+           "compiled_dynamic": dynamic_graphs}
     for variant in variants:
         fn = fns[variant]
         for b in batches:
@@ -333,7 +345,7 @@ def main() -> None:
     ap.add_argument("--sections", default="loss,models,kd_step,decode",
                     help="comma-separated: loss, models, decode, kd_step")
     ap.add_argument("--decode-models", default=",".join(DECODE_MODELS))
-    ap.add_argument("--decode-variants", default=",".join(DECODE_VARIANTS))
+    ap.add_argument("--decode-variants", default=",".join(DEFAULT_DECODE_VARIANTS), help=", ".join(DECODE_VARIANTS))
     ap.add_argument("--decode-batches", default="1,8")
     args = ap.parse_args()
     if not torch.cuda.is_available():

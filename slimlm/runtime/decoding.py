@@ -262,11 +262,18 @@ def _compiled_part(model, step: FusedStep | None, cache: SlotCache, ids: torch.T
 COMPILE_FAILED = "torch.compile of the decode step failed"  # how the fallback's one warning starts
 
 
-def _compile_step(fn: Callable, mode: str | None = None) -> Callable:
+# Under CUDA graphs the step stays specialised to each shape (static), the form measured on a GPU (an H200,
+# BENCHMARKS.md); automatic dynamic shapes there are not yet measured (gpu_bench.py's "compiled_dynamic").
+CUDA_GRAPHS_DYNAMIC = False
+
+
+def _compile_step(fn: Callable, mode: str | None = None, dynamic: bool | None = None) -> Callable:
     """``fn`` compiled with ``torch.compile`` (the one place decoding compiles; tests replace it to simulate a
     failure). Compilation itself is lazy: a failure shows at the first call, where the batch falls back.
-    ``mode``: inductor's ("reduce-overhead": CUDA graphs, what a GPU decode step needs, see DecodeBatch)."""
-    return torch.compile(fn, dynamic=False, mode=mode)
+    ``mode``: inductor's ("reduce-overhead": CUDA graphs, what a GPU decode step needs, see DecodeBatch).
+    ``dynamic``: torch.compile's (None: automatic dynamic shapes, the first shape static, a dimension that
+    then changes made symbolic by the recompile; False: one compile per shape)."""
+    return torch.compile(fn, dynamic=dynamic, mode=mode)
 
 
 class DecodeBatch:
@@ -289,15 +296,18 @@ class DecodeBatch:
     a copy of the linear weights); models it does not cover run transformers' forward.
 
     ``compile``: run the per-token step (the fused one where it applies, with its weights in the ordinary
-    layout; else transformers' forward) through ``torch.compile`` over the preallocated buffers (static
-    shapes: the running rows rounded up to a power of two, idle slots computed and ignored, and all T_cap
-    columns, a power of two; a compile per row count 1, 2, 4, ... and per buffer growth, and torch's
-    recompile limit bounds the shapes compiled). If
+    layout; else transformers' forward) through ``torch.compile`` over the preallocated buffers (the running
+    rows rounded up to a power of two, idle slots computed and ignored, and all T_cap columns, a power of
+    two). On a CPU with automatic dynamic shapes: the first shape compiles static, the first change of the
+    row count or of the buffers' columns compiles once more with that dimension symbolic, so a server's mix
+    of batch sizes and lengths costs about three compiles (one per shape, as before, ran into torch's
+    recompile limit of 8 and then decoded eagerly). If
     compiling is unavailable or fails: one warning, and the eager step (same tokens). Off by default: on a
-    2-core CPU each new buffer shape compiles for 10 s (inductor's disk cache warm) to minutes (cold); it
+    2-core CPU a compile takes 10 s (inductor's disk cache warm) to a minute (cold); it
     pays where a step is small-op overhead, not weight reading (benchmarks/decode.py: the 20x INT8 student
     ~1.4x at batch 1, a 135M fp32 model on par with the eager fused step). On a GPU the compiled step is
-    replayed as a CUDA graph (inductor's "reduce-overhead"; the cache buffers marked fixed-address).
+    replayed as a CUDA graph (inductor's "reduce-overhead"; the cache buffers marked fixed-address), one
+    compile per shape there (:data:`CUDA_GRAPHS_DYNAMIC`).
 
     The buffers only grow (slots up to the most rows decoded together, columns up to the longest prompt +
     max_tokens seen, within the model's context); a batch that empties keeps them for the rows that join
@@ -328,7 +338,8 @@ class DecodeBatch:
         self._fused = fused_step_for(model, packed=not compile) if fused else None
         if compile:
             try:
-                self._compiled = _compile_step(_compiled_part, "reduce-overhead" if self._graphs else None)
+                self._compiled = _compile_step(_compiled_part, "reduce-overhead" if self._graphs else None,
+                                               None if not self._graphs or CUDA_GRAPHS_DYNAMIC else False)
             except Exception as e:  # noqa: BLE001 - no compiler here: the eager step gives the same tokens
                 self._compile_failed(e)
 

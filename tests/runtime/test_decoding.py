@@ -306,13 +306,13 @@ def test_a_rows_own_failure_reaches_library_callers_as_an_error(tiny_tok):
 # --------------------------------------------------------------------------- the compiled step
 
 
-def _broken_compile(fn, mode=None):
+def _broken_compile(fn, mode=None, dynamic=None):
     def run(*args, **kwargs):
         raise RuntimeError("simulated: no C++ compiler")
     return run
 
 
-def _no_compile(fn, mode=None):
+def _no_compile(fn, mode=None, dynamic=None):
     raise RuntimeError("simulated: torch.compile unavailable")
 
 
@@ -336,14 +336,30 @@ def test_compiled_step_gives_the_eager_tokens(fused):
     """The compiled step (static shapes: rows rounded up to a power of two, every column; idle slots computed
     and ignored) gives the eager step's tokens, with rows joining and leaving: the fused step (weights in the
     ordinary layout) and transformers' forward. Skips where torch.compile cannot run."""
+    from torch._dynamo.utils import counters
+
     model = tiny_model("qwen3", seed=1, initializer_range=0.2, num_hidden_layers=1)
+    graphs = counters["stats"]["unique_graphs"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batch = _join_and_leave(model, compile=True, fused=fused)
+        # more row counts and a longer row: buffers grown past 32 columns and to 8 slots
+        long = [Generation(p, SamplingParams(max_tokens=n, temperature=0))
+                for p, n in zip(prompts(9, (30, 3, 5, 7, 2, 4, 6, 8)), (40, 3, 9, 5, 2, 6, 4, 7), strict=True)]
+        batch.add(long)
+        while len(batch):
+            batch.step()
     assert (batch._fused is not None) == fused and (not fused or not batch._fused.packed)
     if not batch.compiled:
         pytest.skip("torch.compile is unavailable here: " + "; ".join(
             str(w.message) for w in caught if str(w.message).startswith(decoding.COMPILE_FAILED)))
+    assert [g.tokens for g in long] == [greedy_reference(model, g.prompt, g.params.max_tokens) for g in long]
+    # automatic dynamic shapes: the first shape static, then a recompile as each dimension (rows, columns) turns
+    # symbolic, one row kept apart (torch specialises a size of 1): at most 5 graphs for any mix of shapes. One
+    # compile per shape (row counts 1, 2, 4, 8 x 32 and 64 columns here) ran into torch's recompile limit
+    # of 8 and then decoded eagerly
+    assert batch.cache.batch_capacity == 8 and batch.cache.capacity >= 64
+    assert counters["stats"]["unique_graphs"] - graphs <= 5
 
 
 # --------------------------------------------------------------------------- the fused step
