@@ -1,10 +1,10 @@
 """Loss benchmark: chunked fused-linear KD loss vs full logits vs Liger-Kernel, forward + backward on CPU.
 
     python benchmarks/loss.py [--tokens 4096] [--vocab 49152] [--reps 3] [--chunks 64,64c,256,256c]
-                              [--threads N] [--out runs/bench/loss.json]
+                              [--threads N] [--dtype float32|bfloat16] [--out runs/bench/loss.json]
 
 For forward KL and JSD(β = 0.5), student hidden 384 and teacher hidden 576 (SmolLM2-135M's width) with
-an LM head over the vocabulary, fp32, it times loss + backward (median of --reps runs after one warm-up)
+an LM head over the vocabulary, in --dtype (fp32 by default), it times loss + backward (median of --reps runs after one warm-up)
 and measures memory, for:
 
     ours     slimlm.distill.chunked.fused_linear_kd_loss at each chunk size, eager and with the per-chunk
@@ -48,9 +48,9 @@ def naive_loss(h_s, w_s, h_t, w_t, divergence: str):
     import torch
     import torch.nn.functional as F
 
-    s = F.log_softmax(h_s @ w_s.T, dim=-1)
+    s = F.log_softmax((h_s @ w_s.T).float(), dim=-1)  # the products in the inputs' dtype, the softmax in fp32
     with torch.no_grad():
-        t = F.log_softmax(h_t @ w_t.T, dim=-1)
+        t = F.log_softmax((h_t @ w_t.T).float(), dim=-1)
     if divergence == "forward_kl":
         return F.kl_div(s, t, reduction="sum", log_target=True)  # Σ p_T (t − s)
     beta = DIVERGENCES[divergence]
@@ -67,10 +67,11 @@ def run_variant(name: str, args) -> dict:
     method, divergence, option = name.split(":")
     g = torch.Generator().manual_seed(0)
     n, v, hs, ht = args.tokens, args.vocab, args.student_hidden, args.teacher_hidden
-    h_s = torch.randn(n, hs, generator=g).requires_grad_(True)
-    w_s = (torch.randn(v, hs, generator=g) / hs**0.5).requires_grad_(True)
-    h_t = torch.randn(n, ht, generator=g)
-    w_t = torch.randn(v, ht, generator=g) / ht**0.5
+    dt = getattr(torch, args.dtype)  # every input in it: what a bf16 model (FSDP2's bf16 parameters) hands the loss
+    h_s = torch.randn(n, hs, generator=g).to(dt).requires_grad_(True)
+    w_s = (torch.randn(v, hs, generator=g) / hs**0.5).to(dt).requires_grad_(True)
+    h_t = torch.randn(n, ht, generator=g).to(dt)
+    w_t = (torch.randn(v, ht, generator=g) / ht**0.5).to(dt)
     labels = torch.randint(0, v, (n,), generator=g)
 
     if method == "ours":  # option: the chunk size, "c" appended for the compiled per-chunk maths
@@ -114,7 +115,7 @@ def run_variant(name: str, args) -> dict:
     first_kib = status_kib("VmHWM")
     reset = reset_peak() and reset
     times = [once()[0] for _ in range(args.reps)]
-    grad_norm = float(torch.cat([h_s.grad.flatten(), w_s.grad.flatten()]).norm())
+    grad_norm = float(torch.cat([h_s.grad.flatten(), w_s.grad.flatten()]).float().norm())
     timed_kib = status_kib("VmHWM")
     life_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if not reset:  # no /proc/self/clear_refs: only the whole-life peak is known
@@ -145,7 +146,8 @@ def liger_status() -> str | None:
 def child(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--variant", name, "--tokens", str(args.tokens), "--vocab", str(args.vocab),
            "--student-hidden", str(args.student_hidden), "--teacher-hidden", str(args.teacher_hidden),
-           "--reps", str(args.reps), "--liger-chunk", str(args.liger_chunk), "--threads", str(args.threads)]
+           "--reps", str(args.reps), "--liger-chunk", str(args.liger_chunk), "--threads", str(args.threads),
+           "--dtype", args.dtype]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -195,6 +197,8 @@ def main() -> None:
     ap.add_argument("--divergences", default=",".join(DIVERGENCES))
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default); 1 is steadier when another job shares the CPU")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the hidden states' and LM heads' dtype (bfloat16: the products run in bf16 in every variant)")
     ap.add_argument("--no-naive", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/loss.json"))
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
@@ -226,7 +230,7 @@ def main() -> None:
               "python": platform.python_version(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "config": {k: getattr(args, k) for k in ("tokens", "vocab", "student_hidden", "teacher_hidden",
                                                        "reps", "chunks", "liger_chunk")},
-              "dtype": "float32", "liger": liger or "installed", "loadavg_end": os.getloadavg(),
+              "dtype": args.dtype, "liger": liger or "installed", "loadavg_end": os.getloadavg(),
               "wall_s": round(time.time() - started, 1), "results": results}
     try:
         import importlib.metadata as md

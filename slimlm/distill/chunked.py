@@ -79,7 +79,9 @@ class _FusedLinearLoss(torch.autograd.Function):
             # autograd runs only from the chunk's loss back to its logits [C, V]; the LM-head products
             # are done by hand into the accumulators, so no [V, H] temporaries appear per chunk
             wants_grad = need_h or need_w or need_b
-            z = zs.to(acc)
+            # a closed-form chunk loss takes the GEMM's logits as they are (it widens them inside, and gives its
+            # gradient back in the GEMMs' dtype: no widened [C, V] copy each way); autograd needs them in acc
+            z = zs if getattr(chunk_loss, "takes_low", False) else zs.to(acc)
             with torch.enable_grad():
                 out = chunk_loss(z.requires_grad_(wants_grad), idx, slice(start, start + idx.numel()))
                 closed = isinstance(out, tuple)  # closed form: (sum, grad), no autograd graph was built
@@ -96,7 +98,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                 elif need_w:
                     grad_w.addmm_(g.T, h.to(acc))  # in place: no [V, H] temporary per chunk
                 if need_b:
-                    grad_b += g.sum(0)
+                    grad_b += g.sum(0, dtype=acc)
             total += loss.detach()
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.shapes = (s_hidden.dtype, s_weight.shape, s_weight.dtype)
@@ -196,15 +198,16 @@ def fused_linear_kd_loss(
                 zt = teacher_hidden.detach().index_select(0, idx) @ teacher_weight.detach()[:vocab].T
                 if teacher_bias is not None:
                     zt = zt + teacher_bias.detach()[:vocab]
-            zt = zt if zt is None else zt.to(zs.dtype)  # bf16 under autocast; the maths is zs's dtype
-        if closed:  # value and gradient in closed form: no autograd graph
+        if closed:  # value and gradient in closed form, no autograd graph; zs, zt as the GEMMs gave them
             with torch.no_grad(), exact(zs.device):
                 loss, grad = closed_form(zs.detach(), zt, y, cfg.divergence, cfg.beta, cfg.temperature,
-                                         cfg.kd_weight, cfg.ce_weight, cfg.ignore_index)
+                                         cfg.kd_weight, cfg.ce_weight, cfg.ignore_index, grad_dtype=zs.dtype)
             return loss.sum(), grad
+        zt = zt if zt is None else zt.to(zs.dtype)  # bf16 under autocast; the maths is zs's dtype (acc)
         with exact(zs.device):
             return kd_token_losses(zs, zt, y, cfg, vocab)  # not closed form: kd_weight > 0, so zt exists
 
+    chunk_loss.takes_low = bool(closed)  # see _FusedLinearLoss.forward
     return _apply(student_hidden, student_weight, student_bias, labels, chunk_loss, cfg, vocab, chunk_size)
 
 

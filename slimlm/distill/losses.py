@@ -184,11 +184,15 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def closed_form_value_and_grad(zs: torch.Tensor, zt: torch.Tensor | None, labels: torch.Tensor, divergence: str,
-                               beta: float, tau: float, w: float, c: float, ignore_index: int = -100
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
+                               beta: float, tau: float, w: float, c: float, ignore_index: int = -100,
+                               grad_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token loss [N] and its gradient w.r.t. the student logits ``zs`` [N, V], in closed form (no autograd
     graph); ``zt`` [N, V] the teacher's logits (None when ``w`` = 0). The same values as
     :func:`kd_token_losses` (tested), as plain tensor maths that ``torch.compile`` fuses into a few passes.
+    Logits of any float dtype: the maths runs in at least float32 (bf16 / fp16 logits are widened inside, so
+    a compiled function reads them as they are, without a widened copy first); the loss comes back in that
+    precision, the gradient in ``grad_dtype`` (default: that precision; the chunked loss asks for the LM-head
+    products' dtype, the narrowing fused into the same pass).
 
     With s = log p_S, t = log p_T (log-softmax of z / τ), the token loss is L = w τ² D + c CE(z_S, y) and
 
@@ -201,6 +205,7 @@ def closed_form_value_and_grad(zs: torch.Tensor, zt: torch.Tensor | None, labels
     (for JSD, ∂D/∂p_S = (1 − β)(s − m): the terms from m's dependence on p_S sum to zero); JSD with β = 0 is
     forward KL and with β = 1 reverse KL, as in :func:`token_divergence`. Ignored tokens get 0 and 0.
     """
+    zs = zs.to(torch.promote_types(zs.dtype, torch.float32))
     keep = (labels != ignore_index).to(zs.dtype)
     loss = zs.new_zeros(zs.shape[0])
     grad = zs.new_zeros(zs.shape)
@@ -231,7 +236,7 @@ def closed_form_value_and_grad(zs: torch.Tensor, zt: torch.Tensor | None, labels
         loss = loss - s1.gather(-1, y[:, None]).squeeze(-1) * (keep * c)
         onehot = torch.zeros_like(zs).scatter_(-1, y[:, None], 1.0)
         grad = grad + (s1.exp() - onehot) * (keep * c)[:, None]
-    return loss, grad
+    return loss, grad if grad_dtype is None else grad.to(grad_dtype)
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
