@@ -310,6 +310,34 @@ def test_the_lm_head_products_run_in_bf16_for_bf16_training(autocast):
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16-inputs", "fp32-under-autocast"])
+def test_the_closed_form_reads_the_bf16_logit_tiles_and_hands_back_a_bf16_gradient(autocast):
+    """In bf16 the per-chunk closed form gets the LM-head products' logits as they are and gives its [C, V]
+    gradient back in bf16, so a compiled closed form does the widening and narrowing inside its kernel
+    rather than three extra passes over the tile; inside, the maths is fp32: the same loss and gradient as the
+    closed form on the widened tiles, the gradient rounded once to bf16."""
+    v = 101
+    t, labels = make_hidden(37, v, 24, 40, torch.float32 if autocast else torch.bfloat16, seed=5)
+    seen = []
+
+    def spy(zs, zt, *args, **kwargs):
+        loss, grad = closed_form_value_and_grad(zs, zt, *args, **kwargs)
+        wide = closed_form_value_and_grad(zs.float(), zt.float(), *args)
+        seen.append((zs.dtype, zt.dtype, grad.dtype))
+        torch.testing.assert_close(loss, wide[0], rtol=0, atol=0)
+        torch.testing.assert_close(grad, wide[1].to(grad.dtype), rtol=0, atol=0)
+        return loss, grad
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        run_chunked(t, labels, LossConfig(ce_weight=0.3), chunk_size=8, closed_form=spy)
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16, torch.bfloat16)}
+    # fp32 stays fp32 throughout
+    seen.clear()
+    run_chunked(make_hidden(37, v, 24, 40, torch.float32, seed=5)[0], labels, LossConfig(), chunk_size=8,
+                closed_form=spy)
+    assert set(seen) == {(torch.float32, torch.float32, torch.float32)}
+
+
 def test_chunked_all_rows_ignored_is_zero():
     t, labels = make_hidden(9, 11, 4, 6, torch.float64)
     labels[:] = IGNORE
