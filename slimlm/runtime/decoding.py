@@ -262,8 +262,7 @@ def _compiled_part(model, step: FusedStep | None, cache: SlotCache, ids: torch.T
 COMPILE_FAILED = "torch.compile of the decode step failed"  # how the fallback's one warning starts
 
 
-# Under CUDA graphs the step stays specialised to each shape (static), the form measured on a GPU (an H200,
-# BENCHMARKS.md); automatic dynamic shapes there are not yet measured (gpu_bench.py's "compiled_dynamic").
+# Under CUDA graphs one compile per shape, as measured on an H200; automatic dynamic there: gpu_bench.py's "compiled_dynamic"
 CUDA_GRAPHS_DYNAMIC = False
 
 
@@ -298,10 +297,9 @@ class DecodeBatch:
     ``compile``: run the per-token step (the fused one where it applies, with its weights in the ordinary
     layout; else transformers' forward) through ``torch.compile`` over the preallocated buffers (the running
     rows rounded up to a power of two, idle slots computed and ignored, and all T_cap columns, a power of
-    two). On a CPU with automatic dynamic shapes: the first shape compiles static, the first change of the
-    row count or of the buffers' columns compiles once more with that dimension symbolic, so a server's mix
-    of batch sizes and lengths costs about three compiles (one per shape, as before, ran into torch's
-    recompile limit of 8 and then decoded eagerly). If
+    two). On a CPU with automatic dynamic shapes: the first shape compiles static, a change of the row count
+    or of the buffers' columns compiles once more with that dimension symbolic, so any mix of shapes costs at
+    most 5 compiles (one per shape ran into torch's recompile limit of 8, then decoded eagerly). If
     compiling is unavailable or fails: one warning, and the eager step (same tokens). Off by default: on a
     2-core CPU a compile takes 10 s (inductor's disk cache warm) to a minute (cold); it
     pays where a step is small-op overhead, not weight reading (benchmarks/decode.py: the 20x INT8 student
