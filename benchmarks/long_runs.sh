@@ -11,8 +11,9 @@
 # 4. INT4 on the final 20x student against its fp32 twin, paired on the whole test split (quantize_auc.py;
 #    --limit above the split's 1,886 rows).
 # Issue 18:
-# 5. the movielens-ranking recipe with multi-item training (k = 8, the same examples and steps) against the
-#    figures of its k = 1 run (BENCHMARKS.md, "Pipeline: movielens-ranking at full budget": 6.3 h of stages).
+# 5. the movielens-ranking recipe with multi-item training (benchmarks/recipes/movielens-ranking-multi-item.yaml:
+#    k = 4, the same examples per stage) against the figures of its k = 1 run (BENCHMARKS.md, "Pipeline:
+#    movielens-ranking at full budget": 6.3 h of stages).
 # Each step's output says where its results are; BENCHMARKS.md takes the figures from those files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +39,7 @@ if [ ! -s runs/bench/int4_auc_20x_full.json ]; then
         --variants int8-smooth,int4-gptq-g64,int4-quantease-g64,int4-quantease-ao-g64 \
         --out runs/bench/int4_auc_20x_full.json
 fi
-step "5/5 movielens-ranking with multi-item training (k = 8)"
-"$SLIMLM" run movielens-ranking out=runs/exp/movielens-ranking-k8 task.candidates_per_prefix=8
-"$SLIMLM" report runs/exp/movielens-ranking-k8
+step "5/5 movielens-ranking with multi-item training (k = 4)"
+"$SLIMLM" run benchmarks/recipes/movielens-ranking-multi-item.yaml
+"$SLIMLM" report runs/exp/movielens-ranking-multi-item
 step "done"
