@@ -47,6 +47,25 @@ def test_stages_run_in_order_over_directories(recipe_world):
     assert evals["kd"]["params"]["non_embedding"] < evals["teacher-sft"]["params"]["non_embedding"]
 
 
+def test_a_speed_probe_beside_other_work_is_warned_of_and_recorded(recipe_world, monkeypatch):
+    """The evaluate stage says when a model's speed probe got too little of the CPU (another job running), and
+    keeps the probe's CPU share with the speeds, where the report flags them."""
+    import slimlm.evaluate
+
+    root, data = recipe_world
+    for share, warned in ((0.45, True), (0.95, False)):
+        monkeypatch.setattr(slimlm.evaluate, "speed", lambda model, tokens, share=share: {
+            "prefill_tokens_per_s": 100.0, "decode_tokens_per_s": 10.0, "candidates_per_s": 5.0, "cpu_share": share})
+        stages = [{"name": "eval", "kind": "evaluate", "models": ["teacher"], "config": {"split": "val", "limit": 6}}]
+        said = []
+        records = run(load_recipe(write(root / "probe.yaml", recipe(root, data, f"probe{share}", stages))),
+                      progress=said.append)
+        assert records["eval"]["metrics"]["teacher"]["speed"]["cpu_share"] == share
+        assert [m for m in said if "teacher's speed probe got 45%" in m] == (
+            ["warning: teacher's speed probe got 45% of its threads' CPU time (other work is running): its speeds "
+             "are flagged in the report, not compared"] if warned else [])
+
+
 def test_prune_and_quantize_stages_make_smaller_models(recipe_world):
     root, data = recipe_world
     train = {"max_steps": 1, "batch_size": 3, "eval_every": 0, "save_every": 1, "tensorboard": False}
