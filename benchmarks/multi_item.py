@@ -9,6 +9,7 @@ examples seen.
     python benchmarks/multi_item.py paired FILE      (the paired ΔAUCs of a quality file cut short)
     python benchmarks/multi_item.py carry [--k 8] [--candidates 16] [--steps 3] [--rounds 2]
                                           [--out runs/bench/multi_item_carry.json]
+    python benchmarks/multi_item.py sessions [--k 8]   (how the users entered their ratings: see sessions())
 
 speed: for every k, training steps of ``--candidates`` candidates each (k = 1: that many rows; k > 1:
 packed rows of up to k candidates, as slimlm's trainer builds them from the train split with
@@ -323,6 +324,27 @@ def carry(args) -> dict:
     return out
 
 
+def sessions(args) -> dict:
+    """How MovieLens-100K users entered their ratings: consecutive ratings (each user's, in the task's order)
+    with the same timestamp, the gaps between them, and the groups of ``--k`` consecutive ratings entered in
+    one second — what a packed group's later candidates miss from their prefix (the ratings between the
+    group's first and them) and the k = 1 rows see."""
+    from slimlm.tasks.movielens import load_movielens, user_sequences
+
+    seqs = user_sequences(load_movielens().ratings).values()
+    gaps = [b.timestamp - a.timestamp for s in seqs for a, b in zip(s, s[1:], strict=False)]
+    groups = [s[i:i + args.k] for s in seqs for i in range(0, len(s) - args.k + 1, args.k)]
+    out = {"users": len(seqs), "consecutive_pairs": len(gaps),
+           "same_timestamp": round(sum(g == 0 for g in gaps) / len(gaps), 3),
+           "gap_under_60s": round(sum(g < 60 for g in gaps) / len(gaps), 3),
+           "gap_under_1h": round(sum(g < 3600 for g in gaps) / len(gaps), 3),
+           "median_gap_s": statistics.median(gaps), "k": args.k,
+           "groups_in_one_second": round(sum(g[0].timestamp == g[-1].timestamp for g in groups) / len(groups), 3),
+           "groups_within_60s": round(sum(g[-1].timestamp - g[0].timestamp < 60 for g in groups) / len(groups), 3)}
+    print(out)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="what", required=True)
@@ -348,12 +370,15 @@ def main() -> None:
     c.add_argument("--steps", type=int, default=3)
     c.add_argument("--rounds", type=int, default=2)
     c.add_argument("--out", default="runs/bench/multi_item_carry.json")
+    e = sub.add_parser("sessions")
+    e.add_argument("--k", type=int, default=8)
+    e.add_argument("--out", default="runs/bench/multi_item_sessions.json")
     r = sub.add_parser("paired")
     r.add_argument("file", help="a quality result file (updated in place)")
     args = ap.parse_args()
     if args.what == "paired":
         args.out = args.file
-    result = {"speed": speed, "quality": quality, "carry": carry, "paired": paired}[args.what](args)
+    result = {"speed": speed, "quality": quality, "carry": carry, "paired": paired, "sessions": sessions}[args.what](args)
     write_json(args.out, result)
 
 
