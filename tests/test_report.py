@@ -275,13 +275,21 @@ def test_a_named_reference_and_a_reference_at_chance(tmp_path):
         write_report(out, reference="nope")
 
 
-def test_speeds_measured_beside_other_work_are_flagged_not_compared(tmp_path):
+def test_speeds_measured_beside_other_work_are_flagged_not_compared(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    labels = []
+    annotate = Axes.annotate
+    monkeypatch.setattr(Axes, "annotate", lambda ax, text, *a, **k: labels.append(text) or annotate(ax, text, *a, **k))
     out = fake_run(tmp_path)
     record = json.loads((out / "eval" / "stage.json").read_text())
     for name, share in {"teacher-sft": 0.97, "pruned": 0.85, "kd": 0.48}.items():
         record["metrics"][name]["speed"]["cpu_share"] = share
     (out / "eval" / "stage.json").write_text(json.dumps(record))
     md = write_report(out).read_text()
+    # the quality-vs-speed plot's two panels mark kd's point, the size plot's two do not; no other point is marked
+    names = [n for t in labels for n in t.split(", ")]
+    assert names.count("kd‡") == 2 and names.count("kd") == 2 and sum("‡" in n for n in names) == 2
     rows = table(md, "## Evaluation")
     assert rows["kd"]["cand/s"] == "520‡" and rows["kd"]["decode tok/s"] == "91.0‡"
     assert rows["kd"]["cand/s ×"] == f"{520 / 198:.2f}×‡"

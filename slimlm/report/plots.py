@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from slimlm.comparison import Metric, num
+from slimlm.comparison import Metric, contended, num
 
 
 def _figure(panels: int, width: float = 5.0, height: float = 3.8):
@@ -24,8 +24,9 @@ def _figure(panels: int, width: float = 5.0, height: float = 3.8):
 def plot_quality(rows: list[dict], metric: Metric, path: Path, axes_spec: list[tuple[str, str, bool]],
                  title: str, baseline: tuple[str, float] | None = None) -> bool:
     """Scatter the task metric (y) against each (row key, x label, log x) panel; one labelled point per
-    model, the reference starred; ``baseline`` = (label, value) draws a dashed line. Returns False (and
-    writes nothing) when no model has both numbers."""
+    model, the reference starred, on a speed panel a name marked ‡ where its probe shared the CPU (as the
+    table marks it); ``baseline`` = (label, value) draws a dashed line. Returns False (and writes nothing) when
+    no model has both numbers."""
     have = [[r for r in rows if r["value"] is not None and r["metric"] == metric and (r[k] or 0) > 0]
             for k, _, _ in axes_spec]
     if not any(have):
@@ -38,7 +39,9 @@ def plot_quality(rows: list[dict], metric: Metric, path: Path, axes_spec: list[t
         for r in points:
             ax.scatter([r[key]], [r["value"]], marker="*" if r["reference"] else "o", s=140 if r["reference"] else 45,
                        color=_colour(r["kind"]), zorder=3)
-        for (x, y), names, below in _label_groups([(r[key], r["value"], r["model"]) for r in points], logx):
+        flag = key in ("prefill", "decode", "candidates")  # a speed panel: a probe that shared the CPU is marked
+        labels = [(r[key], r["value"], r["model"] + ("‡" if flag and contended(r) else "")) for r in points]
+        for (x, y), names, below in _label_groups(labels, logx):
             ax.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, -11 if below else 4),
                         fontsize=8)
         if baseline is not None:
