@@ -214,3 +214,26 @@ def test_int8_matmul_float_path_equals_int_mm(monkeypatch):
         monkeypatch.setattr(L, "int_mm_is_fast", lambda forced=forced: forced)
         got = L.int8_matmul(a, w)
         assert got.dtype == torch.int32 and torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("vnni,capability,timed", [(True, "AVX512", False), (False, "AVX512", True),
+                                                   (True, "AVX2", True)])
+def test_the_int8_kernel_choice_reads_the_cpu_before_timing(monkeypatch, vnni, capability, timed):
+    """An AVX-512 CPU with VNNI (or AMX) takes _int_mm without timing it (a timing can flip when another job
+    holds the cores); other CPUs time it against the fp32 GEMM once per process."""
+    from slimlm.quantize import linear as L
+
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.delenv("SLIMLM_INT8_KERNEL", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: vnni, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: calls.append(1) or int_mm(*a))
+    L.int_mm_is_fast.cache_clear()
+    try:
+        fast = L.int_mm_is_fast()
+    finally:
+        L.int_mm_is_fast.cache_clear()
+    assert bool(calls) == timed
+    assert fast or timed  # without timing, the answer is "fast"
