@@ -21,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -109,6 +111,32 @@ def prune_targets(facts: ArchFacts, cfg: PruneConfig) -> Targets:
                                   f"counts are {', '.join(map(str, valid))} (or use --head-mode kv)")
     new_hidden = _rounded(cfg.hidden_keep, facts.hidden_size, cfg.multiple, "--hidden-keep", "hidden channels")
     return Targets(layers, new_inter, new_heads, new_kv, new_hidden)
+
+
+def check_pruned_config(hf_config: Any, facts: ArchFacts, t: Targets, cfg: PruneConfig) -> None:
+    """The pruned model's config as transformers will validate it when it is saved and loaded, checked before
+    any work: a shape its config class refuses (LlamaConfig: ``hidden_size`` a multiple of the attention heads,
+    even with an explicit ``head_dim``) is a one-line error here, not a failure at the save after the solvers."""
+    new = copy.deepcopy(hf_config)
+    new.head_dim = facts.head_dim  # as slimlm.prune.slice writes it
+    new.num_hidden_layers, new.intermediate_size = t.layers, t.intermediate
+    new.num_attention_heads, new.num_key_value_heads, new.hidden_size = t.heads, t.kv_heads, t.hidden
+    if getattr(new, "layer_types", None):
+        new.layer_types = new.layer_types[:t.layers]
+    validate = getattr(new, "validate", None)
+    if validate is None:  # a transformers without config validation
+        return
+    try:
+        validate()
+    except Exception as e:  # noqa: BLE001 - transformers raises its own validation error types
+        reason = str(getattr(e, "__cause__", None) or e).strip().splitlines()[-1].strip().rstrip(".")
+        hint = ""
+        if t.hidden % t.heads:
+            step = math.lcm(t.heads, cfg.multiple)
+            low, high = t.hidden // step * step, (t.hidden // step + 1) * step
+            hint = (f"; keep a hidden size that is a multiple of the {t.heads} heads kept (e.g. "
+                    f"{', '.join(str(h) for h in (low, high) if 0 < h <= facts.hidden_size)}) or fewer heads (heads_keep)")
+        raise SlimlmError(f"the pruned {hf_config.model_type} config would not load in transformers: {reason}{hint}") from e
 
 
 def needs_calibration(cfg: PruneConfig, facts: ArchFacts, t: Targets) -> bool:
@@ -357,6 +385,7 @@ def prune_dir(source: str | Path, out_dir: str | Path, cfg: PruneConfig, *, plac
     check_supported(hf_config)
     facts = arch_facts(hf_config)
     targets = prune_targets(facts, cfg)
+    check_pruned_config(hf_config, facts, targets, cfg)
     use_calib = needs_calibration(cfg, facts, targets)
     if use_calib:
         check_source(cfg.calib)

@@ -57,6 +57,7 @@ def test_prune_cli_errors_before_any_work(tmp_path, calib_txt):
         (["--mlp-keep", "1000"], "only 128 MLP neurons"),
         (["--hidden-keep", "100"], "only 96 hidden channels"),
         (["--heads-keep", "5"], "breaks GQA"),
+        (["--hidden-keep", "64"], "would not load in transformers"),  # 64 channels for 6 heads
         (["--mlp-keep", "half"], "fraction like 0.5"),
         (["--mlp-keep", "0.5", "--method", "obs"], "method"),
         (["--mlp-keep", "0.5", "--calib", str(tmp_path / "nope.txt")], "not 'text'"),

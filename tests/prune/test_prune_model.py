@@ -276,6 +276,26 @@ def test_impossible_targets_fail_before_any_work():
         PruneConfig(mlp_keep=1.5)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_pruned_shape_transformers_would_refuse_fails_before_any_work(family):
+    """transformers' LlamaConfig wants hidden_size a multiple of the attention heads (even with an explicit
+    head_dim); the check builds the pruned config and validates it as saving and loading will (the
+    movielens-ranking-20x recipe's first prune, 9 heads at hidden 384, failed at the save after the solvers)."""
+    from slimlm.prune.api import check_pruned_config
+
+    model = tiny_model(family, **GQA)  # 6 heads / 3 KV heads
+    facts = arch_facts(model.config)
+    odd = PruneConfig(hidden_keep=facts.hidden_size - 8)  # not a multiple of 6
+    if model.config.model_type == "llama":
+        with pytest.raises(SlimlmError, match=r"would not load in transformers: .*multiple of the number of "
+                                              r"attention heads \(6\); keep a hidden size that is a multiple"):
+            check_pruned_config(model.config, facts, prune_targets(facts, odd), odd)
+    else:  # the other families' configs take it
+        check_pruned_config(model.config, facts, prune_targets(facts, odd), odd)
+    good = PruneConfig(hidden_keep=facts.hidden_size - 48, heads_keep=3, head_mode="query")  # a multiple of 3
+    check_pruned_config(model.config, facts, prune_targets(facts, good), good)
+
+
 def test_unsupported_architecture_and_missing_calibration():
     from transformers import GPT2Config, GPT2LMHeadModel
 
