@@ -133,9 +133,9 @@ def check_pruned_config(hf_config: Any, facts: ArchFacts, t: Targets, cfg: Prune
         hint = ""
         if t.hidden % t.heads:
             step = math.lcm(t.heads, cfg.multiple)
-            low, high = t.hidden // step * step, (t.hidden // step + 1) * step
-            hint = (f"; keep a hidden size that is a multiple of the {t.heads} heads kept (e.g. "
-                    f"{', '.join(str(h) for h in (low, high) if 0 < h <= facts.hidden_size)}) or fewer heads (heads_keep)")
+            sizes = [h for h in (t.hidden // step * step, (t.hidden // step + 1) * step) if 0 < h <= facts.hidden_size]
+            hint = (f"; keep a hidden size that is a multiple of the {t.heads} heads kept"
+                    + (f" (e.g. {', '.join(map(str, sizes))})" if sizes else "") + " or fewer heads (heads_keep)")
         raise SlimlmError(f"the pruned {hf_config.model_type} config would not load in transformers: {reason}{hint}") from e
 
 
