@@ -380,7 +380,7 @@ def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage
     (:mod:`slimlm.comparison`: reference, retention, speed-ups, paired Δs, the classic baseline on the same
     rows); a re-run of an interrupted stage keeps the models it already evaluated (same stage fingerprint,
     same model directory) and does the rest."""
-    from slimlm.comparison import CONTENDED_SHARE, write_baseline, write_comparison
+    from slimlm.comparison import contended, speeds, write_baseline, write_comparison
     from slimlm.evaluate import evaluate_dir
     from slimlm.loading import resolve_model
 
@@ -405,10 +405,10 @@ def _evaluate(recipe: Recipe, models: dict[str, str], cfg: EvaluateConfig, stage
                                     seed=recipe.seed, speed_probe=cfg.speed, placement=where)
         # load, scoring and speed probes: the report adds these up, so a resumed stage counts every run of it
         results[ref]["wall_seconds"] = round(time.perf_counter() - t0, 2)
-        share = (results[ref].get("speed") or {}).get("cpu_share")
-        if share is not None and share < CONTENDED_SHARE:
-            say(f"warning: {ref}'s speed probe got {share:.0%} of its threads' CPU time (other work is running): "
-                "its speeds are flagged in the report, not compared")
+        probe = speeds(results[ref])
+        if contended(probe):
+            say(f"warning: {ref}'s speed probe got {probe['cpu_share']:.0%} of its threads' CPU time (other work is "
+                "running): its speeds are flagged in the report, not compared")
         if "scores" in results[ref]:  # per-example scores go beside the results (the report pairs models)
             scores[ref] = results[ref].pop("scores")
             atomic_write_json(stage_dir / "scores.json", scores)

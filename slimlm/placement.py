@@ -65,8 +65,13 @@ def fast_bf16(device: str | torch.device) -> bool:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if dev.type != "cpu":
         return False
-    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(bool(probe()) for probe in probes if probe is not None)
+    return cpu_has("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+
+
+def cpu_has(*probes: str) -> bool:
+    """Whether any of torch's own CPU feature probes (``torch.cpu._is_..._supported``) reports its feature;
+    a probe this torch lacks counts as absent."""
+    return any(bool(fn()) for fn in (getattr(torch.cpu, name, None) for name in probes) if fn is not None)
 
 
 def solver_threads(device: str | torch.device) -> int:

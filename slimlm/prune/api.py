@@ -38,7 +38,7 @@ from slimlm.models import FAMILIES, ArchFacts, arch_facts, param_counts
 from slimlm.placement import Placement, choose
 from slimlm.progress import Progress
 from slimlm.prune import baselines, calibrate, depth, osscar
-from slimlm.prune.slice import keep_layers, mask_width, slice_width
+from slimlm.prune.slice import keep_layers, mask_width, slice_width, width_config
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,9 @@ def check_pruned_config(hf_config: Any, facts: ArchFacts, t: Targets, cfg: Prune
     """The pruned model's config as transformers will validate it when it is saved and loaded, checked before
     any work: a shape its config class refuses (LlamaConfig: ``hidden_size`` a multiple of the attention heads,
     even with an explicit ``head_dim``) is a one-line error here, not a failure at the save after the solvers."""
-    new = copy.deepcopy(hf_config)
-    new.head_dim = facts.head_dim  # as slimlm.prune.slice writes it
-    new.num_hidden_layers, new.intermediate_size = t.layers, t.intermediate
-    new.num_attention_heads, new.num_key_value_heads, new.hidden_size = t.heads, t.kv_heads, t.hidden
+    new = width_config(hf_config, head_dim=facts.head_dim, heads=t.heads, kv_heads=t.kv_heads,
+                       intermediate=t.intermediate, hidden=t.hidden)
+    new.num_hidden_layers = t.layers
     if getattr(new, "layer_types", None):
         new.layer_types = new.layer_types[:t.layers]
     validate = getattr(new, "validate", None)

@@ -119,6 +119,20 @@ def _kv_for_heads(heads: Sequence[int], qpk: int, kv: Sequence[int]) -> None:
                               "the same number of query heads in every kept KV group")
 
 
+def width_config(config, *, head_dim: int, heads: int, kv_heads: int, intermediate: int | None = None,
+                 hidden: int | None = None):
+    """A copy of ``config`` with the widths a width prune sets (None: unchanged); ``head_dim`` written out, as
+    after head pruning hidden / heads is no longer the head size."""
+    config = copy.deepcopy(config)
+    config.head_dim = head_dim
+    config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
+    if intermediate is not None:
+        config.intermediate_size = intermediate
+    if hidden is not None:
+        config.hidden_size = hidden
+    return config
+
+
 def slice_width(model: torch.nn.Module, *, mlp: Kept | None = None, heads: Kept | None = None,
                 kv_heads: Kept | None = None, down_weights: Sequence[torch.Tensor] | None = None,
                 o_weights: Sequence[torch.Tensor] | None = None,
@@ -144,16 +158,12 @@ def slice_width(model: torch.nn.Module, *, mlp: Kept | None = None, heads: Kept 
     for h, k in zip(heads_l, kv_l, strict=True):
         _kv_for_heads(h, qpk, k)
 
-    config = copy.deepcopy(model.config)
-    config.head_dim = hd  # explicit: after head pruning hidden / heads is no longer head_dim
-    if mlp is not None:
-        config.intermediate_size = len(mlp[0])
-    config.num_attention_heads = len(heads_l[0])
-    config.num_key_value_heads = len(kv_l[0])
+    config = width_config(model.config, head_dim=hd, intermediate=len(mlp[0]) if mlp is not None else None,
+                          heads=len(heads_l[0]), kv_heads=len(kv_l[0]),
+                          hidden=len(hidden) if hidden is not None else None)
     norm_scale = 1.0
     if hidden is not None:
         d, d_new = facts.hidden_size, len(hidden)
-        config.hidden_size = d_new
         norm_scale = (d / d_new) ** 0.5
         if not _eps_shared(model):
             config.rms_norm_eps = model.config.rms_norm_eps * d / d_new

@@ -105,9 +105,10 @@ def int_mm_is_fast() -> bool:
 
 def _int8_dot_products() -> bool:
     """An AVX-512 CPU with VNNI or AMX (torch's own CPU probes; False where this torch has none)."""
-    cpu = torch.cpu
-    probes = [getattr(cpu, name, None) for name in ("_is_vnni_supported", "_is_amx_tile_supported")]
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and any(p is not None and p() for p in probes)
+    from slimlm.placement import cpu_has
+
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX") and cpu_has("_is_vnni_supported",
+                                                                                   "_is_amx_tile_supported")
 
 
 def fp8_matmul_supported(device: torch.device) -> bool:

@@ -67,6 +67,7 @@ class SlotCache(Cache):
         super().__init__(layers=[])  # we hold the tensors ourselves; transformers only calls update()
         self.n_layers = n_layers
         self.layer_types = list(layer_types or ["full_attention"] * n_layers)
+        self._all_full = all(t == "full_attention" for t in self.layer_types)  # no layer slides
         if len(self.layer_types) != n_layers:
             raise SlimlmError(f"{len(self.layer_types)} layer types for {n_layers} layers")
         if "sliding_attention" in self.layer_types and not window:
@@ -185,7 +186,7 @@ class SlotCache(Cache):
         None when :meth:`bind` was told every row attends to every column read and no layer slides: as
         ``generate`` does for an unpadded batch, so SDPA may take its flash kernel (any mask rules it out on
         CUDA) and nothing is built per step."""
-        if self._full and all(t == "full_attention" for t in self.layer_types):
+        if self._full and self._all_full:
             return None
         cols = self.columns[:width][None, :]
         pos = positions[:, None]
