@@ -23,6 +23,10 @@ inputs' fingerprints, so a newer slimlm with more settings still accepts it); a 
 that was interrupted runs again — distill stages continue from their own checkpoint, one-shot stages
 (prune, quantize) start over — and earlier outputs are never touched. A finished stage whose recipe
 entry changed is an error (delete its directory to redo it), not a silent re-run.
+
+Planning (:func:`plan`, :func:`check_shapes`) validates every stage config and reference and follows the
+models' shapes through the stages from their configs alone, so a prune or init that cannot apply to what
+the earlier stages leave is an error before the first stage runs.
 """
 
 from __future__ import annotations
@@ -111,7 +115,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         raise SlimlmError(f"{path}: no 'stages' list, so not a pipeline recipe (a single-stage config like this "
                           "one runs with `slimlm distill -c FILE`)")
     recipe = load_config(Recipe, path, overrides)
-    plan(recipe)  # every stage config and reference is checked before any work
+    check_shapes(plan(recipe), fetch=False)  # every stage config, reference and model shape before any work
     placement(recipe)  # and where it runs
     return recipe
 
@@ -181,6 +185,62 @@ def plan(recipe: Recipe) -> list[dict[str, Any]]:
         if st.kind == "quantize":
             quantized.add(st.name)
     return steps
+
+
+def _describe(config: Any) -> str:
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return (f"{config.num_hidden_layers} layers, hidden {config.hidden_size}, {heads} heads / {kv} KV heads, "
+            f"MLP {config.intermediate_size}")
+
+
+def _source_config(ref: str, fetch: bool) -> Any | None:
+    """The config of a recipe's starting model or a model directory; None for the built-in teacher when it
+    is not converted yet and ``fetch`` is off (planning never downloads)."""
+    from transformers import AutoConfig
+
+    from slimlm.assets import TEACHER_NAME, home
+    from slimlm.loading import resolve_model
+
+    if ref == "teacher" and not fetch and not (home() / "models" / TEACHER_NAME / "slimlm_asset.json").exists():
+        return None
+    path = resolve_model(ref)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        raise SlimlmError(f"{path / 'config.json'}: {str(e).splitlines()[0]}") from e
+
+
+def check_shapes(steps: list[dict[str, Any]], *, fetch: bool) -> dict[str, Any]:
+    """Follow the models' shapes through the plan from their configs alone (no weights, seconds): each prune
+    and init stage's targets are checked against the shape its input will have when the stage starts — a
+    later prune that keeps more layers than an earlier one left, heads that break the GQA groups left, a
+    width transformers' config refuses — so the recipe fails now, not after hours of earlier stages.
+    ``fetch``: convert the built-in teacher if needed (:func:`run`); without it, stages downstream of an
+    unconverted built-in teacher are not followed. Returns {stage name: its model's config (or None)}."""
+    from slimlm.prune.api import planned_config
+    from slimlm.prune.slice import depth_config
+
+    configs: dict[str, Any] = {}
+    for step in steps:
+        name, kind = step["name"], step["kind"]
+        if kind not in MODEL_STAGES:
+            continue
+        src = step["inputs"]["from"]
+        config = configs.get(src[6:]) if src.startswith("stage:") else _source_config(src, fetch)
+        if config is not None and kind in ("prune", "init"):
+            origin = f"stage {src[6:]}'s model" if src.startswith("stage:") else src
+            try:
+                if kind == "prune":
+                    config = planned_config(config, step["config"])[2]
+                else:
+                    if step["config"].layers > config.num_hidden_layers:
+                        raise SlimlmError(f"layers {step['config'].layers}: the model has only "
+                                          f"{config.num_hidden_layers} layers")
+                    config = depth_config(config, step["config"].layers)
+            except SlimlmError as e:
+                raise SlimlmError(f"stage {name} ({kind}), on {origin} ({_describe(config)}): {e}") from None
+        configs[name] = config  # distill keeps its student's shape; quantize its input's (it refuses to be pruned)
+    return configs
 
 
 def _stage_config(recipe: Recipe, st: Stage, where: str):
@@ -278,6 +338,7 @@ def run(recipe: Recipe, progress: Say | None = None, command: list[str] | None =
     ``seconds_all_runs`` (:func:`stage_seconds`); the report (:mod:`slimlm.report`) is the caller's to write."""
     out = Path(recipe.out)
     steps = plan(recipe)
+    check_shapes(steps, fetch=True)  # the built-in teacher's shape too: the first stage would fetch it anyway
     where = placement(recipe)
     record_invocation(out, recipe, command)  # also refuses stage names the report needs, before any work
     out.mkdir(parents=True, exist_ok=True)

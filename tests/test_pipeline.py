@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from slimlm import SlimlmError
-from slimlm.pipeline import builtin_recipes, load_recipe, plan, run, stage_seconds
+from slimlm.pipeline import builtin_recipes, check_shapes, load_recipe, plan, run, stage_seconds
 
 
 def recipe(root, data, out, stages=None) -> dict:
@@ -78,10 +78,17 @@ def test_prune_and_quantize_stages_make_smaller_models(recipe_world):
          "config": {"scheme": "int4", "group_size": 32, "calib": "text", "samples": 2, "seq_len": 32}},
         {"name": "eval", "kind": "evaluate", "config": {"split": "val", "limit": 6, "speed": False}},
     ]
-    records = run(load_recipe(write(root / "pq.yaml", recipe(root, data, "pq", stages))))
+    r = load_recipe(write(root / "pq.yaml", recipe(root, data, "pq", stages)))
+    planned = check_shapes(plan(r), fetch=False)  # the shapes planning follows are the ones the stages write
+    records = run(r)
     out = root / "pq"
     teacher = json.loads((root / "teacher" / "config.json").read_text())
     pruned = json.loads((out / "pruned" / "model" / "config.json").read_text())
+    for name in ("pruned", "kd"):
+        made = json.loads((out / name / "model" / "config.json").read_text())
+        keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "head_dim")
+        assert {k: getattr(planned[name], k) for k in keys} == {k: made[k] for k in keys}, name
     assert pruned["num_hidden_layers"] == 2 and pruned["intermediate_size"] == teacher["intermediate_size"] // 2
     assert pruned["num_attention_heads"] == 2 and pruned["num_key_value_heads"] == 1
     assert (out / "pruned" / "model" / "prune_report.json").is_file()
@@ -235,11 +242,70 @@ def test_bad_recipes_fail_before_any_work(recipe_world, mutate, message):
     assert not (root / "bad").exists()
 
 
+PRUNE = {"samples": 2, "seq_len": 32, "multiple": 1}
+
+
+@pytest.mark.parametrize("stages, message", [
+    # the second prune asks for more layers than the first left
+    ([{"name": "small", "kind": "prune", "config": {"layers_keep": 2, **PRUNE}},
+      {"name": "smaller", "kind": "prune", "config": {"layers_keep": 3, **PRUNE}}],
+     r"stage smaller \(prune\), on stage small's model \(2 layers, hidden 64, 4 heads / 2 KV heads, MLP 128\): "
+     r"--layers-keep 3: the model has only 2 layers"),
+    # heads that break the GQA groups the first prune left (2 heads, 1 KV head: whole groups of 2)
+    ([{"name": "small", "kind": "prune", "config": {"heads_keep": 2, "head_mode": "kv", **PRUNE}},
+      {"name": "kd", "kind": "distill", "config": {"mode": "kd", "max_steps": 1}},
+      {"name": "smaller", "kind": "prune", "config": {"heads_keep": 1, "head_mode": "kv", **PRUNE}}],
+     r"stage smaller \(prune\), on stage kd's model .*2 heads / 1 KV heads.*breaks GQA"),
+    # a width LlamaConfig refuses (hidden not a multiple of the 2 heads left): what the 20x recipe met at its save
+    ([{"name": "small", "kind": "prune", "config": {"heads_keep": 2, "head_mode": "kv", **PRUNE}},
+      {"name": "smaller", "kind": "prune", "config": {"hidden_keep": 33, **PRUNE}}],
+     r"stage smaller \(prune\).*would not load in transformers.*multiple of the 2 heads"),
+    ([{"name": "small", "kind": "prune", "config": {"layers_keep": 2, **PRUNE}},
+      {"name": "init", "kind": "init", "config": {"layers": 3}}],
+     r"stage init \(init\), on stage small's model .*: layers 3: the model has only 2 layers"),
+    ([{"name": "int8", "kind": "quantize", "from": "teacher", "config": {"scheme": "int8"}},
+      {"name": "after", "kind": "prune", "from": "@int8", "config": {"layers_keep": 2, **PRUNE}}],
+     r"stage after \(prune\), on .*: the model is quantized"),
+])
+def test_a_prune_the_earlier_stages_make_impossible_fails_before_any_work(recipe_world, stages, message):
+    """Planning follows the models' shapes through the stages (configs only), so a later prune that cannot
+    apply to what the earlier stages leave fails when the recipe is loaded, not when its stage starts."""
+    root, data = recipe_world
+    if stages[-1].get("from") == "@int8":  # a quantized model directory given by path
+        from slimlm.quantize.api import QuantizeConfig, quantize_dir
+
+        quantize_dir(str(root / "teacher"), root / "q8", QuantizeConfig(scheme="int8"))
+        stages[-1]["from"] = str(root / "q8")
+    with pytest.raises(SlimlmError, match=message):
+        load_recipe(write(root / "shapes.yaml", recipe(root, data, "shapes", stages)))
+    assert not (root / "shapes").exists()
+
+
+def test_shapes_from_an_unconverted_builtin_teacher_are_followed_when_the_run_starts(recipe_world, monkeypatch):
+    """Planning never downloads: with the built-in teacher not yet converted, loading the recipe cannot follow
+    its shapes; ``run`` converts it first (as its first stage would) and fails before any stage."""
+    import slimlm.assets
+    import slimlm.loading
+
+    root, data = recipe_world
+    monkeypatch.setattr(slimlm.assets, "home", lambda: root / "empty-home")  # no converted teacher there
+    monkeypatch.setattr(slimlm.loading, "teacher_dir", lambda: root / "teacher")  # the "conversion"
+    tree = recipe(root, data, "builtin", [{"name": "small", "kind": "prune", "config": {"layers_keep": 2, **PRUNE}},
+                                          {"name": "smaller", "kind": "prune", "config": {"layers_keep": 3, **PRUNE}}])
+    tree["teacher"] = "teacher"
+    r = load_recipe(write(root / "builtin.yaml", tree))  # nothing to follow yet, nothing fetched
+    assert check_shapes(plan(r), fetch=False) == {"small": None, "smaller": None}
+    with pytest.raises(SlimlmError, match="stage smaller .*the model has only 2 layers"):
+        run(r)
+    assert not (root / "builtin" / "small").exists()
+
+
 def test_builtin_recipes_validate():
     pipelines = {n: p for n, p in builtin_recipes().items() if "stages" in yaml.safe_load(p.read_text())}
     assert {"movielens-ranking", "movielens-ranking-demo", "arithmetic-two-stage"} <= set(pipelines)
     for name, path in pipelines.items():
-        assert load_recipe(path).stages, name  # every stage config and reference validates
+        r = load_recipe(path)  # every stage config and reference validates
+        assert all(check_shapes(plan(r), fetch=True).values()), name  # and every model shape, from the teacher's
     for name, path in builtin_recipes().items():
         if name not in pipelines:  # single-stage configs are refused by `slimlm run` with a pointer
             with pytest.raises(SlimlmError, match="not a pipeline recipe"):
@@ -252,4 +318,5 @@ def test_benchmark_recipes_validate():
     assert len(paths) >= 5
     for path in paths:
         # the experiments on the 20x run's fine-tuned teacher name it by path; any teacher validates the rest
-        assert plan(load_recipe(path, ["teacher=teacher"])), path.name
+        steps = plan(load_recipe(path, ["teacher=teacher"]))
+        assert all(check_shapes(steps, fetch=True).values()), path.name

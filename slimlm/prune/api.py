@@ -38,7 +38,7 @@ from slimlm.models import FAMILIES, ArchFacts, arch_facts, param_counts
 from slimlm.placement import Placement, choose
 from slimlm.progress import Progress
 from slimlm.prune import baselines, calibrate, depth, osscar
-from slimlm.prune.slice import keep_layers, mask_width, slice_width, width_config
+from slimlm.prune.slice import depth_config, keep_layers, mask_width, slice_width, width_config
 
 
 @dataclass(frozen=True)
@@ -113,18 +113,16 @@ def prune_targets(facts: ArchFacts, cfg: PruneConfig) -> Targets:
     return Targets(layers, new_inter, new_heads, new_kv, new_hidden)
 
 
-def check_pruned_config(hf_config: Any, facts: ArchFacts, t: Targets, cfg: PruneConfig) -> None:
+def check_pruned_config(hf_config: Any, facts: ArchFacts, t: Targets, cfg: PruneConfig) -> Any:
     """The pruned model's config as transformers will validate it when it is saved and loaded, checked before
     any work: a shape its config class refuses (LlamaConfig: ``hidden_size`` a multiple of the attention heads,
-    even with an explicit ``head_dim``) is a one-line error here, not a failure at the save after the solvers."""
-    new = width_config(hf_config, head_dim=facts.head_dim, heads=t.heads, kv_heads=t.kv_heads,
-                       intermediate=t.intermediate, hidden=t.hidden)
-    new.num_hidden_layers = t.layers
-    if getattr(new, "layer_types", None):
-        new.layer_types = new.layer_types[:t.layers]
+    even with an explicit ``head_dim``) is a one-line error here, not a failure at the save after the solvers.
+    Returns that config (the pruned model's shape, no weights)."""
+    new = depth_config(width_config(hf_config, head_dim=facts.head_dim, heads=t.heads, kv_heads=t.kv_heads,
+                                    intermediate=t.intermediate, hidden=t.hidden), t.layers)
     validate = getattr(new, "validate", None)
     if validate is None:  # a transformers without config validation
-        return
+        return new
     try:
         validate()
     except Exception as e:  # noqa: BLE001 - transformers raises its own validation error types
@@ -136,6 +134,19 @@ def check_pruned_config(hf_config: Any, facts: ArchFacts, t: Targets, cfg: Prune
             hint = (f"; keep a hidden size that is a multiple of the {t.heads} heads kept"
                     + (f" (e.g. {', '.join(map(str, sizes))})" if sizes else "") + " or fewer heads (heads_keep)")
         raise SlimlmError(f"the pruned {hf_config.model_type} config would not load in transformers: {reason}{hint}") from e
+    return new
+
+
+def planned_config(hf_config: Any, cfg: PruneConfig) -> tuple[ArchFacts, Targets, Any]:
+    """Every check of a prune that needs only the source's config, in the order :func:`prune_dir` makes
+    them: (the source's facts, the counts to keep, the pruned config). The pipeline runs it at plan time
+    on each prune stage's input shape, so a recipe whose later prune cannot apply fails before any stage."""
+    if getattr(hf_config, "quantization_config", None) is not None:
+        raise SlimlmError("the model is quantized; prune the unquantized model (quantize last)")
+    check_supported(hf_config)
+    facts = arch_facts(hf_config)
+    targets = prune_targets(facts, cfg)
+    return facts, targets, check_pruned_config(hf_config, facts, targets, cfg)
 
 
 def needs_calibration(cfg: PruneConfig, facts: ArchFacts, t: Targets) -> bool:
@@ -379,12 +390,10 @@ def prune_dir(source: str | Path, out_dir: str | Path, cfg: PruneConfig, *, plac
         hf_config = AutoConfig.from_pretrained(path)
     except (ValueError, OSError) as e:
         raise SlimlmError(f"{path / 'config.json'}: {str(e).splitlines()[0]}") from e
-    if getattr(hf_config, "quantization_config", None) is not None:
-        raise SlimlmError(f"{path} is quantized; prune the unquantized model (quantize last)")
-    check_supported(hf_config)
-    facts = arch_facts(hf_config)
-    targets = prune_targets(facts, cfg)
-    check_pruned_config(hf_config, facts, targets, cfg)
+    try:
+        facts, targets, _ = planned_config(hf_config, cfg)
+    except SlimlmError as e:
+        raise SlimlmError(f"{path}: {e}") from None
     use_calib = needs_calibration(cfg, facts, targets)
     if use_calib:
         check_source(cfg.calib)

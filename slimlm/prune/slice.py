@@ -133,6 +133,16 @@ def width_config(config, *, head_dim: int, heads: int, kv_heads: int, intermedia
     return config
 
 
+def depth_config(config, layers: int):
+    """A copy of ``config`` with its first ``layers`` decoder layers' entries (the count a depth prune or an
+    init keeps; per-layer lists such as Qwen's ``layer_types`` cut to match)."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:layers]
+    return config
+
+
 def slice_width(model: torch.nn.Module, *, mlp: Kept | None = None, heads: Kept | None = None,
                 kv_heads: Kept | None = None, down_weights: Sequence[torch.Tensor] | None = None,
                 o_weights: Sequence[torch.Tensor] | None = None,
