@@ -14,15 +14,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import progress as rp
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from slimlm import SlimlmError, __version__
@@ -50,9 +43,9 @@ def user_errors(fn):
     return wrapper
 
 
-def progress_bar() -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+def progress_bar() -> rp.Progress:
+    return rp.Progress(rp.TextColumn("[bold]{task.description}"), rp.BarColumn(), rp.MofNCompleteColumn(),
+                       rp.TimeElapsedColumn(), rp.TimeRemainingColumn(), console=console, transient=False)
 
 
 WheelDir = Annotated[Path | None, typer.Option(help="Directory holding the asset wheels/sdists, for machines "
@@ -200,7 +193,7 @@ def demo(
     wheel_dir: WheelDir = None,
     out_file: Annotated[Path, typer.Option("--out")] = Path("runs/demo/results.json"),
 ) -> None:
-    """The main job until the pipeline lands: teacher vs classic baselines on the MovieLens test split."""
+    """Reference points: the zero-shot teacher vs the classic baselines on the MovieLens test split."""
     from slimlm import assets
     from slimlm.baseline import run_baseline
     from slimlm.io import atomic_write_json
@@ -380,7 +373,7 @@ def prune(
                                "seconds": report["seconds"], "wall_seconds": report["wall_seconds"]}))
 
 
-def _bar_callback(bar: Progress):
+def _bar_callback(bar: rp.Progress):
     """A ``(stage, done, total)`` progress callback drawing one bar per stage."""
     tasks: dict[str, int] = {}
 
@@ -542,12 +535,16 @@ def quantize(
 def run_recipe(
     recipe: Annotated[str, typer.Argument(help="Recipe YAML, or the name of a built-in recipe (see `slimlm recipes`).")],
     overrides: Overrides = None,
+    plan: Annotated[bool, typer.Option("--plan", help="Print the stages with each model's shape and size (from "
+                                                      "the configs: nothing loads or runs), then exit.")] = False,
 ) -> None:
     """Run a recipe's stages (distill, init, prune, quantize, evaluate) in order; re-running resumes."""
-    from slimlm.pipeline import load_recipe, recipe_path, run
+    from slimlm.pipeline import format_plan, load_recipe, plan_table, recipe_path, run
     from slimlm.report import write_report
 
     cfg = load_recipe(recipe_path(recipe), list(overrides or []))  # the whole recipe is checked first
+    if plan:
+        return out.print(format_plan(plan_table(cfg)), highlight=False, soft_wrap=True)
     records = run(cfg, progress=lambda msg: console.print(msg, highlight=False),
                   command=["slimlm", "run", recipe, *(overrides or [])])
     write_report(cfg.out)

@@ -87,6 +87,20 @@ def param_counts(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
 
+def config_param_counts(config: Any) -> dict[str, int]:
+    """:func:`param_counts` of the model ``config`` describes, built on the meta device (no memory, no
+    weights; seconds even at 8B). A quantized config counts its logical weights, as a loaded one does."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(config)
+    config.quantization_config = None  # the shapes are the unquantized model's; counts do not change on quantizing
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return param_counts(model)
+
+
 def attention_layout(config) -> tuple[list[str], int | None]:
     """Per layer "full_attention" or "sliding_attention", and the sliding window (None if no layer slides):
     from ``config.layer_types`` (Qwen2/Qwen3), else ``config.sliding_window`` for every layer (Mistral)."""

@@ -243,6 +243,61 @@ def check_shapes(steps: list[dict[str, Any]], *, fetch: bool) -> dict[str, Any]:
     return configs
 
 
+def plan_table(recipe: Recipe, *, fetch: bool = True) -> list[dict[str, Any]]:
+    """What ``slimlm run RECIPE --plan`` prints: the starting model and every stage with its input and, for
+    the stages that make a model, the shape and parameter counts it will have (from the configs, on the
+    meta device: nothing is loaded or run) and how many times fewer than the starting model's."""
+    from slimlm.models import config_param_counts
+
+    steps = plan(recipe)
+    configs = check_shapes(steps, fetch=fetch)
+    start = _source_config("teacher" if recipe.teacher == "teacher" else recipe.teacher, fetch)
+
+    def row(name: str, kind: str, source: str, config: Any) -> dict[str, Any]:
+        entry: dict[str, Any] = {"stage": name, "kind": kind, "input": source}
+        if config is not None:
+            counts = config_param_counts(config)
+            entry.update(shape=_describe(config), params=counts)
+            if start_counts:
+                entry["fewer"] = {k: start_counts[k] / counts[k] for k in ("non_embedding", "total") if counts[k]}
+        return entry
+
+    start_counts = config_param_counts(start) if start is not None else None
+    rows = [row("(start)", "teacher", recipe.teacher, start)]
+    for step in steps:
+        inputs = step["inputs"]
+        source = (", ".join(inputs["models"]) if step["kind"] == "evaluate"
+                  else str(inputs["from"]).removeprefix("stage:"))
+        if step["kind"] == "distill" and step["config"].mode != "sft":
+            source += f" (teacher: {str(inputs['teacher']).removeprefix('stage:')})"
+        cfg = step["config"]
+        kind = step["kind"] + {"distill": f" {getattr(cfg, 'mode', '')}", "prune": f" {getattr(cfg, 'method', '')}",
+                               "quantize": f" {getattr(cfg, 'scheme', '')}"}.get(step["kind"], "")
+        rows.append(row(step["name"], kind, source, configs.get(step["name"])))
+    return rows
+
+
+def format_plan(rows: list[dict[str, Any]]) -> str:
+    """:func:`plan_table`'s rows as the aligned text ``slimlm run --plan`` prints."""
+    def size(r: dict[str, Any]) -> str:
+        if "params" not in r:
+            return "" if r["kind"] == "evaluate" else "shape unknown until the built-in teacher is fetched"
+        p, fewer = r["params"], r.get("fewer", {})
+        ratio = (f"  ({fewer['non_embedding']:.1f}x / {fewer['total']:.1f}x fewer)"
+                 if fewer and r["stage"] != "(start)" and fewer["total"] != 1 else "")
+        return (f"{r['shape']}; non-embedding {p['non_embedding'] / 1e6:.2f}M, total {p['total'] / 1e6:.2f}M"
+                + ratio)
+
+    width = max(len(r["stage"]) for r in rows)
+    kinds = max(len(r["kind"]) for r in rows)
+    lines = []
+    for r in rows:
+        lines.append(f"{r['stage']:{width}}  {r['kind']:{kinds}}  from {r['input']}")
+        if size(r):
+            lines.append(f"{'':{width}}  {'':{kinds}}  {size(r)}")
+    return "\n".join(lines)
+
+
 def _stage_config(recipe: Recipe, st: Stage, where: str):
     try:
         if st.kind == "distill":  # student / teacher / out are the pipeline's to set

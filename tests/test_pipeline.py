@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from slimlm import SlimlmError
-from slimlm.pipeline import builtin_recipes, check_shapes, load_recipe, plan, run, stage_seconds
+from slimlm.pipeline import builtin_recipes, check_shapes, load_recipe, plan, plan_table, run, stage_seconds
 
 
 def recipe(root, data, out, stages=None) -> dict:
@@ -80,6 +80,7 @@ def test_prune_and_quantize_stages_make_smaller_models(recipe_world):
     ]
     r = load_recipe(write(root / "pq.yaml", recipe(root, data, "pq", stages)))
     planned = check_shapes(plan(r), fetch=False)  # the shapes planning follows are the ones the stages write
+    table = {row["stage"]: row for row in plan_table(r, fetch=False)}  # `slimlm run --plan`: configs only
     records = run(r)
     out = root / "pq"
     teacher = json.loads((root / "teacher" / "config.json").read_text())
@@ -97,6 +98,9 @@ def test_prune_and_quantize_stages_make_smaller_models(recipe_world):
         assert qcfg["quant_method"] == "compressed-tensors" and qcfg["format"] == fmt
     evals = records["eval"]["metrics"]  # every model, quantized ones included, is evaluated
     assert set(evals) == {"teacher", "pruned", "kd", "int8", "int4"}
+    for name, result in evals.items():  # the planned sizes are the loaded models' counts
+        assert table["(start)" if name == "teacher" else name]["params"] == result["params"], name
+    assert table["int4"]["kind"] == "quantize int4" and table["pruned"]["fewer"]["non_embedding"] > 1
     assert evals["int8"]["params"]["non_embedding"] == evals["kd"]["params"]["non_embedding"]
     assert evals["int8"]["disk_bytes"] < evals["kd"]["disk_bytes"]
 
@@ -298,6 +302,24 @@ def test_shapes_from_an_unconverted_builtin_teacher_are_followed_when_the_run_st
     with pytest.raises(SlimlmError, match="stage smaller .*the model has only 2 layers"):
         run(r)
     assert not (root / "builtin" / "small").exists()
+
+
+def test_slimlm_run_plan_prints_each_models_shape_and_runs_nothing(recipe_world):
+    from typer.testing import CliRunner
+
+    from slimlm.cli import app
+
+    root, data = recipe_world
+    stages = [{"name": "small", "kind": "prune", "config": {"layers_keep": 2, "mlp_keep": 0.5, **PRUNE}},
+              {"name": "eval", "kind": "evaluate", "config": {"split": "val", "limit": 6}}]
+    res = CliRunner().invoke(app, ["run", str(write(root / "plan.yaml", recipe(root, data, "plan", stages))), "--plan"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert lines[0].split()[:2] == ["(start)", "teacher"] and "3 layers, hidden 64" in lines[1]
+    assert lines[2].split()[:3] == ["small", "prune", "osscar"]
+    assert "2 layers, hidden 64, 4 heads / 2 KV heads, MLP 64" in lines[3] and "x fewer)" in lines[3]
+    assert lines[4].split()[:2] == ["eval", "evaluate"] and "from teacher, small" in lines[4]
+    assert not (root / "plan").exists()
 
 
 def test_builtin_recipes_validate():
