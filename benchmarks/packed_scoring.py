@@ -7,12 +7,15 @@ packing does for evaluation.
 1. One request: one MovieLens user prefix (a real test prompt's prefix) and N candidate suffixes (real
    MovieLens candidate suffixes), scored three ways on a cold model (no prefix cache):
      packed     one forward of prefix + N candidates with the block mask (runtime.scoring, pack_max=N)
-     broadcast  the prefix forward, then its KV broadcast to candidate batches of 16 (pack_max=0)
+     broadcast  the prefix forward, then candidate batches of 16 on its KV (pack_max=0): on a CPU by the
+                shared-prefix attention (slimlm.runtime.shared_prefix: the prefix KV read in place)
+     copied     the same with the KV expanded into each batch's cache (the broadcast before the shared-prefix
+                attention, and still the way on CUDA)
      naive      every prompt whole (score_full, batches of 16)
    candidates/s = N / median latency over --reps (the three alternate within each repetition).
    Then the same with the prefix's KV already cached (the same user scored again): the candidates packed
    into one row after the cached prefix (pack_max=N, the engine's way for N <= PACK_MAX_CANDIDATES) vs
-   broadcast to candidate batches (pack_max=0).
+   candidate batches (pack_max=0), shared-prefix attention and copied.
 2. Evaluation: the first --eval-rows rows of the MovieLens test split (2 candidates per user) through
    slimlm.runtime.scoring.score with strategy packed vs broadcast (rows/s), as `slimlm eval` runs it.
 The crossing point found here is slimlm.runtime.scoring.PACK_MAX_CANDIDATES.
@@ -55,17 +58,31 @@ def main() -> None:
                  "threads": torch.get_num_threads(), "model": args.model, "prefix_tokens": len(prefix),
                  "mean_suffix_tokens": statistics.mean(len(s) for s in suffixes), "requests": {}}
 
+    from slimlm.runtime import shared_prefix
+
+    def copied(fn):
+        """``fn`` with the prefix KV expanded into each candidate batch (no shared-prefix attention)."""
+        def run():
+            saved, shared_prefix.DEVICES = shared_prefix.DEVICES, ()
+            try:
+                return fn()
+            finally:
+                shared_prefix.DEVICES = saved
+        return run
+
     def clock(fn) -> float:
         t = time.perf_counter()
         fn()
         return time.perf_counter() - t
 
     print(f"one request: prefix {len(prefix)} tokens, suffixes ~{out['mean_suffix_tokens']:.0f} tokens")
-    print(f"{'N':>5} {'packed c/s':>11} {'broadcast c/s':>14} {'naive c/s':>10} {'packed/broadcast':>17}")
+    print(f"{'N':>5} {'packed c/s':>11} {'broadcast c/s':>14} {'copied c/s':>11} {'naive c/s':>10} "
+          f"{'packed/broadcast':>17}")
     for n in [int(x) for x in args.ns.split(",")]:
         sufs = suffixes[:n]
         ways = {"packed": lambda s=sufs, n=n: label_probs_shared_prefix(model, prefix, s, labels, pack_max=n),
                 "broadcast": lambda s=sufs: label_probs_shared_prefix(model, prefix, s, labels, pack_max=0),
+                "copied": copied(lambda s=sufs: label_probs_shared_prefix(model, prefix, s, labels, pack_max=0)),
                 "naive": lambda s=sufs: score_full(model, [prefix + x for x in s], labels)}
         for fn in ways.values():  # warm-up
             fn()
@@ -77,7 +94,7 @@ def main() -> None:
                for k, v in times.items()}
         out["requests"][n] = res
         print(f"{n:>5} {res['packed']['candidates_per_s']:>11.1f} {res['broadcast']['candidates_per_s']:>14.1f} "
-              f"{res['naive']['candidates_per_s']:>10.1f} "
+              f"{res['copied']['candidates_per_s']:>11.1f} {res['naive']['candidates_per_s']:>10.1f} "
               f"{res['packed']['candidates_per_s'] / res['broadcast']['candidates_per_s']:>16.2f}x")
     # the same user again: its prefix KV is cached, only the candidates run, packed in one row or broadcast
     from slimlm.runtime.prefix_cache import PrefixCache
@@ -85,11 +102,13 @@ def main() -> None:
     cache = PrefixCache(1 << 30)
     label_probs_shared_prefix(model, prefix, suffixes[:1], labels, cache=cache)
     kv = cache.lookup(prefix).kv
-    print(f"{'N':>5} {'hit: packed c/s':>16} {'hit: broadcast c/s':>19} {'packed/broadcast':>17}")
+    print(f"{'N':>5} {'hit: packed c/s':>16} {'hit: broadcast c/s':>19} {'hit: copied c/s':>16} {'packed/broadcast':>17}")
     for n in [int(x) for x in args.ns.split(",")]:
         sufs = suffixes[:n]
         ways = {"packed": lambda s=sufs, n=n: label_probs_shared_prefix(model, prefix, s, labels, past=kv, pack_max=n),
-                "broadcast": lambda s=sufs: label_probs_shared_prefix(model, prefix, s, labels, past=kv, pack_max=0)}
+                "broadcast": lambda s=sufs: label_probs_shared_prefix(model, prefix, s, labels, past=kv, pack_max=0),
+                "copied": copied(lambda s=sufs: label_probs_shared_prefix(model, prefix, s, labels, past=kv,
+                                                                          pack_max=0))}
         for fn in ways.values():
             fn()
         times = {k: [] for k in ways}
@@ -100,6 +119,7 @@ def main() -> None:
                for k, v in times.items()}
         out["requests"][n]["cached_prefix"] = res
         print(f"{n:>5} {res['packed']['candidates_per_s']:>16.1f} {res['broadcast']['candidates_per_s']:>19.1f} "
+              f"{res['copied']['candidates_per_s']:>16.1f} "
               f"{res['packed']['candidates_per_s'] / res['broadcast']['candidates_per_s']:>16.2f}x")
     rows = test[:args.eval_rows]
     ev = {}

@@ -14,9 +14,11 @@ two ways:
 - **packed** (:mod:`slimlm.runtime.packing`): the prefix and the group's candidates form one row with a
   block attention mask and restarted positions; rows of many groups are batched together, so a task of
   many small groups (MovieLens evaluation: 2 candidates per user) runs in a few large forwards;
-- **broadcast**: the prefix runs alone and its KV cache [1, H_kv, P, D] per layer is broadcast into
-  batches of the group's candidates; attention costs each candidate only P + S keys, so it wins for one
-  prefix with many candidates (a serving request of 100 items), where a packed row's (P + N·S)² block grows.
+- **broadcast**: the prefix runs alone and batches of the group's candidates run on its KV cache
+  [1, H_kv, P, D] per layer; attention costs each candidate only P + S keys, so it wins for one prefix with
+  many candidates (a serving request of 100 items), where a packed row's (P + N·S)² block grows. On a CPU the
+  candidates read the prefix KV in place (:mod:`slimlm.runtime.shared_prefix`: one product over the prefix
+  per batch and KV head); elsewhere it is expanded into each batch's cache.
 
 :func:`score` packs groups of up to :data:`PACK_MAX_CANDIDATES` candidates (the crossing point measured by
 ``benchmarks/serve.py``) and broadcasts larger ones.
@@ -40,6 +42,7 @@ import torch
 
 from slimlm import SlimlmError
 from slimlm.models import cache_kwargs
+from slimlm.runtime import shared_prefix
 from slimlm.runtime.prefix_cache import KV, PrefixCache, kv_len
 from slimlm.tasks.ranking import TokenizedRanking
 
@@ -291,23 +294,29 @@ def _packed_after_prefix(model, kv: KV, suffixes: Sequence[Sequence[int]], label
 def _iter_candidates(model, kv: KV, suffixes: Sequence[Sequence[int]], label_ids: Sequence[int], out: np.ndarray, *,
                      batch_size: int, pad_id: int) -> Generator[int, None, np.ndarray]:
     """Fill ``out`` [N, L] with the label probabilities of ``prefix + s`` per suffix, from the prefix's KV
-    [1, H_kv, P, D] per layer broadcast to each candidate batch; yields each batch's size."""
+    [1, H_kv, P, D] per layer shared by each candidate batch — read in place by
+    :mod:`slimlm.runtime.shared_prefix` where it applies, else broadcast into the batch's cache; yields each
+    batch's size."""
     from transformers.cache_utils import DynamicCache
 
     device = next(model.parameters()).device
     w, b = _label_head(model, label_ids)
     base = model.get_decoder()
     p = kv_len(kv)
+    shared = shared_prefix.applies(model, p, max(len(s) for s in suffixes))
     order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
     for start, stop in _even_batches(len(order), batch_size):
         idx = order[start:stop]
         n = len(idx)
         ids, mask = right_pad([suffixes[i] for i in idx], pad_id, device)
-        cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
-        full_mask = torch.cat([torch.ones((n, p), dtype=mask.dtype, device=device), mask], dim=1)
-        positions = torch.arange(p, p + ids.shape[1], device=device).unsqueeze(0).expand(n, -1)
-        hidden = base(input_ids=ids, attention_mask=full_mask, position_ids=positions,
-                      use_cache=True, **cache_kwargs(base, cache)).last_hidden_state
+        if shared:
+            hidden = shared_prefix.candidates_forward(base, kv, ids, mask)
+        else:
+            cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in kv])
+            full_mask = torch.cat([torch.ones((n, p), dtype=mask.dtype, device=device), mask], dim=1)
+            positions = torch.arange(p, p + ids.shape[1], device=device).unsqueeze(0).expand(n, -1)
+            hidden = base(input_ids=ids, attention_mask=full_mask, position_ids=positions,
+                          use_cache=True, **cache_kwargs(base, cache)).last_hidden_state
         last = hidden[torch.arange(n, device=device), mask.sum(1) - 1]
         out[idx] = _label_probs(last, w, b).double().cpu().numpy()
         yield n

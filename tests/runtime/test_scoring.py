@@ -168,3 +168,97 @@ def test_sliding_window_layers_keep_their_window_in_shared_prefix_scoring(family
     examples = _examples()  # evaluation: many groups packed into rows, and broadcast
     for strategy in ("packed", "broadcast"):
         np.testing.assert_allclose(score(m, examples, LABELS, strategy=strategy), _reference(m, examples), atol=1e-5, rtol=0)
+
+
+def _spy_shared(monkeypatch) -> list[int]:
+    """Count the candidate batches :mod:`slimlm.runtime.shared_prefix` runs."""
+    from slimlm.runtime import shared_prefix
+
+    calls: list[int] = []
+    real = shared_prefix.candidates_forward
+
+    def spy(base, kv, ids, mask):
+        calls.append(ids.shape[0])
+        return real(base, kv, ids, mask)
+
+    monkeypatch.setattr(shared_prefix, "candidates_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix attention", "kv broadcast"])
+def test_candidates_on_a_shared_prefix_match_the_reference_either_way(model, reference, shared, monkeypatch):
+    """More candidates than are packed: on a CPU they attend to the prefix KV in place (one product over the
+    prefix for the whole batch, no copy per candidate); the KV broadcast (CUDA, windows that cut the prefix)
+    is the other way. Both equal one whole prompt per candidate, uneven lengths and padding included."""
+    from slimlm.runtime import shared_prefix
+
+    calls = _spy_shared(monkeypatch)
+    if not shared:
+        monkeypatch.setattr(shared_prefix, "DEVICES", ())
+    examples, ref = reference
+    idx = [i for i, ex in enumerate(examples) if ex.group == "g3"]  # 7 candidates of 1-11 tokens after 30
+    got = label_probs_shared_prefix(model, examples[idx[0]].prefix_ids, [examples[i].suffix_ids for i in idx],
+                                    LABELS, batch_size=3, pad_id=11, pack_max=0)
+    np.testing.assert_allclose(got[:, 0], ref[idx], atol=ATOL[torch.float32], rtol=0)
+    assert sorted(calls) == ([2, 2, 3] if shared else [])  # even batches of at most 3; none when broadcast
+
+
+@pytest.mark.parametrize("overrides", [{"num_key_value_heads": 4}, {"num_key_value_heads": 1}],
+                         ids=["one KV head per query head", "one KV head for all"])
+def test_shared_prefix_attention_for_every_grouping_of_heads(overrides, monkeypatch):
+    calls = _spy_shared(monkeypatch)
+    m = tiny_model("llama", seed=5, initializer_range=0.2, **overrides)
+    prefix, suffixes = list(range(3, 40)), [[50, 51, 52], [60], [70, 71, 72, 73, 74, 75]]
+    want = _reference(m, [TokenizedRanking(str(i), "g", tuple(prefix), tuple(s), 0) for i, s in enumerate(suffixes)])
+    got = label_probs_shared_prefix(m, prefix, suffixes, LABELS, pack_max=0)[:, 0]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert calls == [3]
+
+
+def test_shared_prefix_attention_in_bf16_and_eager_models_broadcast(monkeypatch):
+    """In bf16 the shared-prefix attention's logits and softmax run in float32, so scores stay within bf16's
+    rounding of fp32's; a model loaded with eager attention keeps the broadcast (its own attention function)."""
+    calls = _spy_shared(monkeypatch)
+    prefix, suffixes = list(range(3, 40)), [[50, 51, 52], [60], [70, 71, 72, 73, 74, 75]]
+    m = tiny_model("qwen3", seed=5, initializer_range=0.2)
+    want = _reference(m, [TokenizedRanking(str(i), "g", tuple(prefix), tuple(s), 0) for i, s in enumerate(suffixes)])
+    got = label_probs_shared_prefix(m.to(torch.bfloat16), prefix, suffixes, LABELS, pack_max=0)[:, 0]
+    np.testing.assert_allclose(got, want, atol=0.03, rtol=0)
+    assert calls == [3]
+    m = tiny_model("qwen3", seed=5, initializer_range=0.2, attn_implementation="eager")
+    np.testing.assert_allclose(label_probs_shared_prefix(m, prefix, suffixes, LABELS, pack_max=0)[:, 0], want,
+                               atol=1e-5, rtol=0)
+    assert calls == [3]  # not taken
+
+
+def test_other_threads_keep_plain_attention_while_candidates_use_the_shared_prefix(model):
+    """The shared-prefix path changes no model state: a thread scoring candidates on it and threads running
+    whole prompts on the same model at the same time all get the reference scores."""
+    import threading
+
+    examples, ref = _examples(), _reference(model, _examples())
+    idx = [i for i, ex in enumerate(examples) if ex.group == "g3"]
+    results: dict = {}
+    gate = threading.Barrier(3)
+
+    def shared():
+        gate.wait()
+        for _ in range(5):
+            results.setdefault("shared", []).append(label_probs_shared_prefix(
+                model, examples[idx[0]].prefix_ids, [examples[i].suffix_ids for i in idx], LABELS, pack_max=0)[:, 0])
+
+    def whole(name):
+        gate.wait()
+        for _ in range(5):
+            results.setdefault(name, []).append(score_full(model, [ex.input_ids for ex in examples], LABELS))
+
+    threads = [threading.Thread(target=shared), threading.Thread(target=whole, args=("a",)),
+               threading.Thread(target=whole, args=("b",))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for got in results["shared"]:
+        np.testing.assert_allclose(got, ref[idx], atol=ATOL[torch.float32], rtol=0)
+    for got in results["a"] + results["b"]:
+        np.testing.assert_allclose(got, ref, atol=ATOL[torch.float32], rtol=0)

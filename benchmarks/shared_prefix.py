@@ -1,0 +1,91 @@
+"""Candidates reading one prefix's KV in place (slimlm.runtime.shared_prefix) vs the KV copied into each batch.
+
+    python benchmarks/shared_prefix.py [--model teacher] [--shapes 250x16,250x45,1000x16,1000x45]
+                                       [--candidates 100] [--batch-size 16] [--reps 3]
+                                       [--out runs/bench/shared_prefix_shapes.json]
+
+For each PREFIXxCANDIDATE shape: a prefix of that many MovieLens prompt tokens and --candidates candidates of
+that many tokens each (the next tokens of the same text), scored by ``label_probs_shared_prefix`` with
+``pack_max=0`` (candidate batches of --batch-size after the prefix forward, as the engine scores more than
+PACK_MAX_CANDIDATES candidates), the two ways alternating within each repetition: "in place" (the engine's
+way on a CPU) and "copied" (``shared_prefix.DEVICES = ()``: the prefix KV expanded into each batch's cache,
+the way before, and still the way on CUDA). Candidates/s = candidates / median seconds of the whole call
+(prefix forward included). Scores of the two ways are compared too (max |Δ|).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+from _common import write_json  # benchmarks/ is on sys.path when a script runs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="teacher")
+    ap.add_argument("--shapes", default="250x16,250x45,1000x16,1000x45")
+    ap.add_argument("--candidates", type=int, default=100)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default="runs/bench/shared_prefix_shapes.json")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from slimlm.loading import load_model, load_tokenizer
+    from slimlm.runtime import shared_prefix
+    from slimlm.runtime.scoring import label_probs_shared_prefix
+    from slimlm.tasks import load_ranking_task
+    from slimlm.tasks.ranking import label_token_ids, tokenize_ranking
+
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model)
+    labels = label_token_ids(tok)
+    train = tokenize_ranking(load_ranking_task("movielens-ranking", None, "train", limit=400), tok)
+    text = [t for ex in train for t in ex.input_ids]  # real prompt tokens, cut into prefix and candidates
+
+    def score(prefix, candidates, in_place: bool):
+        saved = shared_prefix.DEVICES
+        if not in_place:
+            shared_prefix.DEVICES = ()
+        try:
+            t = time.perf_counter()
+            probs = label_probs_shared_prefix(model, prefix, candidates, labels, batch_size=args.batch_size,
+                                              pack_max=0)
+            return time.perf_counter() - t, probs
+        finally:
+            shared_prefix.DEVICES = saved
+
+    out: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+                 "threads": torch.get_num_threads(), "model": args.model, "candidates": args.candidates,
+                 "batch_size": args.batch_size, "shapes": {}}
+    print(f"{'prefix':>7} {'candidate':>10} {'in place c/s':>13} {'copied c/s':>11} {'in place / copied':>18}")
+    with torch.inference_mode():
+        for shape in args.shapes.split(","):
+            p, s = (int(x) for x in shape.split("x"))
+            if p + s * args.candidates > len(text):
+                raise SystemExit(f"shape {shape}: needs {p + s * args.candidates} tokens, the text has {len(text)}")
+            prefix = text[:p]
+            candidates = [text[p + s * i:p + s * (i + 1)] for i in range(args.candidates)]
+            _, a = score(prefix, candidates, True)  # warm-up, and the scores of both ways
+            _, b = score(prefix, candidates, False)
+            times: dict[str, list[float]] = {"in_place": [], "copied": []}
+            for _ in range(args.reps):
+                times["in_place"].append(score(prefix, candidates, True)[0])
+                times["copied"].append(score(prefix, candidates, False)[0])
+            med = {k: statistics.median(v) for k, v in times.items()}
+            row = {k: {"seconds": med[k], "candidates_per_s": args.candidates / med[k]} for k in med}
+            row["speedup"] = med["copied"] / med["in_place"]
+            row["max_abs_score_diff"] = float(np.abs(a - b).max())
+            out["shapes"][shape] = row
+            print(f"{p:>7} {s:>10} {row['in_place']['candidates_per_s']:>13.1f} "
+                  f"{row['copied']['candidates_per_s']:>11.1f} {row['speedup']:>17.2f}x", flush=True)
+    write_json(args.out, out)
+
+
+if __name__ == "__main__":
+    main()
