@@ -22,6 +22,10 @@
    shaped student with fp32 master weights under bf16 autocast, 4 x 1,024 tokens, vocabulary 128,256):
    slimlm's ``DistillModule`` (chunked fused-linear forward KL) against the same step with full logits;
    step time (fwd + bwd + fused AdamW), tokens/s and peak CUDA memory.
+5. Ranking at the users' scale (--sections scoring, not in the default run): a Llama-3-8B-shaped bf16 model, one
+   2,048-token prefix and 100 candidates of 24 tokens in batches of 16 after it (``pack_max=0``), the
+   candidates reading the prefix KV in place (slimlm.runtime.shared_prefix, forced on CUDA) against the KV
+   copied into each batch (the CUDA default): candidates/s, peak memory, and the largest score difference.
 Writes JSON after every section (a section that fails records its error and the rest go on).
 """
 
@@ -339,11 +343,39 @@ def train_steps(student, loss_fn, targets: int, tokens: int, steps: int) -> dict
         return {"error": f"{type(e).__name__}: {e}"[:500]}
 
 
+def scoring_bench(prefix: int = 2048, candidates: int = 100, tokens: int = 24, batch: int = 16) -> dict:
+    from slimlm.runtime import shared_prefix
+    from slimlm.runtime.scoring import label_probs_shared_prefix
+
+    model = random_model(LLAMA3_8B, torch.bfloat16).eval()
+    ids = torch.randint(100, 100_000, (prefix + candidates * tokens,)).tolist()
+    pre, sufs = ids[:prefix], [ids[prefix + tokens * i:prefix + tokens * (i + 1)] for i in range(candidates)]
+    devices = shared_prefix.DEVICES
+    out: dict = {"prefix_tokens": prefix, "candidates": candidates, "candidate_tokens": tokens, "batch": batch}
+    scores = {}
+    for way, where in (("copied", devices), ("in_place", ("cpu", "cuda")), ("copied_again", devices)):
+        shared_prefix.DEVICES = where
+        try:
+            with torch.inference_mode():
+                def call():
+                    return label_probs_shared_prefix(model, pre, sufs, (5, 6), batch_size=batch, pack_max=0)
+                scores[way] = call()
+                torch.cuda.reset_peak_memory_stats()
+                sec = timed(call, reps=3)
+            out[way] = {"candidates_per_s": round(candidates / sec, 1),
+                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        finally:
+            shared_prefix.DEVICES = devices
+        print("scoring", way, out[way], flush=True)
+    out["max_abs_score_diff"] = float(abs(scores["in_place"] - scores["copied"]).max())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/gpu_check/gpu_bench.json")
     ap.add_argument("--sections", default="loss,models,kd_step,decode",
-                    help="comma-separated: loss, models, decode, kd_step")
+                    help="comma-separated: loss, models, decode, kd_step, scoring")
     ap.add_argument("--decode-models", default=",".join(DECODE_MODELS))
     ap.add_argument("--decode-variants", default=",".join(DEFAULT_DECODE_VARIANTS), help=", ".join(DECODE_VARIANTS))
     ap.add_argument("--decode-batches", default="1,8")
@@ -360,7 +392,8 @@ def main() -> None:
     decode = functools.partial(decode_bench, models=ap_list(args.decode_models),
                                variants=ap_list(args.decode_variants),
                                batches=tuple(int(b) for b in ap_list(args.decode_batches)))
-    sections = {"loss": loss_bench, "models": model_bench, "decode": decode, "kd_step": kd_step_bench}
+    sections = {"loss": loss_bench, "models": model_bench, "decode": decode, "kd_step": kd_step_bench,
+                "scoring": scoring_bench}
     for name in args.sections.split(","):
         t = time.perf_counter()
         try:

@@ -81,6 +81,27 @@ def test_packed_scoring_on_cuda_matches_unpacked():
         assert abs(got - ref).max() < 1e-4
 
 
+def test_shared_prefix_attention_on_cuda_matches_the_broadcast(monkeypatch):
+    """Candidates reading the prefix KV in place (CPU-only by default, slimlm.runtime.shared_prefix.DEVICES)
+    forced on CUDA: the same scores as the copying broadcast, in fp32 and bf16 (gpu_bench.py --sections scoring
+    times the two)."""
+    from slimlm.runtime import shared_prefix
+    from slimlm.runtime.scoring import label_probs_shared_prefix
+    from slimlm.testing import tiny_model
+
+    g = torch.Generator().manual_seed(0)
+    prefix = [int(t) for t in torch.randint(5, 300, (40,), generator=g)]
+    sufs = [[int(t) for t in torch.randint(5, 300, (n,), generator=g)] for n in (3, 7, 1, 5, 2)]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        model = tiny_model("llama", seed=3, initializer_range=0.2).to("cuda", dtype=dtype)
+        copied = label_probs_shared_prefix(model, prefix, sufs, (5, 6), batch_size=2, pack_max=0)
+        monkeypatch.setattr(shared_prefix, "DEVICES", ("cpu", "cuda"))
+        assert shared_prefix.applies(model, len(prefix), 7)
+        in_place = label_probs_shared_prefix(model, prefix, sufs, (5, 6), batch_size=2, pack_max=0)
+        monkeypatch.undo()
+        assert abs(in_place - copied).max() < tol
+
+
 @pytest.mark.parametrize("compile_step", [False, True], ids=["eager", "compiled"])
 def test_decoding_on_cuda_gives_the_cpu_tokens(compile_step):
     """The decode loop on CUDA (preallocated KV written in place; the step compiled or eager), with rows
