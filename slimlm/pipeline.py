@@ -227,6 +227,9 @@ def check_shapes(steps: list[dict[str, Any]], *, fetch: bool) -> dict[str, Any]:
             continue
         src = step["inputs"]["from"]
         config = configs.get(src[6:]) if src.startswith("stage:") else _source_config(src, fetch)
+        if getattr(config, "quantization_config", None) is not None:  # a quantized directory (stages: plan())
+            raise SlimlmError(f"stage {name} ({kind}): input {src} is quantized; {kind} needs an unquantized model "
+                              "(quantize last)")
         if config is not None and kind in ("prune", "init"):
             origin = f"stage {src[6:]}'s model" if src.startswith("stage:") else src
             try:

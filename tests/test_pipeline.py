@@ -269,7 +269,10 @@ PRUNE = {"samples": 2, "seq_len": 32, "multiple": 1}
      r"stage init \(init\), on stage small's model .*: layers 3: the model has only 2 layers"),
     ([{"name": "int8", "kind": "quantize", "from": "teacher", "config": {"scheme": "int8"}},
       {"name": "after", "kind": "prune", "from": "@int8", "config": {"layers_keep": 2, **PRUNE}}],
-     r"stage after \(prune\), on .*: the model is quantized"),
+     r"stage after \(prune\): input .*q8 is quantized; prune needs an unquantized model"),
+    ([{"name": "int8", "kind": "quantize", "from": "teacher", "config": {"scheme": "int8"}},
+      {"name": "after", "kind": "distill", "from": "@int8", "config": {"mode": "sft", "max_steps": 1}}],
+     r"stage after \(distill\): input .*q8 is quantized; distill needs an unquantized model"),
 ])
 def test_a_prune_the_earlier_stages_make_impossible_fails_before_any_work(recipe_world, stages, message):
     """Planning follows the models' shapes through the stages (configs only), so a later prune that cannot
