@@ -271,8 +271,11 @@ def plan_table(recipe: Recipe, *, fetch: bool = True) -> list[dict[str, Any]]:
         inputs = step["inputs"]
         source = (", ".join(inputs["models"]) if step["kind"] == "evaluate"
                   else str(inputs["from"]).removeprefix("stage:"))
-        if step["kind"] == "distill" and step["config"].mode != "sft":
-            source += f" (teacher: {str(inputs['teacher']).removeprefix('stage:')})"
+        if step["kind"] == "distill":
+            if step["config"].mode != "sft":
+                source += f" (teacher: {str(inputs['teacher']).removeprefix('stage:')})"
+            cfg = step["config"]  # examples per rank: under torchrun each rank takes its own
+            source += f"; {cfg.max_steps:,} steps x {cfg.batch_size * cfg.grad_accum} examples"
         cfg = step["config"]
         kind = step["kind"] + {"distill": f" {getattr(cfg, 'mode', '')}", "prune": f" {getattr(cfg, 'method', '')}",
                                "quantize": f" {getattr(cfg, 'scheme', '')}"}.get(step["kind"], "")

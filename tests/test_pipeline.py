@@ -314,6 +314,8 @@ def test_slimlm_run_plan_prints_each_models_shape_and_runs_nothing(recipe_world)
 
     root, data = recipe_world
     stages = [{"name": "small", "kind": "prune", "config": {"layers_keep": 2, "mlp_keep": 0.5, **PRUNE}},
+              {"name": "kd", "kind": "distill", "config": {"mode": "kd", "max_steps": 1200, "batch_size": 4,
+                                                          "grad_accum": 2}},
               {"name": "eval", "kind": "evaluate", "config": {"split": "val", "limit": 6}}]
     res = CliRunner().invoke(app, ["run", str(write(root / "plan.yaml", recipe(root, data, "plan", stages))), "--plan"])
     assert res.exit_code == 0, res.output
@@ -321,7 +323,9 @@ def test_slimlm_run_plan_prints_each_models_shape_and_runs_nothing(recipe_world)
     assert lines[0].split()[:2] == ["(start)", "teacher"] and "3 layers, hidden 64" in lines[1]
     assert lines[2].split()[:3] == ["small", "prune", "osscar"]
     assert "2 layers, hidden 64, 4 heads / 2 KV heads, MLP 64" in lines[3] and "x fewer)" in lines[3]
-    assert lines[4].split()[:2] == ["eval", "evaluate"] and "from teacher, small" in lines[4]
+    assert lines[4].split()[:3] == ["kd", "distill", "kd"]
+    assert f"from small (teacher: {root / 'teacher'}); 1,200 steps x 8 examples" in lines[4]
+    assert lines[6].split()[:2] == ["eval", "evaluate"] and "from teacher, small, kd" in lines[6]
     assert not (root / "plan").exists()
 
 
