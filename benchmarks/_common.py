@@ -65,3 +65,12 @@ def markdown_table(head, rows) -> str:
         return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
 
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def ranking_model(name: str):
+    """(tokenizer, model, label token ids) of ``name`` (a directory or ``teacher``) for a ranking benchmark."""
+    from slimlm.loading import load_model, load_tokenizer
+    from slimlm.tasks.ranking import label_token_ids
+
+    tok = load_tokenizer(name)
+    return tok, load_model(name), label_token_ids(tok)

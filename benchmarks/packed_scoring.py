@@ -28,7 +28,7 @@ import platform
 import statistics
 import time
 
-from _common import write_json  # benchmarks/ is on sys.path when a script runs
+from _common import ranking_model, write_json  # benchmarks/ is on sys.path when a script runs
 
 
 def main() -> None:
@@ -42,14 +42,11 @@ def main() -> None:
 
     import torch
 
-    from slimlm.loading import load_model, load_tokenizer
     from slimlm.runtime.scoring import label_probs_shared_prefix, score, score_full
     from slimlm.tasks import load_ranking_task
-    from slimlm.tasks.ranking import label_token_ids, tokenize_ranking
+    from slimlm.tasks.ranking import tokenize_ranking
 
-    tok = load_tokenizer(args.model)
-    model = load_model(args.model)
-    labels = label_token_ids(tok)
+    tok, model, labels = ranking_model(args.model)
     test = tokenize_ranking(load_ranking_task("movielens-ranking", None, "test"), tok)
     train = tokenize_ranking(load_ranking_task("movielens-ranking", None, "train", limit=400), tok)
     prefix = test[0].prefix_ids
@@ -63,11 +60,8 @@ def main() -> None:
     def copied(fn):
         """``fn`` with the prefix KV expanded into each candidate batch (no shared-prefix attention)."""
         def run():
-            saved, shared_prefix.DEVICES = shared_prefix.DEVICES, ()
-            try:
+            with shared_prefix.off():
                 return fn()
-            finally:
-                shared_prefix.DEVICES = saved
         return run
 
     def clock(fn) -> float:

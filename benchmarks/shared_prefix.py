@@ -8,7 +8,7 @@ For each PREFIXxCANDIDATE shape: a prefix of that many MovieLens prompt tokens a
 that many tokens each (the next tokens of the same text), scored by ``label_probs_shared_prefix`` with
 ``pack_max=0`` (candidate batches of --batch-size after the prefix forward, as the engine scores more than
 PACK_MAX_CANDIDATES candidates), the two ways alternating within each repetition: "in place" (the engine's
-way on a CPU) and "copied" (``shared_prefix.DEVICES = ()``: the prefix KV expanded into each batch's cache,
+way on a CPU) and "copied" (``shared_prefix.off()``: the prefix KV expanded into each batch's cache,
 the way before, and still the way on CUDA). Candidates/s = candidates / median seconds of the whole call
 (prefix forward included). Scores of the two ways are compared too (max |Δ|).
 """
@@ -16,11 +16,12 @@ the way before, and still the way on CUDA). Candidates/s = candidates / median s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import time
 
-from _common import write_json  # benchmarks/ is on sys.path when a script runs
+from _common import ranking_model, write_json  # benchmarks/ is on sys.path when a script runs
 
 
 def main() -> None:
@@ -36,29 +37,21 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from slimlm.loading import load_model, load_tokenizer
     from slimlm.runtime import shared_prefix
     from slimlm.runtime.scoring import label_probs_shared_prefix
     from slimlm.tasks import load_ranking_task
-    from slimlm.tasks.ranking import label_token_ids, tokenize_ranking
+    from slimlm.tasks.ranking import tokenize_ranking
 
-    tok = load_tokenizer(args.model)
-    model = load_model(args.model)
-    labels = label_token_ids(tok)
+    tok, model, labels = ranking_model(args.model)
     train = tokenize_ranking(load_ranking_task("movielens-ranking", None, "train", limit=400), tok)
     text = [t for ex in train for t in ex.input_ids]  # real prompt tokens, cut into prefix and candidates
 
     def score(prefix, candidates, in_place: bool):
-        saved = shared_prefix.DEVICES
-        if not in_place:
-            shared_prefix.DEVICES = ()
-        try:
+        with contextlib.nullcontext() if in_place else shared_prefix.off():
             t = time.perf_counter()
             probs = label_probs_shared_prefix(model, prefix, candidates, labels, batch_size=args.batch_size,
                                               pack_max=0)
             return time.perf_counter() - t, probs
-        finally:
-            shared_prefix.DEVICES = saved
 
     out: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
                  "threads": torch.get_num_threads(), "model": args.model, "candidates": args.candidates,

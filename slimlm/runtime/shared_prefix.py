@@ -26,6 +26,9 @@ when a call carries the prefix's KV, and torch's SDPA otherwise.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from slimlm.models import attention_layout
@@ -96,6 +99,18 @@ def applies(model: torch.nn.Module, prefix_len: int, longest: int) -> bool:
         return False
     _, window = attention_layout(model.config)
     return window is None or prefix_len + longest <= window
+
+
+@contextlib.contextmanager
+def off() -> Iterator[None]:
+    """Within the block, scoring expands the prefix KV into each batch instead (the broadcast as before, and
+    as on CUDA): for benchmarks that compare the two ways."""
+    global DEVICES
+    saved, DEVICES = DEVICES, ()
+    try:
+        yield
+    finally:
+        DEVICES = saved
 
 
 def candidates_forward(base: torch.nn.Module, kv: KV, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
