@@ -259,6 +259,7 @@ def compare(results: dict[str, dict], scores: dict, origins: dict[str, dict], *,
 
     Returns ``{"reference", "reference_why", "metric", "evaluated", "models": {ref: {...}}, "baseline"}``;
     per model: ``value``, ``at_chance``, ``retention``, ``speedup`` (prefill / decode / candidates),
+    ``fewer_params`` (non_embedding / total: the reference's count over the model's),
     ``delta_vs_reference`` and ``delta_vs_baseline`` as ``[Δ, 95% low, high]`` (None where they do not apply),
     and ``n_paired`` (rows or questions behind the paired Δs)."""
     ref, why = choose_reference(results, origins, reference)
@@ -266,6 +267,7 @@ def compare(results: dict[str, dict], scores: dict, origins: dict[str, dict], *,
     ref_metric = primary_metric(ref_metrics)
     ref_chance = ref_metric is not None and at_chance(ref_metric, ref_metrics)
     ref_speed = speeds(results.get(ref) or {}) if ref else {}
+    ref_params = ((results.get(ref) or {}).get("params") or {}) if ref else {}
     found = [primary_metric((r or {}).get("metrics")) for r in results.values() if isinstance(r, dict)]
     found = [m for m in found if m is not None]
     metric = max(set(found), key=lambda m: (found.count(m), -METRICS.index(m))) if found else None
@@ -290,6 +292,9 @@ def compare(results: dict[str, dict], scores: dict, origins: dict[str, dict], *,
             "metric": m.key if m else None, "value": value, "at_chance": m is not None and at_chance(m, metrics),
             "retention": retention(value, num(ref_metrics.get(m.key)), m) if same else None,
             "speedup": {k: speedup(s[k], ref_speed.get(k)) for k in ("prefill", "decode", "candidates")},
+            # how many times fewer parameters than the reference (its count / this one's)
+            "fewer_params": {k: speedup(num(ref_params.get(k)), num((res.get("params") or {}).get(k)))
+                             for k in ("non_embedding", "total")},
             "delta_vs_reference": paired.get(name), "delta_vs_baseline": base_deltas.get(name),
             "n_paired": len(sc.get("labels") or sc.get("correct") or []) or None}
     out_base = None

@@ -236,6 +236,11 @@ def test_table_numbers_reference_and_pngs(tmp_path):
     assert rows["int8"]["prefill ×"] == f"{4000 / 1010:.2f}×" and rows["int8"]["decode ×"] == f"{100 / 49:.2f}×"
     assert rows["kd"]["cand/s ×"] == f"{520 / 198:.2f}×" and rows["kd"]["cand/s"] == "520"
     assert rows["int8"]["non-emb params"] == "39.69M" and rows["int8"]["disk MiB"] == f"{120e6 / 2**20:.1f}"
+    evaluated = json.loads((out / "eval" / "stage.json").read_text())["metrics"]
+    params = {m: r["params"] for m, r in evaluated.items()}
+    ratios = [params["teacher-sft"][k] / params["int8"][k] for k in ("non_embedding", "total")]
+    assert rows["int8"]["fewer params (non-emb / total)"] == f"{ratios[0]:.1f}× / {ratios[1]:.1f}×" != "1.0× / 1.0×"
+    assert rows["teacher-sft"]["fewer params (non-emb / total)"] == "—"  # the reference
     assert rows["teacher"]["params"] == "134.52M" and rows["pruned"]["stage"] == "prune (osscar)"
     assert rows["int8"]["stage"] == "quantize (int8)" and rows["kd"]["stage"] == "distill (kd)"
     # the same numbers as data

@@ -121,6 +121,7 @@ def model_rows(results: dict[str, dict], planned: list[str], run: dict, comparis
                     "at_chance": bool(cmp.get("at_chance")), "retention": num(cmp.get("retention")),
                     **speeds(res),  # the same speeds the comparison's speed-ups were computed from
                     "speedup": {k: num((cmp.get("speedup") or {}).get(k)) for k in ("prefill", "decode", "candidates")},
+                    "fewer_params": [num((cmp.get("fewer_params") or {}).get(k)) for k in ("non_embedding", "total")],
                     "delta": cmp.get("delta_vs_reference"), "delta_baseline": cmp.get("delta_vs_baseline")})
         rows.append(row)
     return rows
@@ -158,6 +159,13 @@ def render_baseline(base: dict | None, rows: list[dict], split: str | None) -> l
                           table, right={1, 2}) + [""]
 
 
+def _fewer(r: dict) -> str:
+    """How many times fewer parameters ``r`` has than the reference (the comparison's): non-embedding / total."""
+    if r["reference"]:
+        return "—"
+    return " / ".join(MISSING if x is None else f"{x:.1f}×" for x in r["fewer_params"])
+
+
 def render_evaluation(ev: dict, run: dict, tmp: Path) -> list[str]:
     """One evaluate stage: the model table, its notes, the baseline section and the quality plots."""
     results, comparison = ev["results"], ev["comparison"]
@@ -177,6 +185,9 @@ def render_evaluation(ev: dict, run: dict, tmp: Path) -> list[str]:
               "retention", *([f"Δ{'' if metric.key == 'auc' else ' '}{metric.label} vs reference, paired (95% CI)"]
                              if paired else []),
               "prefill tok/s", "decode tok/s", "cand/s", "prefill ×", "decode ×", "cand/s ×"]
+    fewer = any(x is not None for r in rows for x in r["fewer_params"])  # comparisons before slimlm wrote it: none
+    if fewer:
+        header.append("fewer params (non-emb / total)")
     table = []
     ref_contended = any(r["reference"] and contended(r) for r in rows)
     for r in rows:
@@ -203,11 +214,12 @@ def render_evaluation(ev: dict, run: dict, tmp: Path) -> list[str]:
         times_mark = "‡" if (mark or ref_contended) and not r["reference"] else mark
         table.append([name, r["kind"], _count(r["params_total"]), _count(r["params_non_embedding"]), _mib(r["disk_mib"]),
                       value, ret, *delta_cell, _rate(r["prefill"]) + mark, _rate(r["decode"]) + mark, cands + mark,
-                      *(_times(x) + (times_mark if x is not None else "") for x in r["speedup"].values())])
+                      *(_times(x) + (times_mark if x is not None else "") for x in r["speedup"].values()),
+                      *([_fewer(r)] if fewer else [])])
     lines += _table(header, table, right=range(2, len(header)))
     lines += ["", f"- Reference (**bold**): {comparison.get('reference_why')}. Retention = metric / reference metric"
               + (" (perplexity: reference / metric)" if metric and not metric.higher_is_better else "")
-              + "; ×: speed / reference speed."]
+              + "; ×: speed / reference speed; fewer params: the reference's parameter counts / the model's."]
     if paired and metric.key == "auc":
         lines.append("- ΔAUC vs reference: the two models scored on the same test rows, with a paired bootstrap "
                      "(1,000 resamples of the rows, both AUCs on each): the interval of the difference, far narrower "
