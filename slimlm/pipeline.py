@@ -195,7 +195,8 @@ def _describe(config: Any) -> str:
 
 def _source_config(ref: str, fetch: bool) -> Any | None:
     """The config of a recipe's starting model or a model directory; None for the built-in teacher when it
-    is not converted yet and ``fetch`` is off (planning never downloads)."""
+    is not converted yet and ``fetch`` is off (planning never downloads), and for a model whose config needs
+    its own code (``trust_remote_code``: planning runs none; its stages say what they support)."""
     from transformers import AutoConfig
 
     from slimlm.assets import TEACHER_NAME, home
@@ -205,8 +206,10 @@ def _source_config(ref: str, fetch: bool) -> Any | None:
         return None
     path = resolve_model(ref)
     try:
-        return AutoConfig.from_pretrained(path)
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)  # False: refuse without asking
     except (ValueError, OSError) as e:
+        if "trust_remote_code" in str(e):
+            return None
         raise SlimlmError(f"{path / 'config.json'}: {str(e).splitlines()[0]}") from e
 
 

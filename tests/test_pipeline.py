@@ -329,6 +329,22 @@ def test_slimlm_run_plan_prints_each_models_shape_and_runs_nothing(recipe_world)
     assert not (root / "plan").exists()
 
 
+def test_a_model_whose_config_needs_its_own_code_is_not_followed_and_nothing_asks(recipe_world, monkeypatch):
+    """Planning runs no model code: a config that needs ``trust_remote_code`` leaves its shapes unknown (its
+    stages say what they support), with no interactive prompt even at a terminal."""
+    import builtins
+
+    root, data = recipe_world
+    custom = root / "custom"
+    custom.mkdir(exist_ok=True)
+    (custom / "config.json").write_text(json.dumps({"model_type": "my_custom_lm", "hidden_size": 8,
+                                                    "auto_map": {"AutoConfig": "configuration_my.MyConfig"}}))
+    monkeypatch.setattr(builtins, "input", lambda *a: pytest.fail("planning asked to run a model's own code"))
+    tree = recipe(root, data, "custom-run", [{"name": "student", "kind": "init", "config": {"layers": 1}}])
+    tree["teacher"] = str(custom)
+    assert check_shapes(plan(load_recipe(write(root / "custom.yaml", tree))), fetch=False) == {"student": None}
+
+
 def test_builtin_recipes_validate():
     pipelines = {n: p for n, p in builtin_recipes().items() if "stages" in yaml.safe_load(p.read_text())}
     assert {"movielens-ranking", "movielens-ranking-demo", "arithmetic-two-stage"} <= set(pipelines)

@@ -387,7 +387,7 @@ def prune_dir(source: str | Path, out_dir: str | Path, cfg: PruneConfig, *, plac
     if not (path / "config.json").is_file():
         raise SlimlmError(f"{path}: no config.json (expected a Hugging Face model directory)")
     try:
-        hf_config = AutoConfig.from_pretrained(path)
+        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except (ValueError, OSError) as e:
         raise SlimlmError(f"{path / 'config.json'}: {str(e).splitlines()[0]}") from e
     try:
