@@ -38,7 +38,7 @@ step "3/5 movielens-ranking with multi-item training (k = 4)"
 
 step "4/5 KD vs SFT (two seeds)"
 "$SLIMLM" run benchmarks/recipes/kd-vs-sft.yaml
-"$SLIMLM" report runs/exp/kd-vs-sft --reference sft-s0
+"$SLIMLM" report runs/exp/kd-vs-sft --reference sft-s0 --contrast kd-s0,kd-s1:sft-s0,sft-s1
 
 step "5/5 pruning methods after re-distillation"
 "$SLIMLM" run benchmarks/recipes/prune-methods.yaml

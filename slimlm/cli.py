@@ -576,11 +576,14 @@ def report(
     reference: Annotated[str | None, typer.Option(help="Model that retention and speed-ups are measured "
                                                        "against (default: the teacher, or its fine-tuned "
                                                        "copy when the teacher is at chance).")] = None,
+    contrast: Annotated[list[str] | None, typer.Option(help="A,B:C,D — models A and B against C and D on the same "
+                                                      "examples: each pair and the groups' means, paired.")] = None,
 ) -> None:
     """Write RUN_DIR/report/: report.md (model table, training curves, stage times, commands) and PNG plots."""
-    from slimlm.report import write_report
+    from slimlm.report import parse_contrasts, write_report
 
-    out.print(str(write_report(run_dir, recipe, reference=reference)), soft_wrap=True, highlight=False)
+    out.print(str(write_report(run_dir, recipe, reference=reference, contrasts=parse_contrasts(contrast or []))),
+              soft_wrap=True, highlight=False)
 
 
 @app.command()

@@ -215,6 +215,53 @@ def paired_deltas(scores: dict, reference: str | None, metric: str = "auc") -> d
     return out
 
 
+def contrast(scores: dict, group: list[str], reference_group: list[str]) -> dict[str, Any]:
+    """One group of models against another on the same examples (KD vs SFT, two seeds each): each pair's
+    paired Δ (the i-th of ``group`` against the i-th of ``reference_group``, when both have as many) and the
+    pooled Δ of the groups' mean metric, with paired bootstrap intervals. A one-line error when a model has no
+    scores or the models were not scored on the same examples."""
+    import numpy as np
+
+    from slimlm.evaluate import paired_group_auc_delta, paired_mean_delta
+
+    missing = [m for m in group + reference_group if not isinstance(scores.get(m), dict)]
+    if missing:
+        raise SlimlmError(f"no per-example scores for {', '.join(missing)} in this evaluate stage "
+                          f"(scored: {', '.join(scores) or 'none'})")
+    first = scores[group[0]]
+    if first.get("p") is not None:
+        metric, labels = "auc", first.get("labels")
+        if not all(scored_on(scores[m], labels) for m in group + reference_group):
+            raise SlimlmError("the contrasted models were not scored on the same rows")
+
+        def delta(a: list[str], b: list[str]) -> list[float]:
+            return list(paired_group_auc_delta(labels, [scores[m]["p"] for m in a], [scores[m]["p"] for m in b]))
+        n = len(labels)
+    else:
+        metric, n = "exact_match", len(first.get("correct") or [])
+        if not n or any(len(scores[m].get("correct") or []) != n for m in group + reference_group):
+            raise SlimlmError("the contrasted models were not scored on the same questions")
+
+        def delta(a: list[str], b: list[str]) -> list[float]:  # a mean is linear: average the groups' hits
+            return list(paired_mean_delta(np.mean([scores[m]["correct"] for m in a], axis=0),
+                                          np.mean([scores[m]["correct"] for m in b], axis=0)))
+    pairs = ([{"model": a, "reference": b, "delta": delta([a], [b])} for a, b in zip(group, reference_group, strict=True)]
+             if len(group) == len(reference_group) else [])
+    return {"metric": metric, "n": n, "group": group, "reference_group": reference_group, "pairs": pairs,
+            "pooled": delta(group, reference_group)}
+
+
+def contrast_path(stage_dir: Path, group: list[str], reference_group: list[str]) -> Path:
+    return stage_dir / f"contrast-{'+'.join(group)}-vs-{'+'.join(reference_group)}.json"
+
+
+def write_contrast(stage_dir: Path, scores: dict, group: list[str], reference_group: list[str]) -> dict[str, Any]:
+    """:func:`contrast`, written atomically beside the stage's comparison (``contrast-A+B-vs-C+D.json``)."""
+    out = contrast(scores, group, reference_group)
+    atomic_write_json(contrast_path(stage_dir, group, reference_group), out)
+    return out
+
+
 # --------------------------------------------------------------------------- the classic baseline
 
 

@@ -81,9 +81,22 @@ def paired_auc_delta(labels: Sequence[int], scores: Sequence[float], reference: 
     """AUC(scores) − AUC(reference) on the same rows, with a paired percentile bootstrap interval (both
     scored on each resample): far tighter than comparing two separate intervals, since the rows' own
     difficulty cancels."""
-    d = _bootstrap_aucs(labels, [scores, reference], n, seed)
-    lo, hi = np.quantile(d[:, 0] - d[:, 1], [(1 - level) / 2, (1 + level) / 2])
-    return roc_auc(labels, scores) - roc_auc(labels, reference), float(lo), float(hi)
+    return paired_group_auc_delta(labels, [scores], [reference], n=n, seed=seed, level=level)
+
+
+def paired_group_auc_delta(labels: Sequence[int], group: Sequence[Sequence[float]],
+                           reference_group: Sequence[Sequence[float]], *, n: int = 1000, seed: int = 0,
+                           level: float = 0.95) -> tuple[float, float, float]:
+    """mean AUC of ``group`` − mean AUC of ``reference_group`` (e.g. two seeds of KD against two of SFT), all
+    on the same rows, with a paired percentile bootstrap interval: every model scored on each resample. The
+    interval covers the rows' sampling, not the seeds' (a handful of seeds cannot estimate that)."""
+    k = len(group)
+    if not k or not reference_group:
+        raise SlimlmError("a group comparison needs at least one model on each side")
+    d = _bootstrap_aucs(labels, [*group, *reference_group], n, seed)
+    lo, hi = np.quantile(d[:, :k].mean(1) - d[:, k:].mean(1), [(1 - level) / 2, (1 + level) / 2])
+    point = np.mean([roc_auc(labels, s) for s in group]) - np.mean([roc_auc(labels, s) for s in reference_group])
+    return float(point), float(lo), float(hi)
 
 
 def paired_mean_delta(values: Sequence[float], reference: Sequence[float], *, n: int = 1000, seed: int = 0,

@@ -85,6 +85,28 @@ def test_paired_auc_delta_equals_sklearn_on_the_same_resamples():
     assert hi_d - lo_d < (hi_a - lo_a) / 2
 
 
+def test_group_auc_delta_is_the_mean_of_each_sides_aucs_on_the_same_resamples():
+    """Two seeds against two: mean AUC of one group minus the other's, every model scored on each resample
+    (sklearn on the resamples the function draws as the oracle)."""
+    from sklearn.metrics import roc_auc_score
+
+    from slimlm.evaluate import paired_group_auc_delta
+
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 2, 120)
+    a1, a2, b1, b2 = (np.round(y * w + rng.random(120), 2) for w in (0.5, 0.45, 0.3, 0.35))
+    idx = np.random.default_rng(3).integers(0, 120, (60, 120))
+    diffs = [(roc_auc_score(y[i], a1[i]) + roc_auc_score(y[i], a2[i])) / 2
+             - (roc_auc_score(y[i], b1[i]) + roc_auc_score(y[i], b2[i])) / 2 for i in idx if 0 < y[i].sum() < 120]
+    delta, lo, hi = paired_group_auc_delta(y, [a1, a2], [b1, b2], n=60, seed=3)
+    want = (roc_auc_score(y, a1) + roc_auc_score(y, a2)) / 2 - (roc_auc_score(y, b1) + roc_auc_score(y, b2)) / 2
+    assert delta == pytest.approx(want, abs=1e-12) and delta > 0
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])), abs=1e-12)
+    assert paired_group_auc_delta(y, [a1], [b1], n=60, seed=3) == paired_auc_delta(y, a1, b1, n=60, seed=3)
+    with pytest.raises(SlimlmError, match="at least one model on each side"):
+        paired_group_auc_delta(y, [], [b1])
+
+
 def test_paired_mean_delta_matches_the_normal_approximation_and_refuses_unpaired_lists():
     rng = np.random.default_rng(5)
     a = (rng.random(2000) < 0.45).astype(int)  # two models' 0/1 hits on the same questions, correlated

@@ -518,3 +518,43 @@ def test_a_stage_named_report_is_refused_before_any_work(recipe_world, tmp_path)
     res = runner.invoke(app, ["run", str(recipe)])
     assert res.exit_code == 2 and "stage name 'report' is reserved" in res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_contrasts_pair_each_seed_and_pool_the_groups(tmp_path):
+    """`slimlm report --contrast kd,int8:pruned,teacher-sft`: each pair's paired ΔAUC and the pooled Δ of the
+    groups' mean AUC, written by the comparison code to the stage's contrast file, every number from it."""
+    from slimlm.comparison import contrast
+    from slimlm.evaluate import paired_group_auc_delta
+    from slimlm.report import parse_contrasts
+
+    out = fake_run(tmp_path)
+    rng = __import__("numpy").random.default_rng(0)
+    labels = [int(x) for x in rng.integers(0, 2, 300)]
+    scores = {m: {"labels": labels, "p": [round(float(y * w + rng.random()), 4) for y in labels]}
+              for m, w in (("kd", 0.6), ("int8", 0.55), ("pruned", 0.2), ("teacher-sft", 0.25))}
+    (out / "eval" / "scores.json").write_text(json.dumps(scores))
+    res = runner.invoke(app, ["report", str(out), "--contrast", "kd,int8:pruned,teacher-sft"])
+    assert res.exit_code == 0, res.output
+    md = (out / "report" / "report.md").read_text()
+    assert_every_number_is_in_the_stage_files(out, md)
+    saved = json.loads((out / "eval" / "contrast-kd+int8-vs-pruned+teacher-sft.json").read_text())
+    pooled = paired_group_auc_delta(labels, [scores["kd"]["p"], scores["int8"]["p"]],
+                                    [scores["pruned"]["p"], scores["teacher-sft"]["p"]])
+    assert saved["pooled"] == list(pooled) and pooled[1] > 0
+    assert [p["delta"] for p in saved["pairs"]] == [list(paired_auc_delta(labels, scores[a]["p"], scores[b]["p"]))
+                                                    for a, b in (("kd", "pruned"), ("int8", "teacher-sft"))]
+    rows = table(md, "### Contrasts")
+    assert rows["pooled: mean of the first − mean of the second"]["ΔAUC (95% CI)"] == \
+        f"{pooled[0]:+.4f} ({pooled[1]:+.3f}–{pooled[2]:+.3f})"
+    assert rows["pooled: mean of the first − mean of the second"]["at 95%"] == "above"
+    assert "`kd` − `pruned`" in md and "`int8` − `teacher-sft`" in md
+    # exact match: the groups' mean hit rates, paired over the questions
+    hits = {"a": [1, 0, 1, 1, 0, 1], "b": [1, 1, 1, 0, 0, 1], "c": [0, 0, 1, 0, 0, 1], "d": [0, 1, 0, 0, 0, 1]}
+    c = contrast({m: {"correct": h} for m, h in hits.items()}, ["a", "b"], ["c", "d"])
+    assert c["metric"] == "exact_match" and c["pooled"][0] == pytest.approx((4 / 6 + 4 / 6) / 2 - (2 / 6 + 2 / 6) / 2)
+    # bad input: one line each, nothing written
+    with pytest.raises(SlimlmError, match="no evaluate stage of this run scored all of these models"):
+        write_report(out, contrasts=[(["kd"], ["nowhere"])])
+    for spec in ("kd", "kd:", "kd:a:b", ",kd:int8"):
+        with pytest.raises(SlimlmError, match="expected MODEL"):
+            parse_contrasts([spec])

@@ -16,30 +16,62 @@ from datetime import datetime
 from pathlib import Path
 
 from slimlm import SlimlmError, __version__
-from slimlm.comparison import num
+from slimlm.comparison import num, write_contrast
 from slimlm.io import atomic_dir
 from slimlm.pipeline import REPORT_DIR, stage_seconds
 from slimlm.report.plots import plot_curves
 from slimlm.report.read import comparisons, read_run
 from slimlm.report.reproduce import render_reproduce
-from slimlm.report.tables import MISSING, _count, _mib, _seconds, _table, render_evaluation, stage_label
+from slimlm.report.tables import (
+    MISSING,
+    _count,
+    _mib,
+    _seconds,
+    _table,
+    render_contrasts,
+    render_evaluation,
+    stage_label,
+)
 
-__all__ = ["read_run", "write_report"]
+__all__ = ["parse_contrasts", "read_run", "write_report"]
 
 
-def write_report(run_dir: str | Path, recipe_path: str | Path | None = None, *, reference: str | None = None) -> Path:
+def parse_contrasts(specs: list[str]) -> list[tuple[list[str], list[str]]]:
+    """``["A,B:C,D", ...]`` (``slimlm report --contrast``) -> ``[(["A", "B"], ["C", "D"]), ...]``."""
+    out = []
+    for spec in specs:
+        sides = [[m.strip() for m in side.split(",")] for side in spec.split(":")]
+        if len(sides) != 2 or not all(m for side in sides for m in side):
+            raise SlimlmError(f"--contrast {spec!r}: expected MODEL[,MODEL...]:MODEL[,MODEL...], "
+                              "e.g. kd-s0,kd-s1:sft-s0,sft-s1")
+        out.append((sides[0], sides[1]))
+    return out
+
+
+def write_report(run_dir: str | Path, recipe_path: str | Path | None = None, *, reference: str | None = None,
+                 contrasts: list[tuple[list[str], list[str]]] = ()) -> Path:
     """Write ``RUN_DIR/report/`` (report.md, PNG plots, the resolved recipe) atomically; return report.md's path.
 
     ``recipe_path``: the recipe to report against when the run has no ``run.json`` (or to override it);
     ``reference``: the model ref that retention and speed-ups are measured against (default: see
-    :mod:`slimlm.comparison`)."""
+    :mod:`slimlm.comparison`); ``contrasts``: groups of models against groups (``(["kd-s0", "kd-s1"], ["sft-s0",
+    "sft-s1"])``), paired per pair and pooled, in every evaluate stage that scored them all
+    (:func:`slimlm.comparison.contrast`, written to the stage's ``contrast-*.json``)."""
     run = read_run(run_dir, recipe_path)
     evaluations = [s for s in run["stages"] if s["kind"] == "evaluate"]
-    if reference is not None and evaluations and not any(reference in s["results"] for s in evaluations):
-        known = sorted({r for s in evaluations for r in s["results"]})
-        raise SlimlmError(f"reference {reference!r} is not an evaluated model of this run (evaluated: "
-                          f"{', '.join(known) or 'none'})")
+    known = sorted({r for s in evaluations for r in s["results"]})
+    for ref in [reference] if reference is not None else []:
+        if evaluations and ref not in known:
+            raise SlimlmError(f"reference {ref!r} is not an evaluated model of this run (evaluated: "
+                              f"{', '.join(known) or 'none'})")
+    for group, reference_group in contrasts:
+        if not any(all(m in s["scores"] for m in group + reference_group) for s in evaluations):
+            raise SlimlmError(f"contrast {','.join(group)}:{','.join(reference_group)}: no evaluate stage of this run "
+                              f"scored all of these models (evaluated: {', '.join(known) or 'none'})")
     comparisons(run, reference)
+    for ev in evaluations:
+        ev["contrasts"] = [write_contrast(ev["dir"], ev["scores"], g, r) for g, r in contrasts
+                           if all(m in ev["scores"] for m in g + r)]
     run_dir = run["run_dir"]
     with atomic_dir(run_dir / REPORT_DIR) as tmp:
         lines = _render(run, tmp)
@@ -64,6 +96,7 @@ def _render(run: dict, tmp: Path) -> list[str]:
         lines += ["## Models", "", "No evaluate stage in this run: no model table or quality plots.", ""]
     for ev in [s for s in stages if s["kind"] == "evaluate"]:
         lines += render_evaluation(ev, run, tmp)
+        lines += render_contrasts(ev.get("contrasts") or [])
     lines += _render_curves([s for s in stages if s["kind"] == "distill"], tmp)
     lines += _render_stages(run)
     lines += render_reproduce(run, tmp)

@@ -152,9 +152,9 @@ def render_baseline(base: dict | None, rows: list[dict], split: str | None) -> l
         d = r["delta_baseline"]
         if d is None:
             continue
-        verdict = "above" if d[1] > 0 else "below" if d[2] < 0 else "not distinguishable (the interval holds 0)"
         name = f"**{r['model']}**" if r["reference"] else r["model"]
-        table.append([name, metric_text(r["metric"], r["metrics"]) if r["metric"] else MISSING, _delta_text(d), verdict])
+        table.append([name, metric_text(r["metric"], r["metrics"]) if r["metric"] else MISSING, _delta_text(d),
+                      _verdict(d)])
     return lines + _table(["model", "AUC (95% CI)", f"ΔAUC vs {base['model']}, paired (95% CI)", "at 95%"],
                           table, right={1, 2}) + [""]
 
@@ -164,6 +164,28 @@ def _fewer(r: dict) -> str:
     if r["reference"]:
         return "—"
     return " / ".join(MISSING if x is None else f"{x:.1f}×" for x in r["fewer_params"])
+
+
+def render_contrasts(contrasts: list[dict]) -> list[str]:
+    """The section "Contrasts" from :func:`slimlm.comparison.contrast` results (``slimlm report --contrast``)."""
+    if not contrasts:
+        return []
+    lines = ["### Contrasts", ""]
+    for c in contrasts:
+        label = "ΔAUC" if c["metric"] == "auc" else "Δ exact match"
+        group, ref = ", ".join(f"`{m}`" for m in c["group"]), ", ".join(f"`{m}`" for m in c["reference_group"])
+        lines.append(f"{group} against {ref}, on the same {c['n']:,} {'rows' if c['metric'] == 'auc' else 'questions'}"
+                     f" (paired bootstrap, 1,000 resamples; the interval covers the examples, not the seeds):")
+        lines.append("")
+        rows = [[f"`{p['model']}` − `{p['reference']}`", _delta_text(p["delta"]), _verdict(p["delta"])]
+                for p in c["pairs"]]
+        rows.append(["pooled: mean of the first − mean of the second", _delta_text(c["pooled"]), _verdict(c["pooled"])])
+        lines += _table(["", f"{label} (95% CI)", "at 95%"], rows, right={1}) + [""]
+    return lines
+
+
+def _verdict(d: list[float]) -> str:
+    return "above" if d[1] > 0 else "below" if d[2] < 0 else "not distinguishable (the interval holds 0)"
 
 
 def render_evaluation(ev: dict, run: dict, tmp: Path) -> list[str]:
