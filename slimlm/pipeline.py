@@ -257,7 +257,7 @@ def plan_table(recipe: Recipe, *, fetch: bool = True) -> list[dict[str, Any]]:
 
     steps = plan(recipe)
     configs = check_shapes(steps, fetch=fetch)
-    start = _source_config("teacher" if recipe.teacher == "teacher" else recipe.teacher, fetch)
+    start = _source_config(recipe.teacher, fetch)
 
     def row(name: str, kind: str, source: str, config: Any) -> dict[str, Any]:
         entry: dict[str, Any] = {"stage": name, "kind": kind, "input": source}
@@ -274,12 +274,13 @@ def plan_table(recipe: Recipe, *, fetch: bool = True) -> list[dict[str, Any]]:
         inputs = step["inputs"]
         source = (", ".join(inputs["models"]) if step["kind"] == "evaluate"
                   else str(inputs["from"]).removeprefix("stage:"))
-        if step["kind"] == "distill":
-            if step["config"].mode != "sft":
-                source += f" (teacher: {str(inputs['teacher']).removeprefix('stage:')})"
-            cfg = step["config"]  # examples per rank: under torchrun each rank takes its own
-            source += f"; {cfg.max_steps:,} steps x {cfg.batch_size * cfg.grad_accum} examples"
         cfg = step["config"]
+        if step["kind"] == "distill":
+            if cfg.mode != "sft":
+                source += f" (teacher: {str(inputs['teacher']).removeprefix('stage:')})"
+            k = cfg.task.candidates_per_prefix  # a packed sequence holds up to k candidates of one prefix
+            source += (f"; {cfg.max_steps:,} steps x {cfg.batch_size * cfg.grad_accum} "  # per rank
+                       + ("examples" if k == 1 else f"sequences of up to {k} candidates"))
         kind = step["kind"] + {"distill": f" {getattr(cfg, 'mode', '')}", "prune": f" {getattr(cfg, 'method', '')}",
                                "quantize": f" {getattr(cfg, 'scheme', '')}"}.get(step["kind"], "")
         rows.append(row(step["name"], kind, source, configs.get(step["name"])))
@@ -290,7 +291,8 @@ def format_plan(rows: list[dict[str, Any]]) -> str:
     """:func:`plan_table`'s rows as the aligned text ``slimlm run --plan`` prints."""
     def size(r: dict[str, Any]) -> str:
         if "params" not in r:
-            return "" if r["kind"] == "evaluate" else "shape unknown until the built-in teacher is fetched"
+            return "" if r["kind"] == "evaluate" else ("shape unknown before the stages run (a starting model not "
+                                                       "fetched yet, or one whose config needs its own code)")
         p, fewer = r["params"], r.get("fewer", {})
         ratio = (f"  ({fewer['non_embedding']:.1f}x / {fewer['total']:.1f}x fewer)"
                  if fewer and r["stage"] != "(start)" and fewer["total"] != 1 else "")

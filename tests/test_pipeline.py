@@ -327,6 +327,10 @@ def test_slimlm_run_plan_prints_each_models_shape_and_runs_nothing(recipe_world)
     assert f"from small (teacher: {root / 'teacher'}); 1,200 steps x 8 examples" in lines[4]
     assert lines[6].split()[:2] == ["eval", "evaluate"] and "from teacher, small, kd" in lines[6]
     assert not (root / "plan").exists()
+    tree = recipe(root, data, "plan", stages)  # packed: a step's batch counts sequences of up to k candidates
+    tree["task"]["candidates_per_prefix"] = 4
+    rows = {r["stage"]: r for r in plan_table(load_recipe(write(root / "plan4.yaml", tree)), fetch=False)}
+    assert rows["kd"]["input"].endswith("; 1,200 steps x 8 sequences of up to 4 candidates")
 
 
 def test_a_model_whose_config_needs_its_own_code_is_not_followed_and_nothing_asks(recipe_world, monkeypatch):
