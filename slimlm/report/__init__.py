@@ -60,10 +60,9 @@ def write_report(run_dir: str | Path, recipe_path: str | Path | None = None, *, 
     run = read_run(run_dir, recipe_path)
     evaluations = [s for s in run["stages"] if s["kind"] == "evaluate"]
     known = sorted({r for s in evaluations for r in s["results"]})
-    for ref in [reference] if reference is not None else []:
-        if evaluations and ref not in known:
-            raise SlimlmError(f"reference {ref!r} is not an evaluated model of this run (evaluated: "
-                              f"{', '.join(known) or 'none'})")
+    if reference is not None and evaluations and reference not in known:
+        raise SlimlmError(f"reference {reference!r} is not an evaluated model of this run (evaluated: "
+                          f"{', '.join(known) or 'none'})")
     for group, reference_group in contrasts:
         if not any(all(m in s["scores"] for m in group + reference_group) for s in evaluations):
             raise SlimlmError(f"contrast {','.join(group)}:{','.join(reference_group)}: no evaluate stage of this run "
