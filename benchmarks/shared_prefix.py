@@ -11,6 +11,10 @@ PACK_MAX_CANDIDATES candidates), the two ways alternating within each repetition
 way on a CPU) and "copied" (``shared_prefix.off()``: the prefix KV expanded into each batch's cache,
 the way before, and still the way on CUDA). Candidates/s = candidates / median seconds of the whole call
 (prefix forward included). Scores of the two ways are compared too (max |Δ|).
+
+--probe-models A,B: also the evaluate stage's speed probe (``slimlm.evaluate.speed``: a 192-token prefix, 100
+candidates of 16 tokens in one batch) on each model, in place and copied alternating (--reps rounds): the
+candidates/s every run report shows, and the ratio between models that the 20x target reads.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ def main() -> None:
     ap.add_argument("--candidates", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--probe-models", default="", help="models for the evaluate stage's speed probe, comma-separated")
     ap.add_argument("--out", default="runs/bench/shared_prefix_shapes.json")
     args = ap.parse_args()
 
@@ -58,7 +63,7 @@ def main() -> None:
                  "batch_size": args.batch_size, "shapes": {}}
     print(f"{'prefix':>7} {'candidate':>10} {'in place c/s':>13} {'copied c/s':>11} {'in place / copied':>18}")
     with torch.inference_mode():
-        for shape in args.shapes.split(","):
+        for shape in [x for x in args.shapes.split(",") if x]:
             p, s = (int(x) for x in shape.split("x"))
             if p + s * args.candidates > len(text):
                 raise SystemExit(f"shape {shape}: needs {p + s * args.candidates} tokens, the text has {len(text)}")
@@ -77,6 +82,23 @@ def main() -> None:
             out["shapes"][shape] = row
             print(f"{p:>7} {s:>10} {row['in_place']['candidates_per_s']:>13.1f} "
                   f"{row['copied']['candidates_per_s']:>11.1f} {row['speedup']:>17.2f}x", flush=True)
+    probes = [m for m in args.probe_models.split(",") if m]
+    if probes:
+        from slimlm.evaluate import speed
+        from slimlm.loading import load_model
+
+        models = {m: model if m == args.model else load_model(m) for m in probes}
+        got: dict[str, dict[str, list[float]]] = {m: {"in_place": [], "copied": []} for m in probes}
+        with torch.inference_mode():
+            for _ in range(args.reps):
+                for m, mod in models.items():
+                    got[m]["in_place"].append(speed(mod, text)["candidates_per_s"])
+                    with shared_prefix.off():
+                        got[m]["copied"].append(speed(mod, text)["candidates_per_s"])
+        out["probe"] = {m: {k: statistics.median(v) for k, v in ways.items()} | {"runs": ways} for m, ways in got.items()}
+        for m, r in out["probe"].items():
+            print(f"speed probe {m}: in place {r['in_place']:.1f} cand/s, copied {r['copied']:.1f} "
+                  f"({r['in_place'] / r['copied']:.2f}x)", flush=True)
     write_json(args.out, out)
 
 
