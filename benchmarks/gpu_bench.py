@@ -350,22 +350,19 @@ def scoring_bench(prefix: int = 2048, candidates: int = 100, tokens: int = 24, b
     model = random_model(LLAMA3_8B, torch.bfloat16).eval()
     ids = torch.randint(10, model.config.vocab_size, (prefix + candidates * tokens,)).tolist()
     pre, sufs = ids[:prefix], [ids[prefix + tokens * i:prefix + tokens * (i + 1)] for i in range(candidates)]
-    devices = shared_prefix.DEVICES
     out: dict = {"prefix_tokens": prefix, "candidates": candidates, "candidate_tokens": tokens, "batch": batch}
     scores = {}
+
+    def call():
+        return label_probs_shared_prefix(model, pre, sufs, (5, 6), batch_size=batch, pack_max=0)
+
     for way, where in (("copied", ()), ("in_place", ("cpu", "cuda")), ("copied_again", ())):
-        shared_prefix.DEVICES = where
-        try:
-            with torch.inference_mode():
-                def call():
-                    return label_probs_shared_prefix(model, pre, sufs, (5, 6), batch_size=batch, pack_max=0)
-                scores[way] = call()
-                torch.cuda.reset_peak_memory_stats()
-                sec = timed(call, reps=3)
-            out[way] = {"candidates_per_s": round(candidates / sec, 1),
-                        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
-        finally:
-            shared_prefix.DEVICES = devices
+        with shared_prefix.only_on(*where), torch.inference_mode():
+            scores[way] = call()
+            torch.cuda.reset_peak_memory_stats()
+            sec = timed(call, reps=3)
+        out[way] = {"candidates_per_s": round(candidates / sec, 1),
+                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         print("scoring", way, out[way], flush=True)
     out["max_abs_score_diff"] = float(abs(scores["in_place"] - scores["copied"]).max())
     return out

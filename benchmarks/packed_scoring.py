@@ -60,7 +60,7 @@ def main() -> None:
     def copied(fn):
         """``fn`` with the prefix KV expanded into each candidate batch (no shared-prefix attention)."""
         def run():
-            with shared_prefix.off():
+            with shared_prefix.only_on():
                 return fn()
         return run
 

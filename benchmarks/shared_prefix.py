@@ -8,7 +8,7 @@ For each PREFIXxCANDIDATE shape: a prefix of that many MovieLens prompt tokens a
 that many tokens each (the next tokens of the same text), scored by ``label_probs_shared_prefix`` with
 ``pack_max=0`` (candidate batches of --batch-size after the prefix forward, as the engine scores more than
 PACK_MAX_CANDIDATES candidates), the two ways alternating within each repetition: "in place" (the engine's
-way on a CPU) and "copied" (``shared_prefix.off()``: the prefix KV expanded into each batch's cache,
+way on a CPU) and "copied" (``shared_prefix.only_on()``: the prefix KV expanded into each batch's cache,
 the way before, and still the way on CUDA). Candidates/s = candidates / median seconds of the whole call
 (prefix forward included). Scores of the two ways are compared too (max |Δ|).
 
@@ -52,7 +52,7 @@ def main() -> None:
     text = [t for ex in train for t in ex.input_ids]  # real prompt tokens, cut into prefix and candidates
 
     def score(prefix, candidates, in_place: bool):
-        with contextlib.nullcontext() if in_place else shared_prefix.off():
+        with contextlib.nullcontext() if in_place else shared_prefix.only_on():
             t = time.perf_counter()
             probs = label_probs_shared_prefix(model, prefix, candidates, labels, batch_size=args.batch_size,
                                               pack_max=0)
@@ -93,7 +93,7 @@ def main() -> None:
             for _ in range(args.reps):
                 for m, mod in models.items():
                     got[m]["in_place"].append(speed(mod, text)["candidates_per_s"])
-                    with shared_prefix.off():
+                    with shared_prefix.only_on():
                         got[m]["copied"].append(speed(mod, text)["candidates_per_s"])
         out["probe"] = {m: {k: statistics.median(v) for k, v in ways.items()} | {"runs": ways} for m, ways in got.items()}
         for m, r in out["probe"].items():

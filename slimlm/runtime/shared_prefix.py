@@ -102,11 +102,11 @@ def applies(model: torch.nn.Module, prefix_len: int, longest: int) -> bool:
 
 
 @contextlib.contextmanager
-def off() -> Iterator[None]:
-    """Within the block, scoring expands the prefix KV into each batch instead (the broadcast as before, and
-    as on CUDA): for benchmarks that compare the two ways."""
+def only_on(*devices: str) -> Iterator[None]:
+    """Within the block, the shared-prefix path runs on ``devices`` only (none: scoring expands the prefix KV
+    into each batch, the broadcast as before and as on CUDA): for benchmarks that compare the two ways."""
     global DEVICES
-    saved, DEVICES = DEVICES, ()
+    saved, DEVICES = DEVICES, tuple(devices)
     try:
         yield
     finally:
