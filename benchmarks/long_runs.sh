@@ -4,16 +4,16 @@
 #
 #   nohup nice -n 10 bash benchmarks/long_runs.sh >> runs/long_runs.log 2>&1 &
 #
-# 1. (issue 21) the movielens-ranking-20x recipe (fine-tuned teacher, the 20x student, INT8, evaluation) and
-#    its report;
-# 2. (issue 21) INT4 on the final 20x student against its fp32 twin, paired on the whole test split
-#    (quantize_auc.py; --limit above the split's 1,886 rows);
-# 3. (issue 18) the movielens-ranking recipe with multi-item training (benchmarks/recipes/
+# 1. (issue 18) the movielens-ranking recipe with multi-item training (benchmarks/recipes/
 #    movielens-ranking-multi-item.yaml: k = 4, the same examples per stage) against the figures of its k = 1
-#    run (BENCHMARKS.md, "Pipeline: movielens-ranking at full budget": 6.3 h of stages); second-shortest, and
-#    the last measurement issue 18 waits for;
-# 4. (issue 21) KD vs SFT at equal examples, two seeds each (benchmarks/recipes/kd-vs-sft.yaml; needs 1's teacher);
-# 5. (issue 21) pruning methods after re-distillation (benchmarks/recipes/prune-methods.yaml; needs 1's teacher).
+#    run (BENCHMARKS.md, "Pipeline: movielens-ranking at full budget": 6.3 h of stages); the last measurement
+#    issue 18 waits for (its stages' times are the target: keep the machine otherwise quiet while it runs);
+# 2. (issue 21) the movielens-ranking-20x recipe (fine-tuned teacher, the 20x student, INT8, evaluation) and
+#    its report;
+# 3. (issue 21) INT4 on the final 20x student against its fp32 twin, paired on the whole test split
+#    (quantize_auc.py; --limit above the split's 1,886 rows);
+# 4. (issue 21) KD vs SFT at equal examples, two seeds each (benchmarks/recipes/kd-vs-sft.yaml; needs 2's teacher);
+# 5. (issue 21) pruning methods after re-distillation (benchmarks/recipes/prune-methods.yaml; needs 2's teacher).
 # Each step's output says where its results are; BENCHMARKS.md takes the figures from those files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,20 +21,20 @@ SLIMLM=${SLIMLM:-.venv/bin/slimlm}
 PY=${PYTHON:-.venv/bin/python}
 step() { echo "== $(date -u +%FT%TZ) $*"; }
 
-step "1/5 movielens-ranking-20x"
+step "1/5 movielens-ranking with multi-item training (k = 4)"
+"$SLIMLM" run benchmarks/recipes/movielens-ranking-multi-item.yaml
+"$SLIMLM" report runs/exp/movielens-ranking-multi-item
+
+step "2/5 movielens-ranking-20x"
 "$SLIMLM" run movielens-ranking-20x
 "$SLIMLM" report runs/movielens-ranking-20x
 
-step "2/5 INT4 on the final 20x student"
+step "3/5 INT4 on the final 20x student"
 if [ ! -s runs/bench/int4_auc_20x_full.json ]; then
     "$PY" benchmarks/quantize_auc.py --model runs/movielens-ranking-20x/redistill/model --limit 5000 \
         --variants int8-smooth,int4-gptq-g64,int4-quantease-g64,int4-quantease-ao-g64 \
         --out runs/bench/int4_auc_20x_full.json
 fi
-
-step "3/5 movielens-ranking with multi-item training (k = 4)"
-"$SLIMLM" run benchmarks/recipes/movielens-ranking-multi-item.yaml
-"$SLIMLM" report runs/exp/movielens-ranking-multi-item
 
 step "4/5 KD vs SFT (two seeds)"
 "$SLIMLM" run benchmarks/recipes/kd-vs-sft.yaml
