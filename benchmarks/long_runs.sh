@@ -12,8 +12,10 @@
 #    its report;
 # 3. (issue 21) INT4 on the final 20x student against its fp32 twin, paired on the whole test split
 #    (quantize_auc.py; --limit above the split's 1,886 rows);
-# 4. (issue 21) KD vs SFT at equal examples, two seeds each (benchmarks/recipes/kd-vs-sft.yaml; needs 2's teacher);
-# 5. (issue 21) pruning methods after re-distillation (benchmarks/recipes/prune-methods.yaml; needs 2's teacher).
+# 4. (issue 21) KD vs SFT at equal examples, two seeds each (benchmarks/recipes/kd-vs-sft.yaml; needs 1's teacher);
+# 5. (issue 21) pruning methods after re-distillation (benchmarks/recipes/prune-methods.yaml; needs 1's teacher).
+# (4 and 5 train at k = 4 from 1's teacher, ~1-2 h each: run them alone with `slimlm run <recipe>` when 2 is not
+# running; done, they are skipped here.)
 # Each step's output says where its results are; BENCHMARKS.md takes the figures from those files.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -366,6 +366,6 @@ def test_benchmark_recipes_validate():
     paths = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "recipes").glob("*.yaml"))
     assert len(paths) >= 5
     for path in paths:
-        # the experiments on the 20x run's fine-tuned teacher name it by path; any teacher validates the rest
+        # the experiments on a fine-tuned teacher (the multi-item run's) name it by path; any teacher validates the rest
         steps = plan(load_recipe(path, ["teacher=teacher"]))
         assert all(check_shapes(steps, fetch=True).values()), path.name
