@@ -9,8 +9,9 @@ on its KV cache (scoring.score_shared_prefix, batch 100), on real tokens (this R
 multiply-add of the decoder's linear layers (non-embedding parameters less the norms) over every token run,
 plus attention (scores and weighted values) at each token's context length, plus the 2-row label head.
 The models are loaded once into one process and timed in alternation, ``--rounds`` rounds of the median of 3
-calls each (a small model's figure moves by tens of percent between processes on a 2-core CPU; alternating
-shows the spread); the ratio to the reference is taken per round. Profile shares: self CPU time over 3 calls.
+calls each; the ratio to the reference is taken per round. A small model's figure moves by tens of percent
+between processes on a shared 2-core CPU: run it in several processes (BENCHMARKS.md, "The 20x student at full
+budget"). Profile shares: self CPU time over 3 calls.
 Run on an otherwise idle machine.
 """
 
