@@ -5,13 +5,13 @@ the share of matmuls vs everything else (torch.profiler).
 runs/exp/movielens-ranking-20x-multi-item/redistill/model [--out runs/bench/rank_profile.json]
 
 The call is the probe's (slimlm.evaluate.speed): one 192-token prefix run once, 100 suffixes of 16 tokens scored
-on its KV cache (scoring.score_shared_prefix, batch 100), on real tokens (this README). Arithmetic: 2 FLOPs per
-multiply-add of the decoder's linear layers (non-embedding parameters less the norms) over every token run,
-plus attention (scores and weighted values) at each token's context length, plus the 2-row label head.
-The models are loaded once into one process and timed in alternation, ``--rounds`` rounds of the median of 3
-calls each; the ratio to the reference is taken per round. A small model's figure moves by tens of percent
-between processes on a shared 2-core CPU: run it in several processes (BENCHMARKS.md, "The 20x student at full
-budget"). Profile shares: self CPU time over 3 calls.
+on its KV cache (slimlm.evaluate.ranking_probe's inputs, scoring.score_shared_prefix, batch 100), on real
+tokens (the project's README.md). Arithmetic: 2 FLOPs per multiply-add of the decoder's linear layers (in x out
+of each, float or quantized) over every token run, plus attention (scores and weighted values) at each token's
+context length, plus the 2-row label head. The models are loaded once into one process and timed in
+alternation, ``--rounds`` rounds of the median of 3 calls each; the ratio to the reference is taken per round.
+A small model's figure moves by tens of percent between processes on a shared 2-core CPU: run it in several
+processes (BENCHMARKS.md, "The 20x student at full budget"). Profile shares: self CPU time over 3 calls.
 Run on an otherwise idle machine.
 """
 
@@ -24,25 +24,20 @@ import numpy as np
 import torch
 from _common import write_json
 
-PREFIX, SUFFIX, CANDIDATES = 192, 16, 100
+CANDIDATES = 100
 
 
 def call_flops(config, linear_params: int) -> float:
     """FLOPs of one probe call: the prefix once, then every suffix token over prefix + its own earlier tokens."""
+    from slimlm.evaluate import PROBE_PREFIX, PROBE_SUFFIX
+
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     heads, layers = config.num_attention_heads, config.num_hidden_layers
-    tokens = PREFIX + CANDIDATES * SUFFIX
+    tokens = PROBE_PREFIX + CANDIDATES * PROBE_SUFFIX
     linear = 2 * linear_params * tokens
-    ctx = sum(range(1, PREFIX + 1)) + CANDIDATES * sum(PREFIX + i for i in range(1, SUFFIX + 1))
+    ctx = sum(range(1, PROBE_PREFIX + 1)) + CANDIDATES * sum(PROBE_PREFIX + i for i in range(1, PROBE_SUFFIX + 1))
     attention = 2 * 2 * hd * heads * layers * ctx
     return float(linear + attention + 2 * 2 * config.hidden_size * CANDIDATES)
-
-
-def probe(tokens: list[int]):
-    """The probe's prefix, suffixes and two label ids from ``tokens``."""
-    flat = tokens[:PREFIX + SUFFIX * CANDIDATES]
-    suffixes = [flat[PREFIX + SUFFIX * i:PREFIX + SUFFIX * (i + 1)] for i in range(CANDIDATES)]
-    return flat[:PREFIX], suffixes, (flat[0], next(t for t in flat if t != flat[0]))
 
 
 def timed(call) -> float:
@@ -84,14 +79,13 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/rank_profile.json")
     args = ap.parse_args()
 
+    from slimlm.evaluate import ranking_probe
     from slimlm.loading import load_model, load_tokenizer
     from slimlm.runtime import scoring
 
     paths = args.models.split(",")
     text = open("README.md", encoding="utf-8").read()
-    tokens = load_tokenizer(paths[0])(text)["input_ids"]
-    need = PREFIX + SUFFIX * CANDIDATES
-    prefix, suffixes, labels = probe((tokens * (need // len(tokens) + 1))[:need])
+    prefix, suffixes, labels = ranking_probe(load_tokenizer(paths[0])(text)["input_ids"], CANDIDATES)
     models = [load_model(p) for p in paths]
     calls = [lambda m=m: scoring.score_shared_prefix(m, prefix, suffixes, labels, batch_size=CANDIDATES)
              for m in models]

@@ -272,6 +272,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+PROBE_PREFIX, PROBE_SUFFIX = 192, 16  # the ranking probe: one user prefix, candidates of this many tokens
+
+
+def ranking_probe(tokens: Sequence[int], candidates: int = 100) -> tuple[list[int], list[list[int]], tuple[int, int]]:
+    """The ranking speed probe's inputs from real ``tokens`` (repeated if short): a :data:`PROBE_PREFIX`-token
+    prefix, ``candidates`` suffixes of :data:`PROBE_SUFFIX` tokens, and two distinct label ids (only speed
+    counts, so any two)."""
+    need = PROBE_PREFIX + PROBE_SUFFIX * candidates
+    flat = (list(tokens) * (need // max(len(tokens), 1) + 1))[:need]
+    suffixes = [flat[PROBE_PREFIX + PROBE_SUFFIX * i:PROBE_PREFIX + PROBE_SUFFIX * (i + 1)] for i in range(candidates)]
+    distinct = list(dict.fromkeys(int(t) for t in flat))[:2]
+    return flat[:PROBE_PREFIX], suffixes, (tuple(distinct) if len(distinct) == 2 else (0, 1))
+
+
 def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len: int = 128, decode_tokens: int = 32,
           candidates: int = 100, reps: int = 3) -> dict[str, float]:
     """Prefill tokens/s (``prefill_batch`` x ``prefill_len``, one forward without a cache), decode
@@ -288,9 +302,8 @@ def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len:
 
     device = next(model.parameters()).device
     need = prefill_batch * prefill_len
-    total = max(need, 192 + 16 * candidates)
-    flat = (list(tokens) * (total // max(len(tokens), 1) + 1))[:total]
-    ids = torch.tensor(flat[:need], device=device)
+    flat = (list(tokens) * (need // max(len(tokens), 1) + 1))[:need]
+    ids = torch.tensor(flat, device=device)
     ids = ids.view(prefill_batch, prefill_len)
     base = model.get_decoder()
 
@@ -312,10 +325,7 @@ def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len:
     prefill_s = timed(lambda: base(input_ids=ids, use_cache=False))
     prompt = ids[0, :64].tolist()
     decode_s = timed(lambda: decoding.generate(model, [prompt], max_new_tokens=decode_tokens, temperature=0.0))
-    # ranking: one user prefix of 192 tokens, ``candidates`` suffixes of 16 tokens, prefix computed once
-    prefix, suffixes = flat[:192], [flat[192 + 16 * i:192 + 16 * (i + 1)] for i in range(candidates)]
-    distinct = list(dict.fromkeys(int(t) for t in flat))[:2]
-    label_ids = tuple(distinct) if len(distinct) == 2 else (0, 1)  # any two distinct tokens: only speed counts
+    prefix, suffixes, label_ids = ranking_probe(tokens, candidates)  # the prefix computed once
     rank_s = timed(lambda: scoring.score_shared_prefix(model, prefix, suffixes, label_ids, batch_size=candidates))
     out = {"prefill_tokens_per_s": need / prefill_s, "decode_tokens_per_s": decode_tokens / decode_s,
            "candidates_per_s": candidates / rank_s}
