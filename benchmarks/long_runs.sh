@@ -10,9 +10,10 @@
 # 2. (issue 21) KD vs SFT at equal examples, two seeds each (benchmarks/recipes/kd-vs-sft.yaml; 1's teacher,
 #    k = 4, ~80 min); done 2026-12-05;
 # 3. (issue 21) pruning methods after re-distillation (benchmarks/recipes/prune-methods.yaml; 1's teacher, k = 4);
+#    done 2026-12-05;
 # 4. (issue 21) the 20x student's stages from 1's teacher, k = 4 (benchmarks/recipes/
 #    movielens-ranking-20x-multi-item.yaml, ~2 h), and INT4 on its final student against its fp32 twin, paired
-#    on the whole test split (quantize_auc.py; --limit above the split's 1,886 rows);
+#    on the whole test split (quantize_auc.py; --limit above the split's 1,886 rows); done 2026-12-05 (97.5 min);
 # 5. (issue 21) the built-in movielens-ranking-20x recipe (its own teacher fine-tuned 1,000 x 8 for the issue's
 #    teacher target, >= 0.81: ~2.5-3 h of the ~6-7 h) and its report.
 # Each step's output says where its results are; BENCHMARKS.md takes the figures from those files.

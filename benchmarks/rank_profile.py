@@ -10,15 +10,25 @@ tokens (the project's README.md). Arithmetic: 2 FLOPs per multiply-add of the de
 of each, float or quantized) over every token run, plus attention (scores and weighted values) at each token's
 context length, plus the 2-row label head. The models are loaded once into one process and timed in
 alternation, ``--rounds`` rounds of the median of 3 calls each; the ratio to the reference is taken per round.
-A small model's figure moves by tens of percent between processes on a shared 2-core CPU: run it in several
-processes (BENCHMARKS.md, "The 20x student at full budget"). Profile shares: self CPU time over 3 calls.
-Run on an otherwise idle machine.
+Each round also times two fixed machine probes that involve no model: a cache-resident fp32 matmul of a small
+model's shape ([1600, 192] x [192, 384], GFLOP/s) and a 64 MiB copy (GB/s), to tell a slower machine from a
+slower model. Profile shares: self CPU time over 3 calls.
+
+A small model's figure moves by tens of percent between processes on a shared 2-core CPU (BENCHMARKS.md, "The
+20x student at full budget"): ``--processes N`` runs the measurement in N fresh processes one after another
+and writes each process's rows plus, per model, the median and range over the processes of their median
+per-round ratio. Run on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -61,6 +71,27 @@ def profile_shares(call) -> dict:
     return {"matmul_share": round(mm / total, 3), "top_ops_share": top}
 
 
+def machine_probes() -> dict:
+    """GFLOP/s of a cache-resident fp32 matmul of a small model's shape and GB/s of a 64 MiB copy, medians of 5."""
+    x, w = torch.randn(1600, 192), torch.randn(192, 384)
+    src = torch.empty(16 * 1024 * 1024)
+    dst = torch.empty_like(src)
+
+    def med(fn, reps=5) -> float:
+        fn()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
+
+    mm_s = med(lambda: [x @ w for _ in range(20)])
+    copy_s = med(lambda: dst.copy_(src))
+    return {"small_mm_gflop_per_s": round(20 * 2 * 1600 * 192 * 384 / mm_s / 1e9, 1),
+            "copy_gb_per_s": round(2 * src.numel() * 4 / copy_s / 1e9, 2)}
+
+
 def linear_params(model) -> int:
     """Multiply-adds per token of the decoder's linear layers: float weights and slimlm's quantized ones alike."""
     total = 0
@@ -76,24 +107,62 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", required=True, help="comma-separated model directories; the first is the reference")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    ap.add_argument("--processes", type=int, default=1, help="fresh processes to measure in, one after another")
     ap.add_argument("--out", default="runs/bench/rank_profile.json")
     args = ap.parse_args()
+    if args.processes < 1 or (args.threads is not None and args.threads < 1):
+        ap.error(f"--processes {args.processes}, --threads {args.threads}: need 1 or more")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.processes > 1:
+        return over_processes(args)
+    write_json(args.out, measure(args.models.split(","), args.rounds))
 
+
+def over_processes(args) -> None:
+    """``measure`` in ``args.processes`` fresh interpreters in turn; their results and the spread between them."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.processes):
+            out = Path(tmp) / f"p{i}.json"
+            print(f"== process {i + 1}/{args.processes}", flush=True)
+            threads = ["--threads", str(args.threads)] if args.threads else []
+            subprocess.run([sys.executable, __file__, "--models", args.models, "--rounds", str(args.rounds),
+                            *threads, "--out", str(out)], check=True)
+            runs.append({"process": i + 1, **json.loads(out.read_text())})
+    summary = []
+    for j, path in enumerate(args.models.split(",")):
+        ratios = [r["rows"][j]["speedup_median"] for r in runs]
+        cps = [r["rows"][j]["candidates_per_s"] for r in runs]
+        summary.append({"model": path, "speedup_per_process": ratios,
+                        "speedup_median": round(float(np.median(ratios)), 2),
+                        "speedup_range": [min(ratios), max(ratios)], "candidates_per_s_per_process": cps,
+                        "candidates_per_s_median": round(float(np.median(cps)), 1)})
+        print(f"{path}: {np.median(ratios):.2f}x the reference, median of {len(runs)} processes "
+              f"(range {min(ratios)}-{max(ratios)}); {np.median(cps):.1f} cand/s")
+    write_json(args.out, {"processes": runs, "summary": summary})
+
+
+def measure(paths: list[str], rounds: int) -> dict:
+    """The probe's call for each model, timed in alternation over ``rounds`` rounds, then profiled."""
     from slimlm.evaluate import ranking_probe
     from slimlm.loading import load_model, load_tokenizer
     from slimlm.runtime import scoring
 
-    paths = args.models.split(",")
     text = open("README.md", encoding="utf-8").read()
     prefix, suffixes, labels = ranking_probe(load_tokenizer(paths[0])(text)["input_ids"], CANDIDATES)
     models = [load_model(p) for p in paths]
     calls = [lambda m=m: scoring.score_shared_prefix(m, prefix, suffixes, labels, batch_size=CANDIDATES)
              for m in models]
     seconds = [[] for _ in paths]
-    for r in range(args.rounds):
+    machine = []
+    for r in range(rounds):
         for i, call in enumerate(calls):
             seconds[i].append(timed(call))
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{CANDIDATES / s[-1]:.1f}" for s in seconds) + " cand/s")
+        machine.append(machine_probes())
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{CANDIDATES / s[-1]:.1f}" for s in seconds) + " cand/s; "
+              f"machine {machine[-1]}", flush=True)
     rows = []
     for path, model, call, secs in zip(paths, models, calls, seconds, strict=True):
         flops = call_flops(model.config, linear_params(model))
@@ -110,7 +179,8 @@ def main() -> None:
         print(f"{r['model']}: {r['candidates_per_s']} cand/s, {r['speedup_median']}x the reference (rounds "
               f"{min(sp)}-{max(sp)}), {r['gflop_per_call']} GFLOP/call (1/{r['arithmetic_ratio']}), "
               f"{r['gflop_per_s']} GFLOP/s, matmuls {r['matmul_share']:.0%}")
-    write_json(args.out, {"threads": torch.get_num_threads(), "rounds": args.rounds, "rows": rows})
+    return {"threads": torch.get_num_threads(), "rounds": rounds, "machine_probes": machine, "rows": rows,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 if __name__ == "__main__":
