@@ -35,15 +35,27 @@ def reset_peak() -> bool:
         return False
 
 
-def best_of(fn, reps: int = 5) -> float:
-    """The fastest of ``reps`` timed calls of ``fn`` in seconds, after one untimed call (warm-up)."""
+def call_seconds(fn, reps: int) -> list[float]:
+    """The wall seconds of ``reps`` timed calls of ``fn``, after one untimed call (warm-up)."""
     fn()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return min(times)
+    return times
+
+
+def best_of(fn, reps: int = 5) -> float:
+    """The fastest of ``reps`` timed calls of ``fn`` in seconds, after one untimed call (warm-up)."""
+    return min(call_seconds(fn, reps))
+
+
+def median_of(fn, reps: int = 3) -> float:
+    """The median of ``reps`` timed calls of ``fn`` in seconds, after one untimed call (warm-up)."""
+    times = sorted(call_seconds(fn, reps))
+    mid = len(times) // 2
+    return times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
 
 
 def write_json(path, result) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import write_json
+from _common import median_of, write_json
 
 CANDIDATES = 100
 
@@ -48,16 +48,6 @@ def call_flops(config, linear_params: int) -> float:
     ctx = sum(range(1, PROBE_PREFIX + 1)) + CANDIDATES * sum(PROBE_PREFIX + i for i in range(1, PROBE_SUFFIX + 1))
     attention = 2 * 2 * hd * heads * layers * ctx
     return float(linear + attention + 2 * 2 * config.hidden_size * CANDIDATES)
-
-
-def timed(call) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def profile_shares(call) -> dict:
@@ -77,17 +67,8 @@ def machine_probes() -> dict:
     src = torch.empty(16 * 1024 * 1024)
     dst = torch.empty_like(src)
 
-    def med(fn, reps=5) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return float(np.median(times))
-
-    mm_s = med(lambda: [x @ w for _ in range(20)])
-    copy_s = med(lambda: dst.copy_(src))
+    mm_s = median_of(lambda: [x @ w for _ in range(20)], 5)
+    copy_s = median_of(lambda: dst.copy_(src), 5)
     return {"small_mm_gflop_per_s": round(20 * 2 * 1600 * 192 * 384 / mm_s / 1e9, 1),
             "copy_gb_per_s": round(2 * src.numel() * 4 / copy_s / 1e9, 2)}
 
@@ -159,7 +140,7 @@ def measure(paths: list[str], rounds: int) -> dict:
     machine = []
     for r in range(rounds):
         for i, call in enumerate(calls):
-            seconds[i].append(timed(call))
+            seconds[i].append(median_of(call))
         machine.append(machine_probes())
         print(f"round {r + 1}/{rounds}: " + ", ".join(f"{CANDIDATES / s[-1]:.1f}" for s in seconds) + " cand/s; "
               f"machine {machine[-1]}", flush=True)

@@ -17,21 +17,14 @@ import argparse
 import os
 import time
 
-import numpy as np
 import torch
-from _common import write_json
+from _common import median_of, write_json
 
 CANDIDATES = 100
 
 
 def cand_per_s(call) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - t)
-    return round(CANDIDATES / float(np.median(times)), 1)
+    return round(CANDIDATES / median_of(call), 1)
 
 
 def main() -> None:
