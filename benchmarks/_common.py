@@ -4,6 +4,7 @@ Scripts import it as ``from _common import ...``: benchmarks/ is on sys.path whe
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import time
 
@@ -53,9 +54,22 @@ def best_of(fn, reps: int = 5) -> float:
 
 def median_of(fn, reps: int = 3) -> float:
     """The median of ``reps`` timed calls of ``fn`` in seconds, after one untimed call (warm-up)."""
-    times = sorted(call_seconds(fn, reps))
-    mid = len(times) // 2
-    return times[mid] if len(times) % 2 else (times[mid - 1] + times[mid]) / 2
+    return statistics.median(call_seconds(fn, reps))
+
+
+def ranking_probe_calls(paths: list[str], candidates: int = 100) -> list[tuple]:
+    """(model, call) per model directory: ``call()`` scores the evaluation's ranking speed probe
+    (slimlm.evaluate.ranking_probe on the README's tokens, one prefix, ``candidates`` suffixes on its KV cache)."""
+    from slimlm.evaluate import ranking_probe
+    from slimlm.loading import load_model, load_tokenizer
+    from slimlm.runtime import scoring
+
+    with open("README.md", encoding="utf-8") as f:
+        tokens = load_tokenizer(paths[0])(f.read())["input_ids"]
+    prefix, suffixes, labels = ranking_probe(tokens, candidates)
+    models = [load_model(p) for p in paths]
+    return [(m, lambda m=m: scoring.score_shared_prefix(m, prefix, suffixes, labels, batch_size=candidates))
+            for m in models]
 
 
 def write_json(path, result) -> None:

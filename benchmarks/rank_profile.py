@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import median_of, write_json
+from _common import median_of, ranking_probe_calls, write_json
 
 CANDIDATES = 100
 
@@ -127,15 +127,7 @@ def over_processes(args) -> None:
 
 def measure(paths: list[str], rounds: int) -> dict:
     """The probe's call for each model, timed in alternation over ``rounds`` rounds, then profiled."""
-    from slimlm.evaluate import ranking_probe
-    from slimlm.loading import load_model, load_tokenizer
-    from slimlm.runtime import scoring
-
-    text = open("README.md", encoding="utf-8").read()
-    prefix, suffixes, labels = ranking_probe(load_tokenizer(paths[0])(text)["input_ids"], CANDIDATES)
-    models = [load_model(p) for p in paths]
-    calls = [lambda m=m: scoring.score_shared_prefix(m, prefix, suffixes, labels, batch_size=CANDIDATES)
-             for m in models]
+    models, calls = zip(*ranking_probe_calls(paths, CANDIDATES), strict=True)
     seconds = [[] for _ in paths]
     machine = []
     for r in range(rounds):

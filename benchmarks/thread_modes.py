@@ -18,7 +18,7 @@ import os
 import time
 
 import torch
-from _common import median_of, write_json
+from _common import median_of, ranking_probe_calls, write_json
 
 CANDIDATES = 100
 
@@ -34,17 +34,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/thread_modes.json")
     args = ap.parse_args()
 
-    from slimlm.evaluate import ranking_probe
-    from slimlm.loading import load_model, load_tokenizer
-    from slimlm.runtime import scoring
-
-    text = open("README.md", encoding="utf-8").read()
-    prefix, suffixes, labels = ranking_probe(load_tokenizer(args.model)(text)["input_ids"], CANDIDATES)
-    model = load_model(args.model)
-
-    def call():
-        return scoring.score_shared_prefix(model, prefix, suffixes, labels, batch_size=CANDIDATES)
-
+    [(_, call)] = ranking_probe_calls([args.model], CANDIDATES)
     cores, threads = sorted(os.sched_getaffinity(0)), torch.get_num_threads()
     rows, end = [], time.monotonic() + args.seconds
     while time.monotonic() < end:

@@ -275,12 +275,17 @@ def sync(device: torch.device) -> None:
 PROBE_PREFIX, PROBE_SUFFIX = 192, 16  # the ranking probe: one user prefix, candidates of this many tokens
 
 
+def _repeated(tokens: Sequence[int], n: int) -> list[int]:
+    """The first ``n`` of ``tokens`` repeated as often as needed."""
+    return (list(tokens) * (n // max(len(tokens), 1) + 1))[:n]
+
+
 def ranking_probe(tokens: Sequence[int], candidates: int = 100) -> tuple[list[int], list[list[int]], tuple[int, int]]:
     """The ranking speed probe's inputs from real ``tokens`` (repeated if short): a :data:`PROBE_PREFIX`-token
     prefix, ``candidates`` suffixes of :data:`PROBE_SUFFIX` tokens, and two distinct label ids (only speed
     counts, so any two)."""
     need = PROBE_PREFIX + PROBE_SUFFIX * candidates
-    flat = (list(tokens) * (need // max(len(tokens), 1) + 1))[:need]
+    flat = _repeated(tokens, need)
     suffixes = [flat[PROBE_PREFIX + PROBE_SUFFIX * i:PROBE_PREFIX + PROBE_SUFFIX * (i + 1)] for i in range(candidates)]
     distinct = list(dict.fromkeys(int(t) for t in flat))[:2]
     return flat[:PROBE_PREFIX], suffixes, (tuple(distinct) if len(distinct) == 2 else (0, 1))
@@ -302,8 +307,7 @@ def speed(model, tokens: Sequence[int], *, prefill_batch: int = 16, prefill_len:
 
     device = next(model.parameters()).device
     need = prefill_batch * prefill_len
-    flat = (list(tokens) * (need // max(len(tokens), 1) + 1))[:need]
-    ids = torch.tensor(flat, device=device)
+    ids = torch.tensor(_repeated(tokens, need), device=device)
     ids = ids.view(prefill_batch, prefill_len)
     base = model.get_decoder()
 
